@@ -1,0 +1,35 @@
+"""The Dagster code location: `dagster dev -m pipelines.definitions`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets import raw_alt_text_dataset as raw_mod
+from pipelines.resources.dvc import DvcResource
+from pipelines.resources.mlflow import MlflowResource
+from pipelines.resources.project import ProjectResource, default_project_dir
+
+
+def build_resources(project_dir: str | None = None) -> dict:
+    root = project_dir or default_project_dir()
+    tracking_uri = os.environ.get(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    )
+    return {
+        "project": ProjectResource(root=root),
+        "dvc": DvcResource(repo_dir=root),
+        "mlflow": MlflowResource(
+            tracking_uri=tracking_uri,
+            ui_url=os.environ.get("RECAPFLOW_MLFLOW_UI", "http://127.0.0.1:5000"),
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([raw_mod]),
+    asset_checks=dg.load_asset_checks_from_modules([raw_mod]),
+    resources=build_resources(),
+)

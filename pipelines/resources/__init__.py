@@ -1,0 +1,1 @@
+"""recapflow Dagster resources: the project folder, DVC and MLflow."""
