@@ -20,7 +20,8 @@ export HF_HOME := $(ROOT)/.hf_cache
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
 # pip's output minus the warnings about absent local index folders on these machines
-PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# (grep's own status is masked so that pipefail reports pip's).
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install run test ui mlflow bench lint format dvc-repro clean
 
@@ -43,8 +44,11 @@ $(DAGSTER_HOME)/dagster.yaml:
 	@mkdir -p $(DAGSTER_HOME)
 	@printf 'telemetry:\n  enabled: false\n' > $@
 
+DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
+
 run: install
-	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select '*'
+	$(DAGSTER) --select 'raw_alt_text_dataset,captioner'
+	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
 	@$(PY) -m pipelines.where
 
 test: install
@@ -58,6 +62,7 @@ mlflow: install
 
 bench: install
 	$(PY) -m benchmarks.raw_dataset_throughput
+	$(PY) -m benchmarks.captioning_throughput
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -22,10 +22,23 @@ def count_table(counts: Mapping[str, int], label: str = "kind") -> dg.MetadataVa
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def preview_grid(samples: Sequence[tuple[bytes, str]], cols: int = 4) -> Image.Image:
+def preview_grid(
+    samples: Sequence[tuple[bytes, str]], cols: int = 4, tile: int = 128, lines: int = 3
+) -> Image.Image:
     images = [Image.open(io.BytesIO(b)) for b, _ in samples]
-    return caption_grid(images, [c for _, c in samples], cols=cols)
+    return caption_grid(images, [c for _, c in samples], cols=cols, tile=tile, lines=lines)
 
 
 def preview_metadata(grid: Image.Image, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_image(grid, alt))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested parameters as MLflow params: {"a": {"b": 1}} -> {"a.b": "1"}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out

@@ -9,7 +9,8 @@ import mlflow
 import pandas as pd
 import pyarrow.parquet as pq
 
-from assets.metadata import count_table, preview_grid, preview_metadata
+from assets.metadata import count_table, flatten, preview_grid, preview_metadata
+from assets.partitions import raw_shards
 from corpus.params import RawDatasetParams
 from corpus.raw_dataset import build_raw_dataset
 from corpus.shards import read_preview, shard_keys
@@ -44,6 +45,10 @@ def raw_alt_text_dataset(
     out = project.data_path("raw")
     context.log.info(f"building {out} from source {params.source!r}")
     report = build_raw_dataset(params, out, workers=config.workers)
+    shards = sorted(p.stem for p in out.glob("*.tar"))
+    new = [s for s in shards if not context.instance.has_dynamic_partition(raw_shards.name, s)]
+    if new:  # each raw shard is a partition of the stages downstream (recaptioning)
+        context.instance.add_dynamic_partitions(raw_shards.name, new)
     hashes = dvc.commit(STAGE)
     dvc_hash = hashes["data/raw"]
     manifest = report.manifest
@@ -53,7 +58,7 @@ def raw_alt_text_dataset(
     with mlflow_res.start_run(
         STAGE, tags={"dagster_run_id": context.run.run_id, "dvc_hash": dvc_hash, "asset": STAGE}
     ) as run:
-        mlflow.log_params(_flatten(manifest["params"]))
+        mlflow.log_params(flatten(manifest["params"]))
         mlflow.log_metrics({k: float(v) for k, v in report.counts.items()})
         mlflow.log_metrics(
             {f"rejected.{k}": float(v) for k, v in manifest["rejected_by_reason"].items()}
@@ -64,8 +69,9 @@ def raw_alt_text_dataset(
         index = pd.read_parquet(out / "index.parquet")
         with warnings.catch_warnings():  # mlflow's schema-inference hints about int columns
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(index, source=str(out), name=STAGE,
-                                              digest=dvc_hash[:32])  # fmt: skip
+            dataset = mlflow.data.from_pandas(
+                index, source=str(out), name=STAGE, digest=dvc_hash[:32]
+            )
         mlflow.log_input(dataset, context="raw")
         run_meta = mlflow_res.run_metadata(run)
 
@@ -84,16 +90,6 @@ def raw_alt_text_dataset(
     if grid is not None:
         metadata["preview"] = preview_metadata(grid, "sample images with their alt-text")
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(dvc_hash))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
 
 
 @dg.asset_check(asset=STAGE, required_resource_keys={"project"}, blocking=True)
@@ -121,5 +117,5 @@ def raw_alt_text_dataset_conserved(context: dg.AssetCheckExecutionContext) -> dg
             "kept": len(index_keys),
             "rejected": n_rejected,
             "in_shards": len(in_shards),
-        },  # fmt: skip
+        },
     )

@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     n = args.images
     params = RawDatasetParams.from_dict({"num_images": n, "world": {"image_size": args.size}})
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": n,
-               "image_size": args.size, "workers": args.workers}  # fmt: skip
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "images": n,
+        "image_size": args.size,
+        "workers": args.workers,
+    }
     gen_n = min(n, 5000)
     secs = _timed(lambda: [synthetic_sample(i, params, "bench") for i in range(gen_n)])
     results["generation_images_per_s_1proc"] = gen_n / secs

@@ -88,8 +88,13 @@ def _process_unit(unit: Unit, params: RawDatasetParams, work: Path, seen: set[st
         result = check_sample(sample, params.limits)
         if isinstance(result, CleanSample):
             if result.key in local_seen or (seen is not None and result.key in seen):
-                result = Rejection(result.key, unit.name, sample.origin, DUPLICATE_KEY,
-                                   "key already ingested from an earlier sample")  # fmt: skip
+                result = Rejection(
+                    result.key,
+                    unit.name,
+                    sample.origin,
+                    DUPLICATE_KEY,
+                    "key already ingested from an earlier sample",
+                )
             else:
                 local_seen.add(result.key)
         if isinstance(result, Rejection):
@@ -100,8 +105,13 @@ def _process_unit(unit: Unit, params: RawDatasetParams, work: Path, seen: set[st
         rows.append(_index_row(result, unit.name, params.eval_fraction))
     if kept:
         write_shard(work / f"{unit.name}.tar", kept)
-    result = {"unit": unit.name, "input": n_input, "rows": rows, "rejected": rejected,
-              "repairs": dict(repairs)}  # fmt: skip
+    result = {
+        "unit": unit.name,
+        "input": n_input,
+        "rows": rows,
+        "rejected": rejected,
+        "repairs": dict(repairs),
+    }
     _atomic_write_text(work / f"{unit.name}.result.json", json.dumps(result))
     return result
 
@@ -157,8 +167,9 @@ def build_raw_dataset(
         if f.exists():
             done[u.name] = json.loads(f.read_text(encoding="utf-8"))
     todo = [u for u in units if u.name not in done]
-    bar = tqdm(total=len(units), initial=len(done), desc="raw shards", unit="shard",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(units), initial=len(done), desc="raw shards", unit="shard", disable=not progress
+    )
     if params.source == "synthetic" and workers > 1 and len(todo) > 1:
         # Synthetic keys are unique by construction, so units need no shared state.
         with ProcessPoolExecutor(max_workers=workers) as pool:

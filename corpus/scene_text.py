@@ -108,9 +108,11 @@ def _join(parts: list[str]) -> str:
 
 
 def short_caption(scene: Scene) -> str:
-    """The main subject only (SSC): the main object's group, with its count."""
-    first, members = _groups(scene)[0]
-    return _group_phrase(first, members, with_size=False)
+    """The main subject only (SSC): the main object's colour and shape, with how many of
+    that colour and shape there are (sizes aside, as the caption does not name them)."""
+    main = scene.objects[0]
+    members = [o for o in scene.objects if (o.color, o.shape) == (main.color, main.shape)]
+    return _group_phrase(main, members, with_size=False)
 
 
 def descriptive_caption(scene: Scene, rng: random.Random) -> str:
@@ -126,10 +128,11 @@ def descriptive_caption(scene: Scene, rng: random.Random) -> str:
             "{objs}, on a {bg} background.",
             "A {bg} background with {objs}.",
             "The image shows {objs} against a {bg} background.",
-            "On a plain {bg} background there is {objs}.",
+            "On a plain {bg} background there {be} {objs}.",
         )
     )
-    sentences = [opening.format(objs=objects_text, bg=scene.background)]
+    be = "is" if len(groups) == 1 and len(groups[0][1]) == 1 else "are"
+    sentences = [opening.format(objs=objects_text, bg=scene.background, be=be)]
     sentences[0] = sentences[0][0].upper() + sentences[0][1:]
     rels = _relation_sentences(scene)
     if rels:

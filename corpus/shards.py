@@ -36,8 +36,14 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def sample_json(s: CleanSample) -> dict:
     """The `.json` member: img2dataset's fields plus whatever the source knew (the scene)."""
-    return {**s.meta, "key": s.key, "caption": s.alt_text, "status": "success",
-            "width": s.width, "height": s.height}  # fmt: skip
+    return {
+        **s.meta,
+        "key": s.key,
+        "caption": s.alt_text,
+        "status": "success",
+        "width": s.width,
+        "height": s.height,
+    }
 
 
 def write_shard(path: Path, samples: list[CleanSample]) -> None:
@@ -47,8 +53,11 @@ def write_shard(path: Path, samples: list[CleanSample]) -> None:
         for s in samples:
             txt = s.alt_text.encode("utf-8")
             js = json.dumps(sample_json(s), sort_keys=True, ensure_ascii=False).encode("utf-8")
-            for name, data in ((f"{s.key}.{s.ext}", s.image), (f"{s.key}.txt", txt),
-                               (f"{s.key}.json", js)):  # fmt: skip
+            for name, data in (
+                (f"{s.key}.{s.ext}", s.image),
+                (f"{s.key}.txt", txt),
+                (f"{s.key}.json", js),
+            ):
                 tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
     os.replace(tmp, path)
 
@@ -63,7 +72,7 @@ def _unsafe(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """webdataset convention: the key is everything before the first dot of the basename."""
     head, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
@@ -76,8 +85,13 @@ def iter_tar_samples(path: Path, unit: str) -> Iterator[Sample]:
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield Sample(key=None, unit=unit, origin=str(path), problem=UNREADABLE_SHARD,
-                     detail=f"{type(e).__name__}: {e}")  # fmt: skip
+        yield Sample(
+            key=None,
+            unit=unit,
+            origin=str(path),
+            problem=UNREADABLE_SHARD,
+            detail=f"{type(e).__name__}: {e}",
+        )
         return
     current: Sample | None = None
     with tf:
@@ -95,7 +109,7 @@ def iter_tar_samples(path: Path, unit: str) -> Iterator[Sample]:
                 break
             if m.isdir():
                 continue
-            key, ext = _split_name(m.name)
+            key, ext = split_member_name(m.name)
             if current is None or current.key != key:
                 if current is not None:
                     yield current
@@ -133,7 +147,9 @@ def _attach(sample: Sample, ext: str, data: bytes) -> None:
 def shard_keys(path: Path) -> list[str]:
     """Keys of the samples in a shard we wrote (one image member per key)."""
     with tarfile.open(path, "r") as tf:
-        return [_split_name(n)[0] for n in tf.getnames() if _split_name(n)[1] in IMAGE_EXTS]
+        return [
+            split_member_name(n)[0] for n in tf.getnames() if split_member_name(n)[1] in IMAGE_EXTS
+        ]
 
 
 def read_preview(path: Path, n: int) -> list[tuple[bytes, str]]:
@@ -141,7 +157,7 @@ def read_preview(path: Path, n: int) -> list[tuple[bytes, str]]:
     out: dict[str, list] = {}
     with tarfile.open(path, "r") as tf:
         for m in tf:
-            key, ext = _split_name(m.name)
+            key, ext = split_member_name(m.name)
             if ext in IMAGE_EXTS or ext == "txt":
                 entry = out.setdefault(key, [None, ""])
                 data = tf.extractfile(m).read()

@@ -119,8 +119,13 @@ def _folder_sample(root: Path, path: Path, unit: str) -> Sample:
     key = _UNSAFE_KEY_CHARS.sub("_", str(rel.with_suffix("")))
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
-        return Sample(key, unit, str(rel), problem=UNSAFE_MEMBER,
-                      detail=f"{rel} links outside the folder to {resolved}")  # fmt: skip
+        return Sample(
+            key,
+            unit,
+            str(rel),
+            problem=UNSAFE_MEMBER,
+            detail=f"{rel} links outside the folder to {resolved}",
+        )
     try:
         image = path.read_bytes()
         txt = path.with_suffix(".txt")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets import captioner as captioner_mod
 from assets import raw_alt_text_dataset as raw_mod
+from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.resources.dvc import DvcResource
 from pipelines.resources.mlflow import MlflowResource
 from pipelines.resources.project import ProjectResource, default_project_dir
@@ -28,8 +30,10 @@ def build_resources(project_dir: str | None = None) -> dict:
     }
 
 
+ASSET_MODULES = [raw_mod, captioner_mod, recaptioned_mod]
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([raw_mod]),
-    asset_checks=dg.load_asset_checks_from_modules([raw_mod]),
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     resources=build_resources(),
 )

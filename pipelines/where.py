@@ -1,7 +1,11 @@
-"""Print where a `make run` left its results and how to open the UIs."""
+"""Print where a `make run` left its results and how to open the UIs.
+
+`--partition-range` prints the first...last raw shard partition instead (for
+`dagster asset materialize --partition-range`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -9,8 +13,18 @@ from pathlib import Path
 from pipelines.resources.project import default_project_dir
 
 
-def main() -> None:
-    root = Path(default_project_dir())
+def partition_range() -> str:
+    import dagster as dg
+
+    from assets.partitions import raw_shards
+
+    keys = dg.DagsterInstance.get().get_dynamic_partitions(raw_shards.name)
+    if not keys:
+        raise SystemExit("no raw shard partitions yet: materialize raw_alt_text_dataset first")
+    return f"{keys[0]}...{keys[-1]}"
+
+
+def summary(root: Path) -> str:
     tracking = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     lines = ["", "recapflow: lineage materialized"]
     manifest = root / "data" / "raw" / "manifest.json"
@@ -20,11 +34,32 @@ def main() -> None:
             f"  raw alt-text dataset  {manifest.parent}"
             f"  ({counts['kept']} kept, {counts['rejected']} rejected)"
         )
+    metrics = root / "data" / "captioner" / "metrics.json"
+    if metrics.exists():
+        q = json.loads(metrics.read_text(encoding="utf-8"))["quality"]
+        dsc, alt = q["descriptive_caption"], q["alt_text"]
+        lines.append(
+            f"  captioner             {metrics.parent}  (held-out DSC object/colour recall "
+            f"{dsc['object']['recall']:.3f}/{dsc['colour']['recall']:.3f} vs alt-text "
+            f"{alt['object']['recall']:.3f}/{alt['colour']['recall']:.3f}; DSC hallucination "
+            f"{dsc['overall']['hallucination_rate']:.3f})"
+        )
+    recaptioned = root / "data" / "recaptioned"
+    if recaptioned.exists():
+        n = len(list(recaptioned.glob("*.parquet")))
+        lines.append(f"  recaptioned dataset   {recaptioned}  ({n} shards)")
     lines += [
         f"  Dagster UI            make ui      -> http://127.0.0.1:3000  ({root}/.dagster_home)",
         f"  MLflow UI             make mlflow  -> http://127.0.0.1:5000  ({tracking})",
     ]
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--partition-range", action="store_true")
+    args = ap.parse_args()
+    print(partition_range() if args.partition_range else summary(Path(default_project_dir())))
 
 
 if __name__ == "__main__":

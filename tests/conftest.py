@@ -25,9 +25,35 @@ def small_raw_params(**overrides) -> RawDatasetParams:
     return RawDatasetParams.from_dict(d)
 
 
+# Captioning stages at toy size: the tests check wiring, not quality.
+_TINY_PHASE = {"max_steps": 2, "batch_size": 8, "lr": 0.001, "warmup_steps": 1}
+TINY_STAGE_PARAMS = {
+    "captioner": {
+        "lm": {"config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 160}},
+        "vocab_size": 300,
+        "clip": _TINY_PHASE,
+        "pretrain": _TINY_PHASE,
+        "ssc": _TINY_PHASE,
+        "dsc": _TINY_PHASE,
+        "generation": {"max_new_tokens": 8},
+        "ssc_max_new_tokens": 4,
+        "eval_images": 8,
+    },
+    "recaptioned_dataset": {
+        "backend": "prefix",
+        "batch_size": 32,
+        "short_max_new_tokens": 4,
+        "generation": {"max_new_tokens": 8},
+    },
+}
+
+
 def dvc_env(project: Path) -> dict[str, str]:
-    return {**os.environ, "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "tmp" / "site_cache"),
-            "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "tmp" / "site_cache"),
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 @pytest.fixture
@@ -37,11 +63,13 @@ def project_dir(tmp_path: Path) -> Path:
     proj = tmp_path / "project"
     proj.mkdir()
     params = load_params(REPO / "params.yaml")
-    params["raw_alt_text_dataset"].update(num_images=60, shard_size=20)
+    params["raw_alt_text_dataset"].update(num_images=60, shard_size=20, human_fraction=0.3)
+    params.update(TINY_STAGE_PARAMS)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", proj / ".dvcignore")
-    shutil.copytree(REPO / "corpus", proj / "corpus", ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("corpus", "models"):  # the DVC stages' code dependencies
+        shutil.copytree(REPO / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / ".venv").symlink_to(REPO / ".venv")
     subprocess.run([str(DVC), "init", "--no-scm", "-q"], cwd=proj, env=dvc_env(proj), check=True)
     return proj

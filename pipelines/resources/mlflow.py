@@ -25,9 +25,11 @@ class MlflowResource(dg.ConfigurableResource):
         mlflow.set_tracking_uri(self.tracking_uri)
         exp = mlflow.set_experiment(self.experiment)
         with mlflow.start_run(
-            run_id=run_id, run_name=None if run_id else run_name,
-            experiment_id=exp.experiment_id, tags=tags,
-        ) as run:  # fmt: skip
+            run_id=run_id,
+            run_name=None if run_id else run_name,
+            experiment_id=exp.experiment_id,
+            tags=tags,
+        ) as run:
             yield run
 
     def run_url(self, run: mlflow.ActiveRun | Any) -> str:

@@ -37,8 +37,11 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def _sample(key: str, png: bytes, caption: bytes = b"a caption") -> list[tuple[str, bytes]]:
-    return [(f"{key}.png", png), (f"{key}.txt", caption),
-            (f"{key}.json", json.dumps({"url": f"http://x/{key}"}).encode())]  # fmt: skip
+    return [
+        (f"{key}.png", png),
+        (f"{key}.txt", caption),
+        (f"{key}.json", json.dumps({"url": f"http://x/{key}"}).encode()),
+    ]
 
 
 @pytest.fixture
@@ -105,14 +108,32 @@ def test_every_bad_input_is_repaired_or_rejected_with_its_reason(bad_webdataset,
     assert reasons["101"] == "truncated_tar_member"
     assert reasons["<shard>"] == "unreadable_shard"
     assert (rejected["key"] == "000").sum() == 1 and "duplicate_key" in set(rejected["reason"])
-    assert set(index.index) == {"000", "003", "004", "005", "006", "007", "008", "009", "012",
-                                "100", "201"}  # fmt: skip
+    assert set(index.index) == {
+        "000",
+        "003",
+        "004",
+        "005",
+        "006",
+        "007",
+        "008",
+        "009",
+        "012",
+        "100",
+        "201",
+    }
     assert index.loc["003", "alt_text"] == "café crème"
     assert index.loc["004", "alt_text"] == ""
     assert (index.loc["009", ["width", "height"]] == [1024, 20]).all()
     repairs = m["repaired_by_kind"]
-    for kind in ("alt_text_not_utf8", "empty_alt_text", "converted_CMYK", "converted_L",
-                 "converted_RGBA", "converted_P", "resized_oversized"):  # fmt: skip
+    for kind in (
+        "alt_text_not_utf8",
+        "empty_alt_text",
+        "converted_CMYK",
+        "converted_L",
+        "converted_RGBA",
+        "converted_P",
+        "resized_oversized",
+    ):
         assert repairs.get(kind, 0) >= 1, kind
     # Every kept image decodes as RGB; the red-but-transparent RGBA was put on white.
     for tar in sorted((tmp_path / "raw").glob("*.tar")):

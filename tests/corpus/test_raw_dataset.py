@@ -37,8 +37,15 @@ def test_index_layout_split_and_human_subset(tmp_path):
     params = small_raw_params(num_images=4000, shard_size=1000, human_fraction=0.1)
     report = build_raw_dataset(params, tmp_path / "raw", progress=False)
     index = pd.read_parquet(tmp_path / "raw" / "index.parquet")
-    assert list(index.columns)[:7] == ["key", "shard", "alt_text", "width", "height",
-                                       "has_human_captions", "split"]  # fmt: skip
+    assert list(index.columns)[:7] == [
+        "key",
+        "shard",
+        "alt_text",
+        "width",
+        "height",
+        "has_human_captions",
+        "split",
+    ]
     assert abs((index["split"] == "eval").mean() - 0.05) < 0.015
     human = index[index["has_human_captions"]]
     assert abs(len(human) / len(index) - 0.1 * 0.95) < 0.02
@@ -69,8 +76,17 @@ def test_killed_build_resumes_without_duplicates_or_holes(tmp_path):
     section = small_raw_params(num_images=3000, shard_size=100).to_dict()
     params_file.write_text(yaml.safe_dump({"raw_alt_text_dataset": section}))
     out = tmp_path / "raw"
-    cmd = [sys.executable, "-m", "corpus.raw_dataset", "--params", str(params_file),
-           "--out", str(out), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "corpus.raw_dataset",
+        "--params",
+        str(params_file),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(tmp_path.glob("raw.partial-*/*.result.json"))) < 3:
@@ -81,8 +97,12 @@ def test_killed_build_resumes_without_duplicates_or_holes(tmp_path):
     assert 3 <= finished < 30 and not out.exists(), "the kill should land mid-build"
 
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    build_raw_dataset(small_raw_params(num_images=3000, shard_size=100), tmp_path / "clean",
-                      workers=1, progress=False)  # fmt: skip
+    build_raw_dataset(
+        small_raw_params(num_images=3000, shard_size=100),
+        tmp_path / "clean",
+        workers=1,
+        progress=False,
+    )
     assert _digests(out) == _digests(tmp_path / "clean")
     index = pd.read_parquet(out / "index.parquet")
     assert index["key"].is_unique and len(index) == 3000

@@ -75,11 +75,21 @@ def test_short_caption_names_the_main_object_only():
 def test_descriptive_caption_states_every_attribute_relation_and_word():
     s = Scene(
         (SceneObject("circle", "red", "large", 0, 0), SceneObject("square", "blue", "small", 2, 2)),
-        "beige", "CAT", 1, 1,
-    )  # fmt: skip
+        "beige",
+        "CAT",
+        1,
+        1,
+    )
     text = descriptive_caption(s, random.Random(0))
-    for phrase in ("large red circle", "small blue square", "top left", "bottom right",
-                   "beige", '"CAT"', "to the left of and above the blue square"):  # fmt: skip
+    for phrase in (
+        "large red circle",
+        "small blue square",
+        "top left",
+        "bottom right",
+        "beige",
+        '"CAT"',
+        "to the left of and above the blue square",
+    ):
         assert phrase in text, (phrase, text)
     phrasings = {descriptive_caption(s, random.Random(i)).split(" ")[0] for i in range(30)}
     assert len(phrasings) >= 3  # varied templates, not one fixed prefix

@@ -55,8 +55,13 @@ def test_materialization_is_versioned_checked_and_tracked(project_dir):
     assert md["mlflow_run_url"].value.endswith(f"/runs/{run.info.run_id}")
 
     # dvc repro in DVC's own environment rebuilds the same bytes: the same hash.
-    subprocess.run([str(DVC), "repro", "--force", "-q"], cwd=project_dir,
-                   env=dvc_env(project_dir), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(DVC), "repro", "--force", "-q"],
+        cwd=project_dir,
+        env=dvc_env(project_dir),
+        check=True,
+        capture_output=True,
+    )
     relock = yaml.safe_load((project_dir / "dvc.lock").read_text())
     assert relock["stages"]["raw_alt_text_dataset"]["outs"][0]["md5"] == dvc_md5
 
@@ -64,15 +69,30 @@ def test_materialization_is_versioned_checked_and_tracked(project_dir):
 def test_string_selection_works_from_the_cli(project_dir):
     """`dagster asset materialize --select` parses selections with antlr4; DVC's pin of
     antlr4 4.9 in the same environment breaks it, hence DVC's separate environment."""
-    env = {**os.environ, "RECAPFLOW_PROJECT_DIR": str(project_dir),
-           "DAGSTER_HOME": str(project_dir / ".dagster_home"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project_dir / 'mlflow.db'}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RECAPFLOW_PROJECT_DIR": str(project_dir),
+        "DAGSTER_HOME": str(project_dir / ".dagster_home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project_dir / 'mlflow.db'}",
+    }
     (project_dir / ".dagster_home").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "pipelines.definitions",
-         "--select", "raw_alt_text_dataset"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "raw_alt_text_dataset",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stderr + proc.stdout
     manifest = json.loads((project_dir / "data" / "raw" / "manifest.json").read_text())

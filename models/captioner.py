@@ -1,0 +1,162 @@
+"""The captioner of the DALL-E 3 report: a causal language model conditioned on a CLIP
+image embedding. The CLIP image tower's pooled embedding and its patch tokens are
+projected into the LM's embedding space and prepended as prefix tokens (ClipCap-style);
+the LM then writes the caption after a BOS token.
+
+Generation is batched: every prefix has the same length, so a batch of images decodes
+together with the LM's KV cache, greedily, with beam search or with nucleus sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from models.clip import clip_preprocess_cfg, create_clip
+from models.data import normalize_images
+from models.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    mode: str = "greedy"  # greedy | beam | nucleus
+    max_new_tokens: int = 100
+    num_beams: int = 3
+    top_p: float = 0.9
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("greedy", "beam", "nucleus"):
+            raise ValueError(f"generation mode {self.mode!r} not in greedy | beam | nucleus")
+
+
+@dataclass(frozen=True)
+class CaptionerSpec:
+    """How to rebuild the captioner's modules before loading its weights."""
+
+    clip_model: str
+    lm: dict  # {"config": GPT2Config kwargs} (tiny) or {"pretrained": path or hub id}
+    prefix: str = "tokens"  # "tokens": pooled + pooled patch grid; "pooled": the embedding alone
+    # Patch tokens are average-pooled to a grid x grid map: short prefixes keep the LM fast,
+    # and a 3x3 map still says where things are.
+    prefix_grid: int = 3
+
+
+class PrefixCaptioner(nn.Module):
+    def __init__(
+        self,
+        visual: nn.Module,
+        lm: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: CaptionerSpec,
+        image_cfg: tuple[int, tuple, tuple],
+    ):
+        super().__init__()
+        self.visual, self.lm, self.tokenizer, self.spec = visual, lm, tokenizer, spec
+        self.image_size, self.mean, self.std = image_cfg
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.visual.output_tokens = True
+        with torch.no_grad():
+            pooled, tokens = self.visual(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.pooled_proj = nn.Sequential(nn.Linear(pooled.shape[-1], hidden), nn.LayerNorm(hidden))
+        self.token_proj = nn.Sequential(nn.Linear(tokens.shape[-1], hidden), nn.LayerNorm(hidden))
+
+    @classmethod
+    def build(
+        cls,
+        spec: CaptionerSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        clip_pretrained: str | None = None,
+    ) -> PrefixCaptioner:
+        clip = create_clip(spec.clip_model, clip_pretrained)
+        if "pretrained" in spec.lm:
+            lm = AutoModelForCausalLM.from_pretrained(spec.lm["pretrained"])
+        else:
+            cfg = GPT2Config(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **spec.lm["config"],
+            )
+            lm = GPT2LMHeadModel(cfg)
+        return cls(clip.visual, lm, tokenizer, spec, clip_preprocess_cfg(clip))
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B,3,H,W) -> prefix embeddings (B, P, hidden)."""
+        x = normalize_images(
+            images.to(self.pooled_proj[0].weight.device), self.image_size, self.mean, self.std
+        )
+        pooled, tokens = self.visual(x)
+        parts = [self.pooled_proj(pooled).unsqueeze(1)]
+        if self.spec.prefix == "tokens":
+            b, n, c = tokens.shape
+            side = int(round(n**0.5))
+            grid = tokens.transpose(1, 2).reshape(b, c, side, side)
+            grid = nn.functional.adaptive_avg_pool2d(grid, self.spec.prefix_grid)
+            parts.append(self.token_proj(grid.flatten(2).transpose(1, 2)))
+        return torch.cat(parts, dim=1)
+
+    def _with_bos(self, prefix: torch.Tensor) -> torch.Tensor:
+        bos = torch.full((len(prefix), 1), self.tokenizer.bos_token_id, device=prefix.device)
+        return torch.cat([prefix, self.lm.get_input_embeddings()(bos)], dim=1)
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced loss on caption tokens; input_ids are caption + EOS (no BOS)."""
+        prefix = self._with_bos(self.prefix(images))
+        emb = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        n_pre = prefix.shape[1]
+        mask = torch.cat([attention_mask.new_ones(len(images), n_pre), attention_mask], dim=1)
+        logits = self.lm(inputs_embeds=emb, attention_mask=mask).logits
+        # position n_pre-1 (the BOS) predicts the first caption token, and so on.
+        pred = logits[:, n_pre - 1 : -1]
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return nn.functional.cross_entropy(
+            pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, cfg: GenerationConfig) -> list[str]:
+        """Captions for a batch of uint8 images."""
+        emb = self._with_bos(self.prefix(images))
+        kwargs = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if cfg.mode == "beam":
+            kwargs.update(num_beams=cfg.num_beams, do_sample=False)
+        elif cfg.mode == "nucleus":
+            torch.manual_seed(cfg.seed)
+            kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
+        else:
+            kwargs.update(do_sample=False, num_beams=1)
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def save(self, out_dir: Path, extra: dict | None = None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # save_model handles the LM's tied input/output embeddings (shared tensors).
+        save_model(self, str(out_dir / "model.safetensors"))
+        self.tokenizer.save_pretrained(out_dir / "tokenizer")
+        meta = {"spec": asdict(self.spec), **(extra or {})}
+        (out_dir / "captioner.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> PrefixCaptioner:
+        """A captioner saved by `save`: safetensors weights, never a pickle."""
+        meta = json.loads((Path(path) / "captioner.json").read_text())
+        tok = load_tokenizer(Path(path) / "tokenizer")
+        spec = CaptionerSpec(**meta["spec"])
+        model = cls.build(spec, tok)
+        load_model(model, str(Path(path) / "model.safetensors"))
+        return model.eval()

@@ -1,0 +1,367 @@
+"""Train the captioner in the report's phases, each with its own checkpoint:
+
+0. `clip`     (tiny only) the CLIP image encoder, contrastively on (image, alt-text);
+1. `pretrain` the captioner on every (image, alt-text) pair of the training split;
+2. `ssc`      fine-tuned from `pretrain` on the human subset's short captions;
+3. `dsc`      fine-tuned from `pretrain` on the human subset's descriptive captions.
+
+A finished phase leaves `<out>/<phase>/done.json`; a rerun with the same configuration
+skips it, so a killed run resumes at the phase it was in. Curves, hyperparameters, sample
+captions and caption quality on the held-out split go to one MLflow run.
+
+    python -m models.captioner_train --params params.yaml --raw data/raw --out data/captioner
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from safetensors.torch import load_file
+
+from corpus.caption_metrics import caption_quality
+from corpus.world import Scene
+from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
+from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
+from models.data import ImageTextDataset, load_images
+from models.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+PHASES = ("clip", "pretrain", "ssc", "dsc")
+TEXT_OF_PHASE = {"pretrain": "alt_text", "ssc": "short_caption", "dsc": "descriptive_caption"}
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    max_steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
+class CaptionerTrainConfig:
+    clip_model: str = "recapflow-tiny-clip"
+    # A local weights file or open_clip tag: skips contrastive pretraining (full profile).
+    clip_pretrained: str | None = None
+    lm: dict = field(
+        default_factory=lambda: {
+            "config": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 256}
+        }
+    )
+    tokenizer: str | None = None  # None: train a byte-level BPE on the corpus (tiny)
+    vocab_size: int = 1024
+    prefix_grid: int = 3
+    clip: PhaseConfig = field(default_factory=PhaseConfig)
+    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    ssc: PhaseConfig = field(default_factory=PhaseConfig)
+    dsc: PhaseConfig = field(default_factory=PhaseConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ssc_max_new_tokens: int = 24
+    eval_images: int = 500  # held-out images scored after each captioning phase
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaptionerTrainConfig:
+        d = dict(d)
+        for k in ("clip", "pretrain", "ssc", "dsc"):
+            if k in d:
+                d[k] = PhaseConfig(**d[k])
+        if "generation" in d:
+            d["generation"] = GenerationConfig(**d["generation"])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"captioner: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class CaptionerModule(L.LightningModule):
+    def __init__(self, model: PrefixCaptioner, phase: str, cfg: PhaseConfig):
+        super().__init__()
+        self.model, self.phase, self.cfg = model, phase, cfg
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        self.log(f"{self.phase}/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        c = self.cfg
+        return warmup_cosine_adamw(self, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
+
+
+def _trainer(phase: str, cfg: PhaseConfig, logger: MLFlowLogger | None) -> L.Trainer:
+    cuda = torch.cuda.is_available()
+    return L.Trainer(
+        max_steps=cfg.max_steps,
+        logger=logger if logger is not None else False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+    )
+
+
+def _loader(ds: ImageTextDataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=min(batch_size, len(ds)),
+        shuffle=True,
+        drop_last=True,
+        collate_fn=ds.collate,
+        generator=g,
+    )
+
+
+def _caption_ids(tokenizer, texts: list[str], max_len: int = 127) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [t[: max_len - 1] + [tokenizer.eos_token_id] for t in ids]
+
+
+class CaptionerTraining:
+    """Holds the data of one training run and runs its phases in order."""
+
+    def __init__(
+        self,
+        cfg: CaptionerTrainConfig,
+        raw_dir: Path,
+        out_dir: Path,
+        mlflow_run_id: str | None = None,
+        tracking_uri: str | None = None,
+    ):
+        self.cfg, self.raw_dir, self.out = cfg, Path(raw_dir), Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.tracking_uri = mlflow_run_id, tracking_uri
+        index = pd.read_parquet(self.raw_dir / "index.parquet")
+        self.train = index[index["split"] == "train"].reset_index(drop=True)
+        self.eval = index[index["split"] == "eval"].head(cfg.eval_images).reset_index(drop=True)
+        self.human = self.train[self.train["has_human_captions"]].reset_index(drop=True)
+        if len(self.human) == 0:
+            raise ValueError(
+                f"{raw_dir}: no training image has human-written captions; the SSC and DSC "
+                "phases need some (raise raw_alt_text_dataset.human_fraction)"
+            )
+        self.timings: dict[str, float] = {}
+
+    # -- helpers -----------------------------------------------------------------------
+    def _logger(self) -> MLFlowLogger | None:
+        if not self.run_id:
+            return None
+        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+
+    def _done(self, phase: str) -> bool:
+        f = self.out / phase / "done.json"
+        return f.exists() and json.loads(f.read_text()).get("config") == self.cfg.digest()
+
+    def _mark_done(self, phase: str, extra: dict) -> None:
+        f = self.out / phase / "done.json"
+        f.write_text(json.dumps({"config": self.cfg.digest(), **extra}, indent=2))
+
+    def _images(self, rows: pd.DataFrame, size: int) -> torch.Tensor:
+        return load_images(self.raw_dir, list(rows["key"]), list(rows["shard"]), size)
+
+    # -- phases ------------------------------------------------------------------------
+    def tokenizer(self):
+        path = self.out / "tokenizer"
+        if self.cfg.tokenizer:
+            return load_tokenizer(self.cfg.tokenizer)
+        if not path.exists():
+            texts = (
+                list(self.train["alt_text"])
+                + list(self.human["short_caption"])
+                + list(self.human["descriptive_caption"])
+            )
+            tok = train_bpe_tokenizer(texts, self.cfg.vocab_size)
+            tok.save_pretrained(path)
+        return load_tokenizer(path)
+
+    def run_clip(self, tok) -> str | None:
+        """Contrastive pretraining of the tiny CLIP; returns the weights to start from."""
+        cfg = self.cfg
+        if cfg.clip_pretrained:
+            return cfg.clip_pretrained
+        weights = self.out / "clip" / "model.safetensors"
+        if self._done("clip"):
+            return str(weights)
+        t0 = time.time()
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = ClipPretrainModule(
+            cfg.clip_model,
+            lr=cfg.clip.lr,
+            weight_decay=cfg.clip.weight_decay,
+            warmup_steps=cfg.clip.warmup_steps,
+            max_steps=cfg.clip.max_steps,
+        )
+        rows = self.train[self.train["alt_text"].str.len() > 0]
+        text = ClipTextTokenizer(module.model.context_length, hf_tokenizer=tok)(
+            list(rows["alt_text"])
+        )
+        ds = _ClipDataset(self._images(rows, module.image_size), text)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=min(cfg.clip.batch_size, len(ds)),
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        _trainer("clip", cfg.clip, self._logger()).fit(module, loader)
+        save_clip(module.model, cfg.clip_model, self.out / "clip", tok)
+        self.timings["clip"] = time.time() - t0
+        self._mark_done("clip", {"seconds": self.timings["clip"]})
+        return str(weights)
+
+    def run_captioning_phase(
+        self, phase: str, tok, init: str | Path, clip_weights: str | None
+    ) -> PrefixCaptioner:
+        cfg = self.cfg
+        if self._done(phase):
+            return PrefixCaptioner.load(self.out / phase)
+        t0 = time.time()
+        L.seed_everything(cfg.seed + PHASES.index(phase), workers=True, verbose=False)
+        if phase == "pretrain":
+            spec = CaptionerSpec(cfg.clip_model, cfg.lm, prefix_grid=cfg.prefix_grid)
+            model = PrefixCaptioner.build(spec, tok, clip_pretrained=cfg.clip_pretrained)
+            if not cfg.clip_pretrained:  # the tiny CLIP trained by the `clip` phase
+                _load_visual(model, clip_weights)
+            rows = self.train[self.train["alt_text"].str.len() > 0]
+        else:
+            model = PrefixCaptioner.load(Path(init)).train()
+            rows = self.human
+        texts = list(rows[TEXT_OF_PHASE[phase]])
+        ds = ImageTextDataset(
+            self._images(rows, model.image_size), _caption_ids(tok, texts), tok.pad_token_id
+        )
+        pc = getattr(cfg, phase)
+        _trainer(phase, pc, self._logger()).fit(
+            CaptionerModule(model, phase, pc), _loader(ds, pc.batch_size, cfg.seed)
+        )
+        model.eval()
+        self.timings[phase] = time.time() - t0
+        model.save(self.out / phase, {"phase": phase, "train_config": asdict(cfg)})
+        self._mark_done(phase, {"seconds": self.timings[phase]})
+        return model
+
+    def generation_for(self, phase: str) -> GenerationConfig:
+        g = self.cfg.generation
+        if phase == "ssc":  # short captions are short: do not pay for 100 decoding steps
+            return GenerationConfig(**{**asdict(g), "max_new_tokens": self.cfg.ssc_max_new_tokens})
+        return g
+
+    def evaluate(self, models: dict[str, PrefixCaptioner]) -> dict:
+        """Caption quality on held-out images, alt-text vs each phase's captions."""
+        scenes = [
+            _scene_of(self.raw_dir, k, s)
+            for k, s in zip(self.eval["key"], self.eval["shard"], strict=True)
+        ]
+        results = {"alt_text": caption_quality(list(self.eval["alt_text"]), scenes)}
+        samples = {"key": list(self.eval["key"][:16]), "alt_text": list(self.eval["alt_text"][:16])}
+        for phase, model in models.items():
+            images = self._images(self.eval, model.image_size)
+            caps = caption_images(model, images, self.generation_for(phase))
+            name = {"ssc": "short_caption", "dsc": "descriptive_caption"}.get(phase, phase)
+            results[name] = caption_quality(caps, scenes)
+            samples[name] = caps[:16]
+        return {"quality": results, "samples": samples}
+
+
+class _ClipDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, text: torch.Tensor):
+        self.images, self.text = images, text
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"images": self.images[i], "text": self.text[i]}
+
+
+def _load_visual(model: PrefixCaptioner, clip_weights: str) -> None:
+    state = load_file(clip_weights)
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    model.visual.load_state_dict(visual)
+
+
+def _scene_of(raw_dir: Path, key: str, shard: str) -> Scene:
+    with tarfile.open(Path(raw_dir) / f"{shard}.tar") as tf:
+        meta = json.loads(tf.extractfile(f"{key}.json").read())
+    return Scene.from_dict(meta["scene"])
+
+
+def caption_images(
+    model: PrefixCaptioner, images: torch.Tensor, gen: GenerationConfig, batch_size: int = 256
+) -> list[str]:
+    """Batched captioning of uint8 images."""
+    out: list[str] = []
+    model.eval()
+    for i in range(0, len(images), batch_size):
+        out.extend(model.generate(images[i : i + batch_size], gen))
+    return out
+
+
+def train_captioner(
+    cfg: CaptionerTrainConfig,
+    raw_dir: Path,
+    out_dir: Path,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
+    """Run every phase (skipping finished ones), measure quality, write `metrics.json`."""
+    torch.set_float32_matmul_precision("high")
+    run = CaptionerTraining(cfg, raw_dir, out_dir, mlflow_run_id, tracking_uri)
+    tok = run.tokenizer()
+    clip_weights = run.run_clip(tok)
+    pre = run.run_captioning_phase("pretrain", tok, None, clip_weights)
+    ssc = run.run_captioning_phase("ssc", tok, out_dir / "pretrain", None)
+    dsc = run.run_captioning_phase("dsc", tok, out_dir / "pretrain", None)
+    report = run.evaluate({"ssc": ssc, "dsc": dsc})
+    report["seconds"] = {
+        p: json.loads((Path(out_dir) / p / "done.json").read_text())["seconds"]
+        for p in PHASES
+        if (Path(out_dir) / p / "done.json").exists()
+    }
+    report["config"] = asdict(cfg)
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    del pre
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from corpus.params import load_params
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--raw", default="data/raw")
+    ap.add_argument("--out", default="data/captioner")
+    ap.add_argument("--mlflow-run-id", default=os.environ.get("MLFLOW_RUN_ID"))
+    ap.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    )
+    args = ap.parse_args(argv)
+    cfg = CaptionerTrainConfig.from_dict(load_params(args.params).get("captioner", {}))
+    report = train_captioner(
+        cfg, Path(args.raw), Path(args.out), args.mlflow_run_id, args.tracking_uri
+    )
+    print(json.dumps({k: report[k] for k in ("seconds",)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""A tiny trained captioner shared by the model tests (a few steps per phase: the tests
+check mechanics, the quality targets are measured by `make run` and docs/captioning.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corpus.raw_dataset import build_raw_dataset
+from models.captioner_train import CaptionerTrainConfig
+from tests.conftest import small_raw_params
+
+TINY_PHASE = {"max_steps": 3, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1}
+
+
+def tiny_captioner_config(**overrides) -> CaptionerTrainConfig:
+    d = {
+        "lm": {"config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 160}},
+        "vocab_size": 300,
+        "clip": TINY_PHASE,
+        "pretrain": TINY_PHASE,
+        "ssc": TINY_PHASE,
+        "dsc": TINY_PHASE,
+        "generation": {"mode": "greedy", "max_new_tokens": 12},
+        "ssc_max_new_tokens": 6,
+        "eval_images": 16,
+    }
+    d.update(overrides)
+    return CaptionerTrainConfig.from_dict(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw") / "raw"
+    params = small_raw_params(num_images=240, shard_size=40, human_fraction=0.5, eval_fraction=0.1)
+    build_raw_dataset(params, out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_raw, tmp_path_factory) -> Path:
+    from models.captioner_train import train_captioner
+
+    out = tmp_path_factory.mktemp("captioner") / "captioner"
+    train_captioner(tiny_captioner_config(), tiny_raw, out)
+    return out
