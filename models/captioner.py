@@ -115,7 +115,7 @@ class PrefixCaptioner(nn.Module):
         emb = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
         n_pre = prefix.shape[1]
         mask = torch.cat([attention_mask.new_ones(len(images), n_pre), attention_mask], dim=1)
-        logits = self.lm(inputs_embeds=emb, attention_mask=mask).logits
+        logits = self.lm(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits
         # position n_pre-1 (the BOS) predicts the first caption token, and so on.
         pred = logits[:, n_pre - 1 : -1]
         labels = input_ids.masked_fill(attention_mask == 0, -100)

@@ -113,3 +113,33 @@ class ImageTextDataset(torch.utils.data.Dataset):
             ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             mask[i, : len(t)] = 1
         return {"images": images, "input_ids": ids, "attention_mask": mask}
+
+
+class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches of similar text length: padding to the longest caption of a
+    random batch would double the tokens a descriptive-caption step processes.
+
+    Indices are shuffled, cut into pools of `pool` batches, sorted by length inside a
+    pool, batched, and the batches shuffled again, so every epoch differs (by seed)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool: int = 50):
+        self.lengths, self.batch_size, self.seed, self.pool = list(lengths), batch_size, seed, pool
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches = []
+        span = self.batch_size * self.pool
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            ]
+        batches = [b for b in batches if len(b) == self.batch_size]  # drop_last
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[i]
