@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import dagster as dg
 import mlflow
+import pandas as pd
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
@@ -80,8 +81,6 @@ def quality_metrics(quality: dict) -> dict[str, float]:
 
 def _samples_grid(raw, samples: dict) -> Image.Image:
     """Held-out images, each with its alt-text, SSC and DSC caption."""
-    import pandas as pd
-
     index = pd.read_parquet(raw / "index.parquet").set_index("key")
     keys = samples["key"][:8]
     images = load_images(raw, keys, list(index.loc[keys, "shard"]), int(index["width"].max()))

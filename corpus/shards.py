@@ -165,3 +165,14 @@ def read_preview(path: Path, n: int) -> list[tuple[bytes, str]]:
             if len(out) > n:
                 break
     return [(img, cap) for img, cap in list(out.values())[:n] if img is not None]
+
+
+def read_json_sidecars(path: Path, keys: set[str]) -> dict[str, dict]:
+    """The `.json` members of the given keys in one shard we wrote (one pass over it)."""
+    out = {}
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            key, ext = split_member_name(m.name)
+            if ext == "json" and key in keys:
+                out[key] = json.loads(tf.extractfile(m).read())
+    return out

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from safetensors.torch import load_file
 
 from corpus.caption_metrics import caption_quality
+from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
 from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
@@ -281,10 +281,7 @@ class CaptionerTraining:
 
     def evaluate(self, models: dict[str, PrefixCaptioner]) -> dict:
         """Caption quality on held-out images, alt-text vs each phase's captions."""
-        scenes = [
-            _scene_of(self.raw_dir, k, s)
-            for k, s in zip(self.eval["key"], self.eval["shard"], strict=True)
-        ]
+        scenes = read_scenes(self.raw_dir, list(self.eval["key"]), list(self.eval["shard"]))
         results = {"alt_text": caption_quality(list(self.eval["alt_text"]), scenes)}
         samples = {"key": list(self.eval["key"][:16]), "alt_text": list(self.eval["alt_text"][:16])}
         for phase, model in models.items():
@@ -313,10 +310,15 @@ def _load_visual(model: PrefixCaptioner, clip_weights: str) -> None:
     model.visual.load_state_dict(visual)
 
 
-def _scene_of(raw_dir: Path, key: str, shard: str) -> Scene:
-    with tarfile.open(Path(raw_dir) / f"{shard}.tar") as tf:
-        meta = json.loads(tf.extractfile(f"{key}.json").read())
-    return Scene.from_dict(meta["scene"])
+def read_scenes(raw_dir: Path, keys: list[str], shards: list[str]) -> list[Scene]:
+    """Ground-truth scenes of the given images, reading each shard once."""
+    by_shard: dict[str, set[str]] = {}
+    for k, s in zip(keys, shards, strict=True):
+        by_shard.setdefault(s, set()).add(k)
+    meta = {}
+    for shard, ks in by_shard.items():
+        meta.update(read_json_sidecars(Path(raw_dir) / f"{shard}.tar", ks))
+    return [Scene.from_dict(meta[k]["scene"]) for k in keys]
 
 
 def caption_images(
@@ -342,7 +344,7 @@ def train_captioner(
     run = CaptionerTraining(cfg, raw_dir, out_dir, mlflow_run_id, tracking_uri)
     tok = run.tokenizer()
     clip_weights = run.run_clip(tok)
-    pre = run.run_captioning_phase("pretrain", tok, None, clip_weights)
+    run.run_captioning_phase("pretrain", tok, None, clip_weights)
     ssc = run.run_captioning_phase("ssc", tok, out_dir / "pretrain", None)
     dsc = run.run_captioning_phase("dsc", tok, out_dir / "pretrain", None)
     report = run.evaluate({"ssc": ssc, "dsc": dsc})
@@ -353,7 +355,6 @@ def train_captioner(
     }
     report["config"] = asdict(cfg)
     (Path(out_dir) / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    del pre
     return report
 
 
