@@ -197,7 +197,9 @@ class CaptionerTraining:
         path = self.out / "tokenizer"
         if self.cfg.tokenizer:
             return load_tokenizer(self.cfg.tokenizer)
-        if not path.exists():
+        # Trained once per configuration: a new vocab_size (or any change) retrains it, as
+        # every phase after it is retrained too.
+        if not self._done("tokenizer"):
             texts = (
                 list(self.train["alt_text"])
                 + list(self.human["short_caption"])
@@ -205,6 +207,7 @@ class CaptionerTraining:
             )
             tok = train_bpe_tokenizer(texts, self.cfg.vocab_size)
             tok.save_pretrained(path)
+            self._mark_done("tokenizer", {"vocab_size": len(tok)})
         return load_tokenizer(path)
 
     def run_clip(self, tok) -> str | None:
