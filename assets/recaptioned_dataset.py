@@ -14,11 +14,9 @@ STAGE = "recaptioned_dataset"
 
 
 def _md5(path) -> str:
-    h = hashlib.md5()
+    """A file's md5, as DVC records it for that file inside a tracked folder."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _samples_table(df: pd.DataFrame, n: int = 6) -> str:

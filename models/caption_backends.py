@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,11 +33,8 @@ class CaptionBackend(Protocol):
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
 class PrefixCaptionerBackend:
@@ -63,9 +60,7 @@ class PrefixCaptionerBackend:
             "descriptive": PrefixCaptioner.load(root / "dsc").to(device),
         }
         self.gens = {
-            "short": GenerationConfig(
-                **{**asdict(generation), "max_new_tokens": short_max_new_tokens}
-            ),
+            "short": replace(generation, max_new_tokens=short_max_new_tokens),
             "descriptive": generation,
         }
         self.id = f"recapflow-prefix-captioner:{root.resolve()}"

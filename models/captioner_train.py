@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,6 @@ class CaptionerTraining:
                 f"{raw_dir}: no training image has human-written captions; the SSC and DSC "
                 "phases need some (raise raw_alt_text_dataset.human_fraction)"
             )
-        self.timings: dict[str, float] = {}
 
     # -- helpers -----------------------------------------------------------------------
     def _logger(self) -> MLFlowLogger | None:
@@ -240,9 +239,8 @@ class CaptionerTraining:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         _trainer("clip", cfg.clip, self._logger()).fit(module, loader)
-        save_clip(module.model, cfg.clip_model, self.out / "clip", tok)
-        self.timings["clip"] = time.time() - t0
-        self._mark_done("clip", {"seconds": self.timings["clip"]})
+        save_clip(module.model, cfg.clip_model, self.out / "clip")
+        self._mark_done("clip", {"seconds": time.time() - t0})
         return str(weights)
 
     def run_captioning_phase(
@@ -271,15 +269,14 @@ class CaptionerTraining:
             CaptionerModule(model, phase, pc), _loader(ds, pc.batch_size, cfg.seed)
         )
         model.eval()
-        self.timings[phase] = time.time() - t0
         model.save(self.out / phase, {"phase": phase, "train_config": asdict(cfg)})
-        self._mark_done(phase, {"seconds": self.timings[phase]})
+        self._mark_done(phase, {"seconds": time.time() - t0})
         return model
 
     def generation_for(self, phase: str) -> GenerationConfig:
         g = self.cfg.generation
         if phase == "ssc":  # short captions are short: do not pay for 100 decoding steps
-            return GenerationConfig(**{**asdict(g), "max_new_tokens": self.cfg.ssc_max_new_tokens})
+            return replace(g, max_new_tokens=self.cfg.ssc_max_new_tokens)
         return g
 
     def evaluate(self, models: dict[str, PrefixCaptioner]) -> dict:

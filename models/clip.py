@@ -14,11 +14,10 @@ from pathlib import Path
 import lightning as L
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from models.data import normalize_images
-from models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -52,22 +51,14 @@ def clip_preprocess_cfg(model: torch.nn.Module) -> tuple[int, tuple, tuple]:
 
 
 class ClipTextTokenizer:
-    """Token ids for the CLIP text tower: our own tokenizer (tiny) padded to the context
-    length with EOS at the end, or open_clip's tokenizer for a named pretrained model."""
+    """Token ids for the tiny CLIP's text tower: our own tokenizer, padded to the context
+    length, with EOS last (the tower pools at EOS)."""
 
-    def __init__(
-        self,
-        context_length: int,
-        hf_tokenizer: PreTrainedTokenizerBase | None = None,
-        model_name: str | None = None,
-    ):
+    def __init__(self, context_length: int, hf_tokenizer: PreTrainedTokenizerBase):
         self.context_length = context_length
         self.hf = hf_tokenizer
-        self.oc = None if hf_tokenizer is not None else open_clip.get_tokenizer(model_name)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        if self.oc is not None:
-            return self.oc(texts)
         n = self.context_length
         out = torch.full((len(texts), n), self.hf.pad_token_id, dtype=torch.long)
         for i, ids in enumerate(self.hf(texts, add_special_tokens=False)["input_ids"]):
@@ -145,25 +136,9 @@ def warmup_cosine_adamw(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def save_clip(
-    model: torch.nn.Module,
-    model_name: str,
-    out_dir: Path,
-    tokenizer: PreTrainedTokenizerBase | None,
-) -> None:
+def save_clip(model: torch.nn.Module, model_name: str, out_dir: Path) -> None:
+    """Weights in safetensors (never a pickle) and the open_clip name to rebuild it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors"
-    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps({"model_name": model_name}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir / "tokenizer")
-
-
-def load_clip(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
-    """A CLIP saved by `save_clip` (safetensors, never pickle) and its tokenizer."""
-    cfg = json.loads((path / "config.json").read_text())
-    model = create_clip(cfg["model_name"])
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    tok = load_tokenizer(path / "tokenizer") if (path / "tokenizer").exists() else None
-    return model, tok

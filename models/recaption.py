@@ -67,7 +67,7 @@ def recaption_shard(
     index = pd.read_parquet(Path(raw_dir) / "index.parquet", filters=[("shard", "==", shard)])
     if index.empty:
         raise ValueError(f"raw shard {shard!r} has no indexed images in {raw_dir}")
-    if len(index) and not (Path(raw_dir) / f"{shard}.tar").exists():
+    if not (Path(raw_dir) / f"{shard}.tar").exists():
         raise FileNotFoundError(f"raw shard {shard}.tar is missing from {raw_dir}")
     size = image_size or backend.image_size or int(index["width"].max())
     images, ok, failed = load_images_lenient(
