@@ -40,15 +40,17 @@ $(DVC_VENV)/.installed: constraints.txt
 	$(DVC) --version >/dev/null
 	@touch $@
 
-$(DAGSTER_HOME)/dagster.yaml:
+# Pools cap concurrent steps per pool: one training at a time in `gpu` (the only pool).
+$(DAGSTER_HOME)/dagster.yaml: Makefile
 	@mkdir -p $(DAGSTER_HOME)
-	@printf 'telemetry:\n  enabled: false\n' > $@
+	@printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $@
 
 DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
 
 run: install
 	$(DAGSTER) --select 'raw_alt_text_dataset,captioner'
 	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
+	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model'
 	@$(PY) -m pipelines.where
 
 test: install
@@ -63,6 +65,7 @@ mlflow: install
 bench: install
 	$(PY) -m benchmarks.raw_dataset_throughput
 	$(PY) -m benchmarks.captioning_throughput
+	$(PY) -m benchmarks.diffusion_throughput
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

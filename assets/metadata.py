@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import dagster as dg
 from PIL import Image
 
+from corpus.params import flatten  # noqa: F401  (re-exported for the assets)
 from corpus.preview import caption_grid, markdown_image
 
 
@@ -31,14 +32,3 @@ def preview_grid(
 
 def preview_metadata(grid: Image.Image, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_image(grid, alt))
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested parameters as MLflow params: {"a": {"b": 1}} -> {"a.b": "1"}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out

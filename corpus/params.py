@@ -66,3 +66,14 @@ class RawDatasetParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested parameters as MLflow params: {"a": {"b": 1}} -> {"a.b": "1"}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out

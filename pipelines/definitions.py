@@ -7,10 +7,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets import autoencoder as autoencoder_mod
 from assets import captioner as captioner_mod
+from assets import diffusion_model as diffusion_mod
+from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.resources.dvc import DvcResource
+from pipelines.resources.launcher import TrainingLauncher
 from pipelines.resources.mlflow import MlflowResource
 from pipelines.resources.project import ProjectResource, default_project_dir
 
@@ -27,10 +31,22 @@ def build_resources(project_dir: str | None = None) -> dict:
             tracking_uri=tracking_uri,
             ui_url=os.environ.get("RECAPFLOW_MLFLOW_UI", "http://127.0.0.1:5000"),
         ),
+        # RECAPFLOW_LAUNCHER=docker|k8s (+ RECAPFLOW_TRAINER_IMAGE) for a cluster.
+        "launcher": TrainingLauncher(
+            kind=os.environ.get("RECAPFLOW_LAUNCHER", "subprocess"),
+            image=os.environ.get("RECAPFLOW_TRAINER_IMAGE"),
+        ),
     }
 
 
-ASSET_MODULES = [raw_mod, captioner_mod, recaptioned_mod]
+ASSET_MODULES = [
+    raw_mod,
+    captioner_mod,
+    recaptioned_mod,
+    sampler_mod,
+    autoencoder_mod,
+    diffusion_mod,
+]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

@@ -45,6 +45,22 @@ TINY_STAGE_PARAMS = {
         "short_max_new_tokens": 4,
         "generation": {"max_new_tokens": 8},
     },
+    "mixed_sampler": {"synthetic_ratio": 0.95, "caption_kind": "descriptive", "epochs": 4},
+    "autoencoder": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "eval_images": 8},
+    "diffusion_model": {
+        "batch_size": 16,
+        "checkpoint_every": 4,
+        "text_encoder": {"context_length": 32, "pretrain": {"max_steps": 2, "batch_size": 16}},
+        "unet": {
+            "overrides": {
+                "block_out_channels": [16, 32, 32],
+                "norm_num_groups": 8,
+                "attention_head_dim": 4,
+            }
+        },
+        "diffusion": {"max_steps": 6, "warmup_steps": 1},
+        "eval": {"prompts": 8, "final_prompts": 8, "every": 3, "steps": 2, "grid_prompts": 8},
+    },
 }
 
 

@@ -1,0 +1,102 @@
+"""Asset `diffusion_model`: the text-to-image model trained on the mixed-caption blend.
+
+Training runs as its own process (`python -m models.diffusion_train`) started through
+Dagster Pipes by the `launcher` resource (a local subprocess by default; a container or
+a Kubernetes pod with a GPU for users with a cluster), in the concurrency pool `gpu`. The
+process streams its progress into the run's logs and reports its final metadata; this
+asset then versions the output with DVC and registers the model in MLflow with the alias
+`challenger`, tagged with the data versions it was trained on."""
+
+import subprocess
+
+import dagster as dg
+import mlflow
+from PIL import Image
+
+from assets.metadata import flatten, preview_metadata
+from models.registry import register_text_to_image
+
+STAGE = "diffusion_model"
+REGISTERED_NAME = "recapflow-text-to-image"
+
+
+def code_version(root) -> str:
+    """The git commit of the code (with `-dirty` for local changes), or `unknown`."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dg.asset(
+    name=STAGE,
+    deps=["mixed_sampler", "autoencoder"],
+    group_name="training",
+    kinds={"pytorch", "mlflow", "dvc"},
+    pool="gpu",
+    required_resource_keys={"project", "dvc", "mlflow", "launcher"},
+    description=__doc__,
+)
+def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    project, dvc, mlflow_res, launcher = (
+        context.resources.project,
+        context.resources.dvc,
+        context.resources.mlflow,
+        context.resources.launcher,
+    )
+    data_versions = {
+        "recaptioned_dataset": dvc.out_hashes("recaptioned_dataset")["data/recaptioned"],
+        "mixed_sampler": dvc.out_hashes("mixed_sampler")["data/mixed_sampler"],
+        "autoencoder": dvc.out_hashes("autoencoder")["data/autoencoder"],
+    }
+    config = {
+        **project.params(STAGE),
+        "raw": str(project.data_path("raw")),
+        "sampler": str(project.data_path("mixed_sampler")),
+        "autoencoder": str(project.data_path("autoencoder")),
+        "out": str(project.data_path(STAGE)),
+        "mlflow_tracking_uri": mlflow_res.tracking_uri,
+        "mlflow_experiment": mlflow_res.experiment,
+    }
+    invocation = launcher.run(
+        context, "models.diffusion_train", extras={"config": config}, cwd=str(project.path)
+    )
+    reported = invocation.get_materialize_result()
+    run_id = reported.metadata["mlflow_run_id"].value
+    out = project.data_path(STAGE)
+    dvc_hash = dvc.commit(STAGE)["data/diffusion_model"]
+    tags = {
+        "dagster_run_id": context.run.run_id,
+        "code_version": code_version(project.path),
+        "dvc.diffusion_model": dvc_hash,
+        **{f"dvc.{k}": v for k, v in data_versions.items()},
+    }
+    with mlflow_res.start_run(STAGE, run_id=run_id) as run:
+        mlflow.log_params(flatten({"data": data_versions, "code_version": tags["code_version"]}))
+        mlflow.set_tags({k: v for k, v in tags.items() if k.startswith(("dagster", "dvc."))})
+        run_meta = mlflow_res.run_metadata(run)
+    registered = register_text_to_image(
+        mlflow_res.tracking_uri, run_id, out, REGISTERED_NAME, "challenger", tags
+    )
+    grid = Image.open(out / "validation_grid.png")
+    return dg.MaterializeResult(
+        metadata={
+            **reported.metadata,
+            "path": dg.MetadataValue.path(str(out)),
+            "dvc_md5": dvc_hash,
+            "data_versions": dg.MetadataValue.json(data_versions),
+            "registered_model": dg.MetadataValue.json(registered),
+            "validation_grid": preview_metadata(grid, "EMA samples of single-object prompts"),
+            **run_meta,
+        },
+        data_version=dg.DataVersion(dvc_hash),
+    )

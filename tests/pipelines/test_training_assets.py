@@ -1,0 +1,100 @@
+"""recaptioned_dataset -> mixed_sampler -> diffusion_model through Dagster, the training
+launched as its own process through Pipes, reporting back to the run."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from assets import autoencoder as autoencoder_mod
+from assets import captioner as captioner_mod
+from assets import diffusion_model as diffusion_mod
+from assets import mixed_sampler as sampler_mod
+from assets import raw_alt_text_dataset as raw_mod
+from assets import recaptioned_dataset as recaptioned_mod
+from pipelines.definitions import build_resources
+
+ASSETS = [
+    raw_mod.raw_alt_text_dataset,
+    captioner_mod.captioner,
+    recaptioned_mod.recaptioned_dataset,
+    sampler_mod.mixed_sampler,
+    autoencoder_mod.autoencoder,
+    autoencoder_mod.autoencoder_keeps_colours,
+    diffusion_mod.diffusion_model,
+]
+
+
+def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, monkeypatch):
+    tracking = f"sqlite:///{project_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    resources = build_resources(str(project_dir))
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(
+        ASSETS, selection=["raw_alt_text_dataset", "captioner"], resources=resources,
+        instance=instance,
+    ).success  # fmt: skip
+    assert dg.materialize(
+        ASSETS,
+        selection=["recaptioned_dataset"],
+        resources=resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": "00000",
+            "dagster/asset_partition_range_end": "00002",
+        },
+    ).success
+
+    # A 2-step captioner often stops at once: its empty captions are refused...
+    with pytest.raises(Exception, match="samples lack a descriptive synthetic caption"):
+        dg.materialize(ASSETS, selection=["mixed_sampler"], resources=resources, instance=instance)
+    # ...so give every sample a caption, as a trained captioner would.
+    for path in (project_dir / "data" / "recaptioned").glob("*.parquet"):
+        df = pd.read_parquet(path)
+        df["descriptive_caption"] = "A picture of " + df["alt_text"] + "."
+        df.to_parquet(path)
+
+    # A bad blend fails in mixed_sampler, before any training starts.
+    with pytest.raises(Exception, match=r"synthetic_ratio must be in \[0, 1\], got 1.5"):
+        dg.materialize(
+            ASSETS,
+            selection=["mixed_sampler"],
+            resources=resources,
+            instance=instance,
+            run_config={"ops": {"mixed_sampler": {"config": {"synthetic_ratio": 1.5}}}},
+        )
+
+    res = dg.materialize(
+        ASSETS,
+        selection=["mixed_sampler", "autoencoder", "diffusion_model"],
+        resources=resources,
+        instance=instance,
+    )
+    assert res.success
+    sampler = res.asset_materializations_for_node("mixed_sampler")[0].metadata
+    assert 0.5 < sampler["realized_synthetic_ratio"].value <= 1.0
+    assert "| epoch |" in sampler["per_epoch"].value
+    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+    assert "colour_kept" in checks["autoencoder_keeps_colours"].metadata
+
+    md = res.asset_materializations_for_node("diffusion_model")[0].metadata
+    # Reported by the training process through Pipes:
+    assert md["steps"].value == 6
+    assert 0.0 <= md["colour_following"].value <= 1.0
+    run_id = md["mlflow_run_id"].value
+    # Added by the asset after the process ended:
+    assert md["registered_model"].data["alias"] == "challenger"
+    assert "data:image/png;base64," in md["validation_grid"].value
+    logs = [e.message for e in instance.all_logs(res.run_id) if e.message]
+    assert any("step 6/6" in m for m in logs)  # progress lines streamed into the run
+
+    client = MlflowClient(tracking)
+    version = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger")
+    assert version.run_id == run_id
+    assert version.tags["dvc.mixed_sampler"] == md["data_versions"].data["mixed_sampler"]
+    assert version.tags["dvc.recaptioned_dataset"].endswith(".dir")
+    params = client.get_run(run_id).data.params
+    assert params["sampler.synthetic_ratio"] == "0.95"
+    assert "data.mixed_sampler" in params
