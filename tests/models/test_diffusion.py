@@ -211,3 +211,13 @@ def test_colour_kept_counts_recoloured_object_pixels():
     assert colour_kept(images, images) == 1.0
     recoloured = _renders(["orange", "blue"])
     assert colour_kept(images, recoloured) == pytest.approx(0.5, abs=0.05)
+
+
+def test_autoencoder_loss_weights_object_pixels():
+    from models.autoencoder import foreground_weight, to_model_range
+
+    images = torch.from_numpy(_renders(["red"])).permute(0, 3, 1, 2)
+    w = foreground_weight(to_model_range(images), 10.0)[0, 0]
+    star = torch.from_numpy(_renders(["red"])[0]).float().sub(128).abs().amax(-1) > 20
+    assert w[star].eq(10.0).float().mean() > 0.95  # the star's pixels
+    assert w[~star].eq(1.0).float().mean() > 0.95  # the gray background
