@@ -62,11 +62,12 @@ class PrefixCaptioner(nn.Module):
         self.visual, self.lm, self.tokenizer, self.spec = visual, lm, tokenizer, spec
         self.image_size, self.mean, self.std = image_cfg
         hidden = lm.get_input_embeddings().embedding_dim
-        self.visual.output_tokens = True
+        if hasattr(self.visual, "output_tokens"):  # open_clip ViTs return their patch tokens
+            self.visual.output_tokens = True
         with torch.no_grad():
-            pooled, tokens = self.visual(torch.zeros(1, 3, self.image_size, self.image_size))
+            pooled, grid = self.image_features(torch.zeros(1, 3, self.image_size, self.image_size))
         self.pooled_proj = nn.Sequential(nn.Linear(pooled.shape[-1], hidden), nn.LayerNorm(hidden))
-        self.token_proj = nn.Sequential(nn.Linear(tokens.shape[-1], hidden), nn.LayerNorm(hidden))
+        self.token_proj = nn.Sequential(nn.Linear(grid.shape[1], hidden), nn.LayerNorm(hidden))
 
     @classmethod
     def build(
@@ -93,15 +94,25 @@ class PrefixCaptioner(nn.Module):
         x = normalize_images(
             images.to(self.pooled_proj[0].weight.device), self.image_size, self.mean, self.std
         )
-        pooled, tokens = self.visual(x)
+        pooled, grid = self.image_features(x)
         parts = [self.pooled_proj(pooled).unsqueeze(1)]
         if self.spec.prefix == "tokens":
-            b, n, c = tokens.shape
-            side = int(round(n**0.5))
-            grid = tokens.transpose(1, 2).reshape(b, c, side, side)
             grid = nn.functional.adaptive_avg_pool2d(grid, self.spec.prefix_grid)
             parts.append(self.token_proj(grid.flatten(2).transpose(1, 2)))
         return torch.cat(parts, dim=1)
+
+    def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (pooled embedding (B, D), last feature map (B, C, h, w)).
+
+        ViTs give their patch tokens (after the final norm); convolutional towers
+        (open_clip's ModifiedResNet, timm models) their last feature map."""
+        if getattr(self.visual, "output_tokens", False):
+            pooled, tokens = self.visual(x)
+            b, n, c = tokens.shape
+            side = int(round(n**0.5))
+            return pooled, tokens.transpose(1, 2).reshape(b, c, side, side)
+        out = self.visual.forward_intermediates(x, indices=1)
+        return out["image_features"], out["image_intermediates"][-1]
 
     def _with_bos(self, prefix: torch.Tensor) -> torch.Tensor:
         bos = torch.full((len(prefix), 1), self.tokenizer.bos_token_id, device=prefix.device)

@@ -49,6 +49,8 @@ class PhaseConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.05
+    # Learning rate of the image tower relative to `lr` (captioning phases): 0 freezes it.
+    visual_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,15 @@ class CaptionerModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.cfg
-        return warmup_cosine_adamw(self, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
+        self.model.visual.requires_grad_(c.visual_lr_scale > 0)
+        return warmup_cosine_adamw(
+            self,
+            c.lr,
+            c.weight_decay,
+            c.warmup_steps,
+            c.max_steps,
+            lr_scales={"model.visual.": c.visual_lr_scale},
+        )
 
 
 def _trainer(phase: str, cfg: PhaseConfig, logger: MLFlowLogger | None) -> L.Trainer:
@@ -168,6 +178,8 @@ class CaptionerTraining:
         self.train = index[index["split"] == "train"].reset_index(drop=True)
         self.eval = index[index["split"] == "eval"].head(cfg.eval_images).reset_index(drop=True)
         self.human = self.train[self.train["has_human_captions"]].reset_index(drop=True)
+        self._train_pos = pd.Series(range(len(self.train)), index=self.train["key"])
+        self._train_images: dict[int, torch.Tensor] = {}
         if len(self.human) == 0:
             raise ValueError(
                 f"{raw_dir}: no training image has human-written captions; the SSC and DSC "
@@ -189,7 +201,15 @@ class CaptionerTraining:
         f.write_text(json.dumps({"config": self.cfg.digest(), **extra}, indent=2))
 
     def _images(self, rows: pd.DataFrame, size: int) -> torch.Tensor:
-        return load_images(self.raw_dir, list(rows["key"]), list(rows["shard"]), size)
+        """uint8 images of `rows`; every phase draws from the training split, decoded once."""
+        pos = self._train_pos.reindex(rows["key"])
+        if pos.isna().any():  # not training images (the held-out split)
+            return load_images(self.raw_dir, list(rows["key"]), list(rows["shard"]), size)
+        if size not in self._train_images:
+            self._train_images[size] = load_images(
+                self.raw_dir, list(self.train["key"]), list(self.train["shard"]), size
+            )
+        return self._train_images[size][torch.tensor(pos.to_numpy(dtype="int64"))]
 
     # -- phases ------------------------------------------------------------------------
     def tokenizer(self):

@@ -110,17 +110,27 @@ class ClipPretrainModule(L.LightningModule):
 
 
 def warmup_cosine_adamw(
-    module: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, max_steps: int
+    module: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    max_steps: int,
+    lr_scales: dict[str, float] | None = None,
 ) -> dict:
-    """AdamW (no decay on biases, norms, embeddings' scales) with linear warmup and cosine decay."""
-    decay, no_decay = [], []
+    """AdamW (no decay on biases, norms, embeddings' scales) with linear warmup and cosine decay.
+
+    `lr_scales` maps a parameter-name prefix to a multiplier of `lr` (e.g. a slower image
+    tower while fine-tuning); the first matching prefix wins."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+            scale = next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
+            no_decay = p.ndim < 2 or "logit_scale" in name
+            groups.setdefault((scale, no_decay), []).append(p)
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": ps, "lr": lr * scale, "weight_decay": 0.0 if nd else weight_decay}
+            for (scale, nd), ps in groups.items()
         ],
         lr=lr,
         betas=(0.9, 0.98),

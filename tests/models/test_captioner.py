@@ -66,3 +66,39 @@ def test_weights_files_are_not_pickles(tiny_captioner):
 
     state = load_file(tiny_captioner / "dsc" / "model.safetensors")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_a_convolutional_tower_feeds_the_prefix_through_its_feature_map(tiny_captioner):
+    """Any open_clip tower works: a ModifiedResNet gives its last feature map as tokens."""
+    from models.captioner import CaptionerSpec
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_captioner / "tokenizer")
+    lm = {"config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}}
+    model = PrefixCaptioner.build(CaptionerSpec("recapflow-tiny-rn-clip", lm, prefix_grid=3), tok)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert model.prefix(images).shape == (2, 1 + 9, 32)
+    ids = torch.tensor([[5, 6, tok.eos_token_id], [7, tok.eos_token_id, tok.pad_token_id]])
+    loss = model(images, ids, (ids != tok.pad_token_id).long())
+    loss.backward()
+    assert model.visual.conv1.weight.grad is not None
+    assert len(model.generate(images, GenerationConfig(max_new_tokens=4))) == 2
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_visual_lr_scale_slows_or_freezes_the_image_tower(tiny_captioner, scale):
+    from models.captioner_train import CaptionerModule, PhaseConfig
+
+    model = PrefixCaptioner.load(tiny_captioner / "pretrain").train()
+    module = CaptionerModule(model, "dsc", PhaseConfig(lr=1e-3, visual_lr_scale=scale))
+    opt = module.configure_optimizers()["optimizer"]
+    visual = {id(p) for p in model.visual.parameters()}
+    # initial_lr: the peak the warmup/cosine schedule scales.
+    groups = opt.param_groups
+    lrs = {g["initial_lr"] for g in groups if any(id(p) in visual for p in g["params"])}
+    if scale == 0.0:
+        assert lrs == set() and not any(p.requires_grad for p in model.visual.parameters())
+    else:
+        assert list(lrs) == [pytest.approx(1e-4)]
+    lm_lrs = {g["initial_lr"] for g in groups if not any(id(p) in visual for p in g["params"])}
+    assert lm_lrs == {1e-3}
