@@ -22,7 +22,6 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image

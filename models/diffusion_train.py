@@ -67,8 +67,8 @@ class EvalConfig:
     final_prompts: int = 256
     every: int = 250  # steps between colour-following evaluations (the curve)
     steps: int = 20
-    guidance_scale: float = 3.0
-    sampler: str = "dpm"  # dpm | ddim
+    guidance_scale: float = 6.0
+    sampler: str = "ddim"
     grid_prompts: int = 16
 
 
@@ -256,7 +256,8 @@ class StepCheckpoint(Callback):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         module.weights_dir = tmp
-        trainer.save_checkpoint(tmp / "trainer_state.ckpt")
+        # weights_only=False: the full training state (optimizer, loops), not weights only.
+        trainer.save_checkpoint(tmp / "trainer_state.ckpt", weights_only=False)
         os.replace(tmp, final)
         _atomic_write(self.root / "latest", final.name)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:

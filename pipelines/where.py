@@ -48,6 +48,25 @@ def summary(root: Path) -> str:
     if recaptioned.exists():
         n = len(list(recaptioned.glob("*.parquet")))
         lines.append(f"  recaptioned dataset   {recaptioned}  ({n} shards)")
+    sampler = root / "data" / "mixed_sampler" / "sampler.json"
+    if sampler.exists():
+        info = json.loads(sampler.read_text(encoding="utf-8"))
+        ratio = sum(e["synthetic_ratio"] for e in info["epochs"]) / len(info["epochs"])
+        lines.append(
+            f"  mixed sampler         {sampler.parent}  ({info['config']['caption_kind']}, "
+            f"ratio {info['config']['synthetic_ratio']} configured, {ratio:.4f} realized)"
+        )
+    model = root / "data" / "diffusion_model" / "metrics.json"
+    if model.exists():
+        m = json.loads(model.read_text(encoding="utf-8"))
+        lines.append(
+            f"  diffusion model       {model.parent}  ({m['steps']} steps; single-object colour "
+            f"following {m['colour_following']:.3f} vs chance {m['colour_following_chance']:.3f}; "
+            f"validation grid {model.parent / 'validation_grid.png'})"
+        )
+        lines.append(
+            "  registered model      models:/recapflow-text-to-image@challenger (MLflow registry)"
+        )
     lines += [
         f"  Dagster UI            make ui      -> http://127.0.0.1:3000  ({root}/.dagster_home)",
         f"  MLflow UI             make mlflow  -> http://127.0.0.1:5000  ({tracking})",
