@@ -451,6 +451,28 @@ def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None
     return logger
 
 
+# Settings that do not change what is trained: a rerun with other values still resumes.
+_RESUME_NEUTRAL = ("out", "work", "eval", "num_threads", "checkpoint_every", "keep_checkpoints")
+
+
+def discard_stale_run(cfg: DiffusionTrainConfig, sampler: dict) -> bool:
+    """Checkpoints, curve and MLflow run id of the work folder belong to one training
+    configuration and its inputs (sampler, autoencoder); when those change, a rerun
+    starts over instead of resuming someone else's run. Returns whether it discarded."""
+    work = cfg.work_dir
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_NEUTRAL}
+    ae = Path(cfg.autoencoder) / "metrics.json"
+    digest = _digest([settings, sampler, ae.read_text() if ae.exists() else None])
+    marker = work / "run_config.json"
+    stale = marker.exists() and json.loads(marker.read_text())["digest"] != digest
+    if stale:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        for name in ("curve.json", "mlflow_run.json"):
+            (work / name).unlink(missing_ok=True)
+    _atomic_write(marker, json.dumps({"digest": digest}))
+    return stale
+
+
 def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter()
     if cfg.num_threads:
@@ -469,6 +491,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
             raise ValueError(f"epoch {e} manifest does not list the sampler's keys in order")
     style = sampler["config"]["caption_kind"]
     L.seed_everything(cfg.seed, verbose=False)
+    if discard_stale_run(cfg, sampler):
+        reporter.info("the configuration or its inputs changed: starting a new run")
     logger = _mlflow_logger(cfg, work)
     if logger and not (work / "checkpoints" / "latest").exists():
         logger.log_hyperparams(flatten(asdict(cfg)))

@@ -221,3 +221,20 @@ def test_autoencoder_loss_weights_object_pixels():
     star = torch.from_numpy(_renders(["red"])[0]).float().sub(128).abs().amax(-1) > 20
     assert w[star].eq(10.0).float().mean() > 0.95  # the star's pixels
     assert w[~star].eq(1.0).float().mean() > 0.95  # the gray background
+
+
+def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
+    from models.diffusion_train import discard_stale_run
+
+    cfg = DiffusionTrainConfig.from_dict({"work": str(tmp_path), "autoencoder": str(tmp_path)})
+    sampler = {"config": {"synthetic_ratio": 0.95}}
+    assert not discard_stale_run(cfg, sampler)  # a first run
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (tmp_path / "mlflow_run.json").write_text('{"run_id": "abc"}')
+    cfg.eval.prompts = 5  # evaluation settings do not change what is trained
+    assert not discard_stale_run(cfg, sampler)
+    assert (tmp_path / "checkpoints" / "step-0000010").exists()
+    cfg.diffusion.lr = 5e-4
+    assert discard_stale_run(cfg, sampler)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow_run.json").exists()
+    assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}})  # another blend
