@@ -7,6 +7,7 @@ process streams its progress into the run's logs and reports its final metadata;
 asset then versions the output with DVC and registers the model in MLflow with the alias
 `challenger`, tagged with the data versions it was trained on."""
 
+import json
 import subprocess
 
 import dagster as dg
@@ -35,6 +36,15 @@ def code_version(root) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def curve_table(curve: list[dict]) -> str:
+    """Markdown: colour following (chance 0.125) and images without an object, by step."""
+    lines = ["| step | colour following | no object |", "|---:|---:|---:|"]
+    lines += [
+        f"| {c['step']} | {c['colour_following']:.3f} | {c['no_object']:.3f} |" for c in curve
+    ]
+    return "\n".join(lines)
 
 
 @dg.asset(
@@ -88,6 +98,7 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         mlflow_res.tracking_uri, run_id, out, REGISTERED_NAME, "challenger", tags
     )
     grid = Image.open(out / "validation_grid.png")
+    metrics = json.loads((out / "metrics.json").read_text())
     return dg.MaterializeResult(
         metadata={
             **reported.metadata,
@@ -96,6 +107,8 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "data_versions": dg.MetadataValue.json(data_versions),
             "registered_model": dg.MetadataValue.json(registered),
             "validation_grid": preview_metadata(grid, "EMA samples of single-object prompts"),
+            "colour_following_curve": dg.MetadataValue.md(curve_table(metrics["curve"])),
+            "train_seconds_by_part": dg.MetadataValue.json(metrics["seconds"]),
             **run_meta,
         },
         data_version=dg.DataVersion(dvc_hash),

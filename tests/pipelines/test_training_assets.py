@@ -87,6 +87,7 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     # Added by the asset after the process ended:
     assert md["registered_model"].data["alias"] == "challenger"
     assert "data:image/png;base64," in md["validation_grid"].value
+    assert "| 6 |" in md["colour_following_curve"].value
     logs = [e.message for e in instance.all_logs(res.run_id) if e.message]
     assert any("step 6/6" in m for m in logs)  # progress lines streamed into the run
 
