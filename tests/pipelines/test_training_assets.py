@@ -47,14 +47,22 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
         },
     ).success
 
-    # A 2-step captioner often stops at once: its empty captions are refused...
-    with pytest.raises(Exception, match="samples lack a descriptive synthetic caption"):
-        dg.materialize(ASSETS, selection=["mixed_sampler"], resources=resources, instance=instance)
-    # ...so give every sample a caption, as a trained captioner would.
-    for path in (project_dir / "data" / "recaptioned").glob("*.parquet"):
+    # A 2-step captioner writes arbitrary text; give every sample a caption, then take
+    # one away: a sample without its synthetic caption stops the blend, named.
+    paths = sorted((project_dir / "data" / "recaptioned").glob("*.parquet"))
+    for path in paths:
         df = pd.read_parquet(path)
         df["descriptive_caption"] = "A picture of " + df["alt_text"] + "."
         df.to_parquet(path)
+    df = pd.read_parquet(paths[0])
+    missing_key = df.loc[df["split"] == "train", "key"].iloc[0]
+    complete = df["descriptive_caption"].copy()
+    df.loc[df["key"] == missing_key, "descriptive_caption"] = "  "
+    df.to_parquet(paths[0])
+    with pytest.raises(Exception, match=f"1 of .* lack a descriptive .*{missing_key}"):
+        dg.materialize(ASSETS, selection=["mixed_sampler"], resources=resources, instance=instance)
+    df["descriptive_caption"] = complete
+    df.to_parquet(paths[0])
 
     # A bad blend fails in mixed_sampler, before any training starts.
     with pytest.raises(Exception, match=r"synthetic_ratio must be in \[0, 1\], got 1.5"):
