@@ -2,7 +2,8 @@
 and to the console otherwise, through one interface.
 
 `dagster_pipes` is Dagster's dependency-free protocol package for external processes,
-not Dagster itself: models/ still never imports `dagster`.
+not Dagster itself, and it is imported only when Dagster launched the process: models/
+never imports `dagster`, and a standalone run needs no Dagster package at all.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from dagster_pipes import (
-    DAGSTER_PIPES_CONTEXT_ENV_VAR,
-    PipesContext,
-    open_dagster_pipes,
-)
+# Dagster's launchers pass the Pipes context in this variable (dagster_pipes'
+# DAGSTER_PIPES_CONTEXT_ENV_VAR); standalone runs lack it and never import dagster_pipes.
+PIPES_CONTEXT_ENV_VAR = "DAGSTER_PIPES_CONTEXT"
 
 log = logging.getLogger("recapflow")
 
@@ -26,7 +25,7 @@ class Reporter:
     """`info` for progress lines, `extras` for what the launcher passed, `materialized`
     for the final metadata. Standalone runs print and keep the final report."""
 
-    def __init__(self, pipes: PipesContext | None = None):
+    def __init__(self, pipes: Any = None):  # a dagster_pipes.PipesContext under Dagster
         self.pipes = pipes
         self.final: dict[str, Any] | None = None
 
@@ -48,8 +47,9 @@ class Reporter:
 
 @contextlib.contextmanager
 def open_reporter() -> Iterator[Reporter]:
-    # Dagster's launchers pass the context through this variable; standalone runs lack it.
-    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ:
+    if PIPES_CONTEXT_ENV_VAR in os.environ:
+        from dagster_pipes import open_dagster_pipes  # the protocol package, not dagster
+
         with open_dagster_pipes() as pipes:
             yield Reporter(pipes)
     else:
