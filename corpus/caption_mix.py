@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from corpus.atomic import write_atomic, write_text_atomic
 
 # caption_kind -> the recaptioned dataset's column
 CAPTION_COLUMNS: dict[str, str] = {"short": "short_caption", "descriptive": "descriptive_caption"}
@@ -161,12 +162,6 @@ def realized(manifest: pd.DataFrame) -> dict[str, float | int]:
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def manifest_path(out: Path, epoch: int) -> Path:
     return out / f"epoch-{epoch:04d}.parquet"
 
@@ -180,12 +175,10 @@ def write_sampler(captions: pd.DataFrame, cfg: MixConfig, out: Path) -> dict:
     per_epoch = []
     for epoch in range(cfg.epochs):
         m = epoch_manifest(captions, cfg, epoch)
-        _write_atomic(manifest_path(out, epoch), lambda p, m=m: m.to_parquet(p, index=False))
+        write_atomic(manifest_path(out, epoch), lambda p, m=m: m.to_parquet(p, index=False))
         per_epoch.append({"epoch": epoch, **realized(m)})
     summary = {"config": asdict(cfg), "samples": len(captions), "epochs": per_epoch}
-    _write_atomic(
-        out / "sampler.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n")
-    )
+    write_text_atomic(out / "sampler.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -224,7 +217,7 @@ def build_mixed_sampler(recaptioned: Path, out: Path, cfg: MixConfig) -> dict:
     sample), one manifest per epoch and `sampler.json`."""
     captions = prepare_captions(read_recaptioned(recaptioned), cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "captions.parquet", lambda p: captions.to_parquet(p, index=False))
+    write_atomic(out / "captions.parquet", lambda p: captions.to_parquet(p, index=False))
     return write_sampler(captions, cfg, out)
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from corpus.atomic import write_text_atomic
 from corpus.params import RawDatasetParams, load_params
 from corpus.sample_check import DUPLICATE_KEY, CleanSample, Rejection, check_sample
 from corpus.shards import write_shard
@@ -112,14 +113,8 @@ def _process_unit(unit: Unit, params: RawDatasetParams, work: Path, seen: set[st
         "rejected": rejected,
         "repairs": dict(repairs),
     }
-    _atomic_write_text(work / f"{unit.name}.result.json", json.dumps(result))
+    write_text_atomic(work / f"{unit.name}.result.json", json.dumps(result))
     return result
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
@@ -216,7 +211,7 @@ def build_raw_dataset(
         "repaired_by_kind": dict(sorted(repairs.items())),
         "noise_kinds": _count(r["noise_kind"] for r in rows if r["noise_kind"]),
     }
-    _atomic_write_text(work / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    write_text_atomic(work / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     _swap_in(work, out_dir)
     return BuildReport(out_dir, manifest)
 

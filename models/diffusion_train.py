@@ -16,6 +16,7 @@ last checkpoint, continues the same MLflow run and stops at the same step count.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from safetensors.torch import load_file, save_file
 
+from corpus.atomic import write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
 from corpus.params import flatten, load_params
 from models.autoencoder import image_grid, to_model_range
@@ -121,12 +124,6 @@ class DiffusionTrainConfig:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- data: cached latents and caption embeddings, one epoch manifest at a time ---------
@@ -259,7 +256,7 @@ class StepCheckpoint(Callback):
         # weights_only=False: the full training state (optimizer, loops), not weights only.
         trainer.save_checkpoint(tmp / "trainer_state.ckpt", weights_only=False)
         os.replace(tmp, final)
-        _atomic_write(self.root / "latest", final.name)
+        write_text_atomic(self.root / "latest", final.name)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old)
 
@@ -319,6 +316,7 @@ class TrainContext:
     text_encoder: FrozenTextEncoder
     logger: MLFlowLogger | None
     style: str
+    curve_file: Path
     curve: list[dict] = field(default_factory=list)
 
     def evaluate(self, module: LatentDiffusion, step: int, n_prompts: int) -> dict:
@@ -343,6 +341,7 @@ class TrainContext:
         self.curve = sorted(
             [c for c in self.curve if c["step"] != step] + [point], key=lambda c: c["step"]
         )
+        write_text_atomic(self.curve_file, json.dumps(self.curve))
         grid = image_grid(images[: e.grid_prompts], nrow=8, scale=4)
         if self.logger:
             self.logger.log_metrics(
@@ -384,30 +383,26 @@ def _check_epochs(cfg: DiffusionTrainConfig, n: int, sampler: dict) -> int:
     return needed
 
 
-def _latents(cfg, vae, keys, shards, work: Path, resolution: int) -> torch.Tensor:
-    """Every training image encoded once (posterior mean, scaled), cached by content."""
+def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> torch.Tensor:
+    """Every training image encoded once (posterior mean, scaled), cached by the keys and
+    the autoencoder's weights."""
     weights = sorted(Path(cfg.autoencoder, "vae").glob("*.safetensors"))
-    tag = _digest(
-        [keys[:5], keys[-5:], len(keys), resolution] + [w.stat().st_size for w in weights]
-    )
+    tag = _digest([keys[:5], keys[-5:], len(keys)])
     tag += "-" + _digest([hashlib.md5(w.read_bytes()).hexdigest() for w in weights])
     path = work / f"latents-{tag}.safetensors"
     if path.exists():
         return load_file(str(path))["latents"]
-    images = load_images(Path(cfg.raw), keys, shards, resolution)
-    out = []
+    pixels, out = images(), []
     with torch.no_grad():
-        for i in range(0, len(images), 256):
-            z = vae.encode(to_model_range(images[i : i + 256])).latent_dist.mode()
+        for i in range(0, len(pixels), 256):
+            z = vae.encode(to_model_range(pixels[i : i + 256])).latent_dist.mode()
             out.append((z * vae.config.scaling_factor).to(torch.float16))
     latents = torch.cat(out).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents}, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file({"latents": latents}, str(tmp)))
     return latents
 
 
-def _text_encoder(cfg, reporter, captions, manifest0, logger, resolution) -> FrozenTextEncoder:
+def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenTextEncoder:
     tcfg = cfg.text_encoder
     if tcfg.pretrained:
         return load_text_encoder(
@@ -419,11 +414,8 @@ def _text_encoder(cfg, reporter, captions, manifest0, logger, resolution) -> Fro
     if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
         reporter.info("pretraining the text encoder contrastively on the corpus")
         texts = manifest0.set_index("key").loc[captions["key"], "caption"].tolist()
-        images = load_images(
-            Path(cfg.raw), captions["key"].tolist(), captions["shard"].tolist(), resolution
-        )
-        metrics = pretrain_text_encoder(tcfg, images, texts, folder, logger, cfg.seed)
-        _atomic_write(done, json.dumps({"tag": tag, "metrics": metrics}))
+        metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
+        write_text_atomic(done, json.dumps({"tag": tag, "metrics": metrics}))
         reporter.info(f"text encoder: {metrics}")
     return load_text_encoder(folder, tcfg.context_length)
 
@@ -447,7 +439,7 @@ def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None
         tracking_uri=cfg.mlflow_tracking_uri,
         run_id=run_id,
     )
-    _atomic_write(run_file, json.dumps({"run_id": logger.run_id}))
+    write_text_atomic(run_file, json.dumps({"run_id": logger.run_id}))
     return logger
 
 
@@ -469,7 +461,7 @@ def discard_stale_run(cfg: DiffusionTrainConfig, sampler: dict) -> bool:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         for name in ("curve.json", "mlflow_run.json"):
             (work / name).unlink(missing_ok=True)
-    _atomic_write(marker, json.dumps({"digest": digest}))
+    write_text_atomic(marker, json.dumps({"digest": digest}))
     return stale
 
 
@@ -501,13 +493,18 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     vae = AutoencoderKL.from_pretrained(Path(cfg.autoencoder) / "vae").eval().requires_grad_(False)
     ae_metrics = json.loads((Path(cfg.autoencoder) / "metrics.json").read_text())
     resolution = ae_metrics["config"]["resolution"]
+    # Decoded at most once, and only when the text encoder or the latents need training.
+    images = functools.cache(
+        lambda: load_images(Path(cfg.raw), keys, captions["shard"].tolist(), resolution)
+    )
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    text_encoder = _text_encoder(cfg, reporter, captions, manifests[0], logger, resolution)
+    text_encoder = _text_encoder(cfg, reporter, captions, manifests[0], logger, images)
     timings["text_encoder_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    latents = _latents(cfg, vae, keys, captions["shard"].tolist(), work, resolution)
+    latents = _latents(cfg, vae, keys, images, work)
+    images.cache_clear()
     empty_s, empty_p = text_encoder.encode_all([""])
     syn_s, syn_p = text_encoder.encode_all(captions["synthetic"].tolist())
     alt_s, alt_p = text_encoder.encode_all(captions["alt_text"].tolist())
@@ -535,19 +532,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         cfg.seed,
         cfg.accumulate_grad_batches,
     )
-    ctx = TrainContext(cfg, vae, text_encoder, logger, style)
-    curve_file = work / "curve.json"
-    if curve_file.exists():
-        ctx.curve = json.loads(curve_file.read_text())
+    ctx = TrainContext(cfg, vae, text_encoder, logger, style, work / "curve.json")
+    if ctx.curve_file.exists():
+        ctx.curve = json.loads(ctx.curve_file.read_text())
     ckpts = StepCheckpoint(work / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
     resume = StepCheckpoint.latest(work / "checkpoints")
     if resume:
         module.weights_dir = resume
         reporter.info(f"resuming from {resume}")
-
-    class _SaveCurve(Callback):
-        def on_train_batch_end(self, trainer, *_):
-            _atomic_write(curve_file, json.dumps(ctx.curve))
 
     trainer = L.Trainer(
         max_steps=cfg.diffusion.max_steps,
@@ -562,7 +554,6 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         callbacks=[
             ckpts,
             ColourFollowingCallback(ctx),
-            _SaveCurve(),
             ProgressReport(reporter, cfg.diffusion.max_steps),
             TQDMProgressBar(refresh_rate=20),
         ],

@@ -23,11 +23,10 @@ log = logging.getLogger("recapflow")
 
 class Reporter:
     """`info` for progress lines, `extras` for what the launcher passed, `materialized`
-    for the final metadata. Standalone runs print and keep the final report."""
+    for the final metadata (reported to Dagster; standalone runs print it)."""
 
     def __init__(self, pipes: Any = None):  # a dagster_pipes.PipesContext under Dagster
         self.pipes = pipes
-        self.final: dict[str, Any] | None = None
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -40,7 +39,6 @@ class Reporter:
         print(message, flush=True)
 
     def materialized(self, metadata: dict[str, Any], data_version: str | None = None) -> None:
-        self.final = metadata
         if self.pipes:
             self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
 
