@@ -50,7 +50,7 @@ DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
 run: install
 	$(DAGSTER) --select 'raw_alt_text_dataset,captioner'
 	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
-	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model'
+	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,eval_report'
 	@$(PY) -m pipelines.where
 
 test: install

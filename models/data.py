@@ -20,7 +20,12 @@ from corpus.shards import IMAGE_EXTS, split_member_name
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return fit_square(Image.open(io.BytesIO(data)).convert("RGB"), size)
+
+
+def fit_square(img: Image.Image, size: int) -> np.ndarray:
+    """HxWx3 uint8 of an RGB image at size x size, the way every training image is read:
+    judges trained on renders see them exactly as the models saw the corpus."""
     if img.size != (size, size):
         # Centre-crop to a square, then resize: what open_clip's preprocessing does.
         w, h = img.size

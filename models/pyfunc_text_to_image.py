@@ -7,7 +7,6 @@ pngs = model.predict(pd.DataFrame({"prompt": ["a red star in the center"]}))
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import mlflow
@@ -16,34 +15,19 @@ import pandas as pd
 
 class TextToImage(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from models.text_to_image import load_text_to_image
 
-        from models.diffusion import DiffusionConfig
-        from models.text_encoder import load_text_encoder
-
-        root = Path(context.artifacts["pipeline"])
-        cfg = json.loads((root / "train_config.json").read_text())
-        self.diffusion = DiffusionConfig(**cfg["diffusion"])
-        self.unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
-        self.vae = AutoencoderKL.from_pretrained(root / "vae").eval()
-        self.text = load_text_encoder(root / "text_encoder", cfg["text_encoder"]["context_length"])
-        self.eval_cfg = cfg["eval"]
+        self.pipeline = load_text_to_image(Path(context.artifacts["pipeline"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list:
         from PIL import Image
 
-        from models.diffusion import generate
-
         params = params or {}
-        images = generate(
-            self.unet,
-            self.vae,
-            self.text,
+        images = self.pipeline(
             list(model_input["prompt"]),
-            self.diffusion,
             seed=int(params.get("seed", 0)),
-            steps=int(params.get("steps", self.eval_cfg["steps"])),
-            guidance_scale=float(params.get("guidance_scale", self.eval_cfg["guidance_scale"])),
+            steps=int(params["steps"]) if "steps" in params else None,
+            guidance_scale=float(params["guidance_scale"]) if "guidance_scale" in params else None,
         )
         out = []
         for im in images:

@@ -49,3 +49,31 @@ def register_text_to_image(
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, v)
     return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}"}
+
+
+def version_by_alias(tracking_uri: str, name: str, alias: str):
+    """The model version carrying `alias`, or None when no version has it."""
+    client = MlflowClient(tracking_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def run_json_artifact(tracking_uri: str, run_id: str, artifact_path: str) -> dict | None:
+    """A JSON artifact of a run, or None when the run has no such artifact."""
+    import json
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, tracking_uri=tracking_uri
+        )
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+    return json.loads(Path(local).read_text())
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)

@@ -10,6 +10,8 @@ import dagster as dg
 from assets import autoencoder as autoencoder_mod
 from assets import captioner as captioner_mod
 from assets import diffusion_model as diffusion_mod
+from assets import eval_report as eval_mod
+from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
@@ -46,6 +48,8 @@ ASSET_MODULES = [
     sampler_mod,
     autoencoder_mod,
     diffusion_mod,
+    evaluators_mod,
+    eval_mod,
 ]
 
 defs = dg.Definitions(

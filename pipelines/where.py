@@ -67,6 +67,29 @@ def summary(root: Path) -> str:
         lines.append(
             "  registered model      models:/recapflow-text-to-image@challenger (MLflow registry)"
         )
+    judge = root / "data" / "world_judge" / "metrics.json"
+    if judge.exists():
+        acc = json.loads(judge.read_text(encoding="utf-8"))["accuracy"]
+        lines.append(
+            f"  world judge           {judge.parent}  (held-out accuracy, lowest kind "
+            f"{min(acc.values()):.3f})"
+        )
+    report = root / "data" / "eval_report" / "metrics.json"
+    if report.exists():
+        m = json.loads(report.read_text(encoding="utf-8"))
+        scores = ", ".join(
+            f"{form} prompts {f['prompt_following']['overall']:.3f} (CLIP score "
+            f"{f['clip_score']:.1f})"
+            for form, f in m["forms"].items()
+        )
+        gate = report.parent / "gate.json"
+        promoted = gate.exists() and json.loads(gate.read_text(encoding="utf-8"))["promote"]
+        lines.append(f"  eval report           {report.parent / 'index.html'}")
+        lines.append(f"                        prompt following: {scores}")
+        lines.append(
+            "                        gate: "
+            + ("promoted to champion" if promoted else f"not promoted (see {gate})")
+        )
     lines += [
         f"  Dagster UI            make ui      -> http://127.0.0.1:3000  ({root}/.dagster_home)",
         f"  MLflow UI             make mlflow  -> http://127.0.0.1:5000  ({tracking})",

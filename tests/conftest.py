@@ -61,6 +61,14 @@ TINY_STAGE_PARAMS = {
         "diffusion": {"max_steps": 6, "warmup_steps": 1},
         "eval": {"prompts": 8, "final_prompts": 8, "every": 3, "steps": 2, "grid_prompts": 8},
     },
+    "world_judge": {"train_images": 256, "eval_images": 32, "max_steps": 3, "batch_size": 32},
+    "reference_clip": {"train_images": 64, "eval_images": 16, "max_steps": 2, "batch_size": 16},
+    "eval_report": {
+        "images_per_prompt": 2,
+        "prompts_per_category": 1,
+        "steps": 2,
+        "n_boot": 200,
+    },
 }
 
 
@@ -84,7 +92,7 @@ def project_dir(tmp_path: Path) -> Path:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", proj / ".dvcignore")
-    for pkg in ("corpus", "models"):  # the DVC stages' code dependencies
+    for pkg in ("corpus", "models", "prompts"):  # the DVC stages' code dependencies
         shutil.copytree(REPO / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / ".venv").symlink_to(REPO / ".venv")
     subprocess.run([str(DVC), "init", "--no-scm", "-q"], cwd=proj, env=dvc_env(proj), check=True)

@@ -3,6 +3,8 @@ launched as its own process through Pipes, reporting back to the run."""
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import pandas as pd
 import pytest
@@ -11,6 +13,8 @@ from mlflow import MlflowClient
 from assets import autoencoder as autoencoder_mod
 from assets import captioner as captioner_mod
 from assets import diffusion_model as diffusion_mod
+from assets import eval_report as eval_mod
+from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
@@ -24,6 +28,11 @@ ASSETS = [
     autoencoder_mod.autoencoder,
     autoencoder_mod.autoencoder_keeps_colours,
     diffusion_mod.diffusion_model,
+    evaluators_mod.world_judge,
+    evaluators_mod.world_judge_accurate,
+    evaluators_mod.reference_clip,
+    eval_mod.eval_report,
+    eval_mod.not_worse_than_champion,
 ]
 
 
@@ -107,6 +116,40 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     params = client.get_run(run_id).data.params
     assert params["sampler.synthetic_ratio"] == "0.95"
     assert "data.mixed_sampler" in params
+
+    # The eval report of that model, its evaluators, and the gate: the first challenger
+    # meets no champion and is promoted.
+    res = dg.materialize(
+        ASSETS,
+        selection=["world_judge", "reference_clip", "eval_report"],
+        resources=resources,
+        instance=instance,
+    )
+    assert res.success
+    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+    # 3 training steps: the judge is far from the 0.98 bar, and its check says so.
+    assert not checks["world_judge_accurate"].passed
+    assert checks["not_worse_than_champion"].passed
+    md = res.asset_materializations_for_node("eval_report")[0].metadata
+    assert md["promoted_to_champion"].value is True
+    assert "| colour_binding |" in md["prompt_following"].value
+    report = project_dir / "data" / "eval_report"
+    html = (report / "index.html").read_text()
+    assert "grids/colour_binding-descriptive.png" in html and "promoted to champion" in html
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["prompts"] == 7 and metrics["images_per_prompt"] == 2
+    assert set(metrics["forms"]) == {"short", "descriptive"}
+    champion = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
+    assert champion.version == version.version
+    run = client.get_run(run_id)
+    assert "eval/descriptive/overall" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval_report")}
+    assert "eval_report/index.html" in artifacts
+    assert json.loads((project_dir / "metrics" / "eval_report.json").read_text())["short"]
+    # Evaluated again, the champion is not compared with itself and stays champion.
+    res = dg.materialize(ASSETS, selection=["eval_report"], resources=resources, instance=instance)
+    gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
+    assert gate["promote"] and "champion already" in gate["reason"]
 
 
 def test_training_process_detects_pipes_by_dagsters_own_variable():

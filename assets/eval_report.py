@@ -1,0 +1,142 @@
+"""Asset `eval_report`: the trained model's prompt following, measured exactly, and its
+CLIP score; the regression gate that promotes the challenger to `champion`.
+
+The report (HTML, grids, plots, metrics.json) is written by `models.eval_report` and
+logged to the model's MLflow run. The gate bootstraps the per-prompt difference between
+the challenger and the registered champion (models/promotion_gate.py); the challenger
+becomes `champion` only when it is not worse beyond noise, and the check
+`not_worse_than_champion` reports the decision."""
+
+import json
+
+import dagster as dg
+from mlflow import MlflowClient
+from PIL import Image
+
+from assets.diffusion_model import REGISTERED_NAME
+from assets.metadata import preview_metadata
+from corpus.atomic import write_text_atomic
+from models.eval_report import EvalConfig, evaluate_model
+from models.promotion_gate import promotion_decision
+from models.registry import run_json_artifact, set_alias, version_by_alias
+from models.report_html import write_html_report
+
+STAGE = "eval_report"
+PER_PROMPT_ARTIFACT = "eval_report/per_prompt.json"
+
+
+def category_table(metrics: dict) -> str:
+    forms = list(metrics["forms"])
+    cats = list(metrics["forms"][forms[0]]["prompt_following"])
+    lines = ["| category | " + " | ".join(forms) + " |", "|---|" + "---:|" * len(forms)]
+    lines += [
+        f"| {c} | "
+        + " | ".join(f"{metrics['forms'][f]['prompt_following'][c]:.3f}" for f in forms)
+        + " |"
+        for c in cats
+    ]
+    return "\n".join(lines)
+
+
+def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict) -> dict:
+    """Compare with the champion, promote the challenger when it is not worse."""
+    challenger = version_by_alias(tracking_uri, REGISTERED_NAME, "challenger")
+    if challenger is None or challenger.run_id != challenger_run:
+        return {"promote": False, "reason": "the evaluated model is not the registered challenger"}
+    champion = version_by_alias(tracking_uri, REGISTERED_NAME, "champion")
+    champion_scores = None
+    if champion is not None:
+        if champion.version == challenger.version:
+            return {"promote": True, "reason": f"version {challenger.version} is champion already"}
+        champion_scores = run_json_artifact(tracking_uri, champion.run_id, PER_PROMPT_ARTIFACT)
+        if champion_scores is None:
+            return {
+                "promote": False,
+                "reason": f"champion version {champion.version} has no eval report to compare",
+            }
+    try:
+        decision = promotion_decision(per_prompt, champion_scores)
+    except ValueError as e:
+        return {"promote": False, "reason": str(e)}
+    decision["challenger_version"] = challenger.version
+    decision["champion_version"] = champion.version if champion else None
+    if decision["promote"]:
+        set_alias(tracking_uri, REGISTERED_NAME, "champion", challenger.version)
+    return decision
+
+
+@dg.asset(
+    name=STAGE,
+    deps=["diffusion_model", "world_judge", "reference_clip"],
+    group_name="evaluation",
+    kinds={"pytorch", "mlflow", "dvc"},
+    pool="gpu",  # samples the model: one GPU job at a time (dagster.yaml)
+    required_resource_keys={"project", "dvc", "mlflow"},
+    description=__doc__,
+)
+def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    project, dvc, mlflow_res = (
+        context.resources.project,
+        context.resources.dvc,
+        context.resources.mlflow,
+    )
+    params = project.params(STAGE)
+    params["suite"] = str(project.path / params.get("suite", "prompts/suite-v1.json"))
+    cfg = EvalConfig.from_dict(
+        {
+            **params,
+            "model": str(project.data_path("diffusion_model")),
+            "judge": str(project.data_path("world_judge")),
+            "reference_clip": str(project.data_path("reference_clip")),
+            "out": str(project.data_path(STAGE)),
+            "metrics_dir": str(project.path / "metrics"),
+            "mlflow_tracking_uri": mlflow_res.tracking_uri,
+        }
+    )
+    metrics = evaluate_model(cfg)
+    out = project.data_path(STAGE)
+    per_prompt = json.loads((out / "per_prompt.json").read_text())
+    run_id = metrics.get("mlflow_run_id")
+    gate = (
+        run_gate(mlflow_res.tracking_uri, run_id, per_prompt)
+        if run_id
+        else {"promote": False, "reason": "the model has no MLflow run"}
+    )
+    write_text_atomic(out / "gate.json", json.dumps(gate, indent=2) + "\n")
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    html = write_html_report(out, metrics, records, gate)
+    dvc_hash = dvc.commit(STAGE)["data/eval_report"]
+    meta = {
+        "report_html": dg.MetadataValue.path(str(html)),
+        "path": dg.MetadataValue.path(str(out)),
+        "dvc_md5": dvc_hash,
+        "prompt_following": dg.MetadataValue.md(category_table(metrics)),
+        "gate": dg.MetadataValue.json(gate),
+        "promoted_to_champion": bool(gate.get("promote")),
+        "plot": preview_metadata(
+            Image.open(out / "plots" / "prompt_following.png"), "prompt following by category"
+        ),
+        "grid_colour_binding": preview_metadata(
+            Image.open(out / "grids" / "colour_binding-descriptive.png"),
+            "colour binding, descriptive prompts (green: passed)",
+        ),
+        "eval_seconds": metrics["seconds"]["total_s"],
+    }
+    for form, m in metrics["forms"].items():
+        meta[f"{form}_overall"] = m["prompt_following"]["overall"]
+        meta[f"{form}_clip_score"] = m["clip_score"]
+    if run_id:
+        meta.update(mlflow_res.run_metadata(MlflowClient(mlflow_res.tracking_uri).get_run(run_id)))
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(dvc_hash))
+
+
+@dg.asset_check(asset=STAGE, required_resource_keys={"project"})
+def not_worse_than_champion(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Fails when the challenger is worse than the champion beyond noise (bootstrap CI over
+    prompts) or could not be compared; the challenger was promoted only if this passes."""
+    gate = json.loads(context.resources.project.data_path(STAGE, "gate.json").read_text())
+    return dg.AssetCheckResult(
+        passed=bool(gate.get("promote")),
+        metadata={k: v for k, v in gate.items() if isinstance(v, int | float | str | bool)},
+        description=gate.get("reason", ""),
+    )

@@ -1,0 +1,145 @@
+"""The eval report as one HTML page next to its images (opens from disk in a browser).
+
+Every piece of text that comes from prompts, captions or configs goes through
+`html.escape`: prompts and captions are data, and web captions can carry markup.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from corpus.atomic import write_text_atomic
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.fail{color:#b22}.pass{color:#183}img{max-width:100%}
+.grids{display:flex;gap:1em;flex-wrap:wrap}.grids figure{margin:0}
+"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _n(x: float) -> str:
+    return f'<td class="n">{x:.3f}</td>'
+
+
+def _table(header: list[str], rows: list[str]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_html_report(
+    folder: Path, metrics: dict, records: list[dict], gate: dict | None = None
+) -> Path:
+    """Write `folder/index.html` for the report whose files are in `folder`."""
+    forms = list(metrics["forms"])
+    cats = list(metrics["forms"][forms[0]]["prompt_following"])
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>recapflow eval report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>recapflow eval report</h1>",
+        f"<p>Model: <code>{_e(metrics['config']['model'])}</code>, "
+        f"{_e(metrics.get('model_steps'))} training steps. Prompt suite "
+        f"{_e(metrics['suite_version'])}: {_e(metrics['prompts'])} prompts x "
+        f"{_e(metrics['images_per_prompt'])} images, in each form. An image passes only "
+        "when every condition of its prompt holds in the scene the world judge reads.</p>",
+    ]
+    rows = []
+    for f in forms:
+        m = metrics["forms"][f]
+        lo, hi = m["prompt_following_ci"]
+        rows.append(
+            f"<tr><td>{_e(f)}</td>{_n(m['prompt_following']['overall'])}"
+            f"<td>[{lo:.3f}, {hi:.3f}]</td>{_n(m['clip_score'])}"
+            f"<td class='n'>{_e(m['clip_truncated_prompts'])}</td></tr>"
+        )
+    parts += [
+        "<h2>Summary</h2>",
+        _table(
+            [
+                "prompt form",
+                "prompt following (mean over categories)",
+                "95% CI over prompts",
+                "CLIP score",
+                "prompts cut at CLIP's context",
+            ],
+            rows,
+        ),
+    ]
+    if gate is not None:
+        cls = "pass" if gate.get("promote") else "fail"
+        parts.append(
+            f"<h2>Regression gate</h2><p class='{cls}'>"
+            f"{'promoted to champion' if gate.get('promote') else 'not promoted'}: "
+            f"{_e(gate.get('reason', ''))}</p>"
+        )
+    rows = [
+        f"<tr><td>{_e(c)}</td>"
+        + "".join(_n(metrics["forms"][f]["prompt_following"][c]) for f in forms)
+        + "</tr>"
+        for c in cats
+    ]
+    parts += ["<h2>Prompt following by category</h2>", _table(["category", *forms], rows)]
+    parts.append("<p><img src='plots/prompt_following.png' alt='prompt following'></p>")
+    parts.append("<p><img src='plots/clip_score.png' alt='CLIP score'>")
+    if (folder / "plots" / "training_curve.png").exists():
+        parts.append(" <img src='plots/training_curve.png' alt='training curve'>")
+    parts.append("</p>")
+
+    judge = metrics.get("judge_accuracy", {})
+    rows = [f"<tr><td>{_e(k)}</td>{_n(v)}</tr>" for k, v in judge.items()]
+    parts += [
+        "<h2>The evaluators' own accuracy</h2>",
+        "<p>World judge on held-out ground-truth renders (its asset check requires 0.98 "
+        "per attribute kind):</p>",
+        _table(["attribute", "accuracy"], rows),
+    ]
+    rc = metrics.get("reference_clip", {})
+    if rc:
+        parts.append(
+            "<p>Reference CLIP on held-out renders: image-to-text top-1 "
+            f"{rc.get('image_to_text_top1', 0):.3f} among {_e(rc.get('eval_pairs'))} "
+            f"(chance {rc.get('chance_top1', 0):.4f}); CLIP score of true pairs "
+            f"{rc.get('clip_score_true_pairs', 0):.1f} against "
+            f"{rc.get('clip_score_shuffled_pairs', 0):.1f} for shuffled pairs; context "
+            f"length {_e(rc.get('context_length'))} tokens.</p>"
+        )
+
+    parts.append("<h2>Images by category</h2><p>Green frame: passed; red: failed.</p>")
+    for c in cats:
+        figs = "".join(
+            f"<figure><img src='grids/{_e(c)}-{_e(f)}.png' alt='{_e(c)} {_e(f)}'>"
+            f"<figcaption>{_e(f)} prompts</figcaption></figure>"
+            for f in forms
+            if (folder / "grids" / f"{c}-{f}.png").exists()
+        )
+        parts.append(f"<h3>{_e(c)}</h3><div class='grids'>{figs}</div>")
+
+    by_prompt: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_prompt.setdefault((r["prompt_id"], r["form"]), []).append(r)
+    rows = []
+    for (pid, form), rs in by_prompt.items():
+        share = sum(r["passed"] for r in rs) / len(rs)
+        failed = sorted({d for r in rs for d, ok in r["conditions"] if not ok})
+        rows.append(
+            f"<tr><td>{_e(pid)}</td><td>{_e(form)}</td><td>{_e(rs[0]['prompt'])}</td>"
+            f"{_n(share)}<td>{_e('; '.join(failed))}</td></tr>"
+        )
+    parts += [
+        "<h2>Every prompt</h2>",
+        _table(["prompt", "form", "text", "passed", "conditions that failed"], rows),
+        f"<p>Measured in {metrics['seconds']['total_s']:.0f} s. Settings: "
+        f"<code>{_e(json.dumps(metrics['config']))}</code></p>",
+        "</body></html>",
+    ]
+    path = folder / "index.html"
+    write_text_atomic(path, "\n".join(parts))
+    return path
