@@ -23,7 +23,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # (grep's own status is masked so that pipefail reports pip's).
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test ui mlflow bench lint format dvc-repro clean
+.PHONY: install run test ui mlflow bench ablation lint format dvc-repro clean
 
 install: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -66,6 +66,11 @@ bench: install
 	$(PY) -m benchmarks.raw_dataset_throughput
 	$(PY) -m benchmarks.captioning_throughput
 	$(PY) -m benchmarks.diffusion_throughput
+
+# The caption ablation (pipelines/ablation.py) on the materialized lineage of `make run`;
+# its defaults are the reduced CPU version of docs/ablation.md.
+ablation: install
+	$(VENV)/bin/dagster job execute -m pipelines.definitions -j caption_ablation
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

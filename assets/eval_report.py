@@ -38,6 +38,14 @@ def category_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_params(project) -> dict:
+    """The eval_report section of params.yaml, its suite path resolved in the project."""
+    params = dict(project.params(STAGE))
+    if params.get("suite"):
+        params["suite"] = str(project.path / params["suite"])
+    return params
+
+
 def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict) -> dict:
     """Compare with the champion, promote the challenger when it is not worse."""
     challenger = version_by_alias(tracking_uri, REGISTERED_NAME, "challenger")
@@ -80,11 +88,9 @@ def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         context.resources.dvc,
         context.resources.mlflow,
     )
-    params = project.params(STAGE)
-    params["suite"] = str(project.path / params.get("suite", "prompts/suite-v1.json"))
     cfg = EvalConfig.from_dict(
         {
-            **params,
+            **eval_params(project),
             "model": str(project.data_path("diffusion_model")),
             "judge": str(project.data_path("world_judge")),
             "reference_clip": str(project.data_path("reference_clip")),

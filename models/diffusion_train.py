@@ -73,6 +73,9 @@ class EvalConfig:
     guidance_scale: float = 6.0
     sampler: str = "ddim"
     grid_prompts: int = 16
+    # A reference CLIP folder (the reference_clip asset): each point of the curve then
+    # also has the CLIP score of its samples against their prompts (the report's Fig. 4/5).
+    reference_clip: str | None = None
 
 
 @dataclass
@@ -318,6 +321,7 @@ class TrainContext:
     style: str
     curve_file: Path
     curve: list[dict] = field(default_factory=list)
+    reference_clip: Any = None  # models.reference_clip.ReferenceClip
 
     def evaluate(self, module: LatentDiffusion, step: int, n_prompts: int) -> dict:
         e = self.cfg.eval
@@ -335,9 +339,13 @@ class TrainContext:
             sampler=e.sampler,
         )
         score = score_colours(images, prompts)
+        if self.reference_clip is not None:
+            texts = [p.text for p in prompts]
+            score["clip_score"] = float(self.reference_clip.score(images, texts).mean())
         # One point per step: a resumed run re-evaluates steps after its checkpoint, and
         # the final evaluation (more prompts) replaces the periodic one at the last step.
-        point = {"step": step, **{k: score[k] for k in ("colour_following", "no_object")}}
+        keys = ("colour_following", "no_object", "clip_score")
+        point = {"step": step, **{k: score[k] for k in keys if k in score}}
         self.curve = sorted(
             [c for c in self.curve if c["step"] != step] + [point], key=lambda c: c["step"]
         )
@@ -345,11 +353,7 @@ class TrainContext:
         grid = image_grid(images[: e.grid_prompts], nrow=8, scale=4)
         if self.logger:
             self.logger.log_metrics(
-                {
-                    "eval/colour_following": score["colour_following"],
-                    "eval/no_object": score["no_object"],
-                },
-                step,
+                {f"eval/{k}": v for k, v in point.items() if k != "step"}, step
             )
             self.logger.experiment.log_image(
                 self.logger.run_id, grid, key="validation_grid", step=step
@@ -533,6 +537,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         cfg.accumulate_grad_batches,
     )
     ctx = TrainContext(cfg, vae, text_encoder, logger, style, work / "curve.json")
+    if cfg.eval.reference_clip:
+        from models.reference_clip import load_reference_clip
+
+        ctx.reference_clip = load_reference_clip(Path(cfg.eval.reference_clip))
     if ctx.curve_file.exists():
         ctx.curve = json.loads(ctx.curve_file.read_text())
     ckpts = StepCheckpoint(work / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)

@@ -39,8 +39,12 @@ class Reporter:
         print(message, flush=True)
 
     def materialized(self, metadata: dict[str, Any], data_version: str | None = None) -> None:
-        if self.pipes:
+        if not self.pipes:
+            return
+        if self.pipes.is_asset_step:
             self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
+        else:  # launched by an op (the caption ablation): a custom message it reads back
+            self.pipes.report_custom_message(metadata)
 
 
 @contextlib.contextmanager

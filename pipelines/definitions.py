@@ -15,6 +15,7 @@ from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
+from pipelines.ablation import caption_ablation
 from pipelines.resources.dvc import DvcResource
 from pipelines.resources.launcher import TrainingLauncher
 from pipelines.resources.mlflow import MlflowResource
@@ -55,5 +56,6 @@ ASSET_MODULES = [
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
+    jobs=[caption_ablation],
     resources=build_resources(),
 )

@@ -18,6 +18,7 @@ from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
+from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
 
 ASSETS = [
@@ -150,6 +151,28 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     res = dg.materialize(ASSETS, selection=["eval_report"], resources=resources, instance=instance)
     gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
     assert gate["promote"] and "champion already" in gate["reason"]
+
+    # The caption ablation, quick: two variants, same steps and seeds, child runs under
+    # one parent, compared in a table.
+    job = dg.Definitions(jobs=[caption_ablation], resources=resources).get_job_def(
+        "caption_ablation"
+    )
+    config = {"variants": ["alt_text", "descriptive_95"], "max_steps": 4, "eval_every": 2,
+              "eval_prompts": 8, "prompts_per_category": 1, "images_per_prompt": 1}  # fmt: skip
+    res = job.execute_in_process(
+        run_config={"ops": {"ablation_variants": {"config": config}}}, instance=instance
+    )
+    assert res.success
+    summary = json.loads((project_dir / "data" / "ablation" / "summary.json").read_text())
+    assert [r["name"] for r in summary] == ["alt_text", "descriptive_95"]
+    assert summary[0]["realized_ratio"] == 0.0 and summary[1]["realized_ratio"] > 0.5
+    assert all(r["steps"] == 4 and [c["step"] for c in r["curve"]] == [2, 4] for r in summary)
+    assert all("clip_score" in c for r in summary for c in r["curve"])
+    table = (project_dir / "data" / "ablation" / "summary.md").read_text()
+    assert "| alt_text | 0.00" in table and "| descriptive_95 | 0.95 descriptive" in table
+    parent = client.get_run(summary[0]["run_id"]).data.tags["mlflow.parentRunId"]
+    assert client.get_run(summary[1]["run_id"]).data.tags["mlflow.parentRunId"] == parent
+    assert "descriptive_95/descriptive/overall" in client.get_run(parent).data.metrics
 
 
 def test_training_process_detects_pipes_by_dagsters_own_variable():
