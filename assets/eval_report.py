@@ -46,8 +46,19 @@ def eval_params(project) -> dict:
     return params
 
 
-def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict) -> dict:
-    """Compare with the champion, promote the challenger when it is not worse."""
+def judge_failures(judge_metrics: dict) -> dict[str, float]:
+    """Attribute kinds the world judge reads below its own bar on held-out renders."""
+    bar = judge_metrics["min_accuracy"]
+    return {k: v for k, v in judge_metrics["accuracy"].items() if v < bar}
+
+
+def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict, judge: dict) -> dict:
+    """Compare with the champion; promote the challenger when it is not worse beyond
+    noise, was scored by a judge that passed its own check, and both were scored the
+    same way (suite, judge weights, sampling settings)."""
+    failing = judge_failures(judge)
+    if failing:
+        return {"promote": False, "reason": f"the world judge is below its bar: {failing}"}
     challenger = version_by_alias(tracking_uri, REGISTERED_NAME, "challenger")
     if challenger is None or challenger.run_id != challenger_run:
         return {"promote": False, "reason": "the evaluated model is not the registered challenger"}
@@ -56,14 +67,26 @@ def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict) -> dict:
     if champion is not None:
         if champion.version == challenger.version:
             return {"promote": True, "reason": f"version {challenger.version} is champion already"}
-        champion_scores = run_json_artifact(tracking_uri, champion.run_id, PER_PROMPT_ARTIFACT)
-        if champion_scores is None:
+        theirs = run_json_artifact(tracking_uri, champion.run_id, PER_PROMPT_ARTIFACT)
+        if theirs is None or "fingerprint" not in theirs:
             return {
                 "promote": False,
-                "reason": f"champion version {champion.version} has no eval report to compare",
+                "reason": f"champion version {champion.version} has no comparable eval report",
             }
+        if theirs["fingerprint"] != per_prompt["fingerprint"]:
+            differ = sorted(
+                k
+                for k in per_prompt["fingerprint"]
+                if theirs["fingerprint"].get(k) != per_prompt["fingerprint"][k]
+            )
+            return {
+                "promote": False,
+                "reason": f"champion version {champion.version} was scored differently "
+                f"({differ}); re-score it with this suite, judge and sampling",
+            }
+        champion_scores = theirs["scores"]
     try:
-        decision = promotion_decision(per_prompt, champion_scores)
+        decision = promotion_decision(per_prompt["scores"], champion_scores)
     except ValueError as e:
         return {"promote": False, "reason": str(e)}
     decision["challenger_version"] = challenger.version
@@ -103,14 +126,20 @@ def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     out = project.data_path(STAGE)
     per_prompt = json.loads((out / "per_prompt.json").read_text())
     run_id = metrics.get("mlflow_run_id")
+    judge = json.loads(project.data_path("world_judge", "metrics.json").read_text())
     gate = (
-        run_gate(mlflow_res.tracking_uri, run_id, per_prompt)
+        run_gate(mlflow_res.tracking_uri, run_id, per_prompt, judge)
         if run_id
         else {"promote": False, "reason": "the model has no MLflow run"}
     )
     write_text_atomic(out / "gate.json", json.dumps(gate, indent=2) + "\n")
     records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
     html = write_html_report(out, metrics, records, gate)
+    if run_id:  # the report was logged before the gate ran: add its decision
+        client = MlflowClient(mlflow_res.tracking_uri)
+        client.log_artifact(run_id, str(out / "gate.json"), "eval_report")
+        client.log_artifact(run_id, str(html), "eval_report")
+        client.set_tag(run_id, "eval.promoted_to_champion", str(bool(gate["promote"])).lower())
     dvc_hash = dvc.commit(STAGE)["data/eval_report"]
     meta = {
         "report_html": dg.MetadataValue.path(str(html)),

@@ -17,3 +17,17 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a fully written folder `tmp` in for `out`: the old folder is renamed aside
+    first and removed only after the new one is in place, so `out` is never missing
+    content for longer than two renames, and a crash leaves the old or the new one."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)

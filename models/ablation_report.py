@@ -7,6 +7,9 @@ from pathlib import Path
 
 import matplotlib
 
+from corpus.atomic import write_atomic
+from models.colour_following import CHANCE
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -49,12 +52,14 @@ def plot_curves(results: list[dict], path: Path) -> Path:
             axes[1].plot(
                 steps, [c.get("clip_score") for c in r["curve"]], marker="o", label=r["name"]
             )
-    axes[0].axhline(1 / 8, color="gray", linestyle="--", linewidth=1)
-    axes[0].set(xlabel="training step", ylabel="colour following (chance 1/8)", ylim=(0, 1))
+    axes[0].axhline(CHANCE, color="gray", linestyle="--", linewidth=1)
+    axes[0].set(
+        xlabel="training step", ylabel=f"colour following (chance {CHANCE:.3f})", ylim=(0, 1)
+    )
     if has_clip:
         axes[1].set(xlabel="training step", ylabel="CLIP score vs descriptive colour prompts")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from corpus.atomic import write_atomic, write_text_atomic
 from models.data import normalize_images
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -150,5 +151,5 @@ def save_clip(model: torch.nn.Module, model_name: str, out_dir: Path) -> None:
     """Weights in safetensors (never a pickle) and the open_clip name to rebuild it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps({"model_name": model_name}))
+    write_atomic(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
+    write_text_atomic(out_dir / "config.json", json.dumps({"model_name": model_name}))

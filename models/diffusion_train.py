@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from safetensors.torch import load_file, save_file
 
-from corpus.atomic import write_atomic, write_text_atomic
+from corpus.atomic import replace_dir, write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
 from corpus.params import flatten, load_params
 from models.autoencoder import image_grid, to_model_range
@@ -352,9 +352,7 @@ class TrainContext:
         write_text_atomic(self.curve_file, json.dumps(self.curve))
         grid = image_grid(images[: e.grid_prompts], nrow=8, scale=4)
         if self.logger:
-            self.logger.log_metrics(
-                {f"eval/{k}": v for k, v in point.items() if k != "step"}, step
-            )
+            self.logger.log_metrics({f"eval/{k}": v for k, v in point.items() if k != "step"}, step)
             self.logger.experiment.log_image(
                 self.logger.run_id, grid, key="validation_grid", step=step
             )
@@ -608,9 +606,7 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     if ctx.logger:
         client = ctx.logger.experiment
         client.log_metric(ctx.logger.run_id, "final/colour_following", score["colour_following"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from models.colour_following import CHANCE
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,7 +50,7 @@ def write_plots(metrics: dict, records: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.4))
         steps = [c["step"] for c in curve]
         ax.plot(steps, [c["colour_following"] for c in curve], marker="o", label="colour following")
-        ax.axhline(1 / 8, color="gray", linestyle="--", label="chance (1/8)")
+        ax.axhline(CHANCE, color="gray", linestyle="--", label=f"chance ({CHANCE:.3f})")
         ax.set_xlabel("training step")
         ax.set_ylim(0, 1)
         ax.set_title("During training: single-object colour following")

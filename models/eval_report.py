@@ -15,6 +15,7 @@ report's Figure 4) go to `metrics.json`; grids per category, plots and an HTML p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from corpus.atomic import write_text_atomic
+from corpus.atomic import replace_dir, write_text_atomic
 from corpus.preview import caption_grid
 from corpus.prompt_suite import CATEGORIES, DEFAULT_SUITE, FORMS, judge_prompt, load_suite
 from models.promotion_gate import bootstrap_ci
@@ -94,7 +95,9 @@ def evaluate_model(cfg: EvalConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     prompts = _select(load_suite(Path(cfg.suite)), cfg.prompts_per_category)
-    pipe = load_text_to_image(Path(cfg.model))
+    # Sampling is the heavy part: on the best device present; judge and CLIP read the
+    # uint8 images on the CPU.
+    pipe = load_text_to_image(Path(cfg.model)).to("cuda" if torch.cuda.is_available() else "cpu")
     judge = load_judge(Path(cfg.judge))
     clip = load_reference_clip(Path(cfg.reference_clip))
     suite_version = json.loads(Path(cfg.suite).read_text()).get("version", "?")
@@ -134,7 +137,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         passed_arr = np.array(passed).reshape(len(prompts), cfg.images_per_prompt)
         prompt_scores = passed_arr.mean(1)
         for p, s in zip(prompts, prompt_scores, strict=True):
-            per_prompt[f"{p.id}/{form}"] = float(s)
+            per_prompt.setdefault(p.id, {})[form] = float(s)
         cats = {
             c: float(prompt_scores[[p.category == c for p in prompts]].mean())
             for c in CATEGORIES
@@ -177,10 +180,15 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         "seconds": {**timings, "total_s": round(time.time() - t0, 1)},
         "config": asdict(cfg),
     }
-    _write_outputs(tmp, metrics, records, per_prompt)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    per_prompt_doc = {
+        "fingerprint": fingerprint(cfg, suite_version),
+        # A prompt's score: the share of its images that pass, averaged over its forms
+        # (the forms of one prompt are not independent samples for the gate).
+        "scores": {pid: float(np.mean(list(f.values()))) for pid, f in per_prompt.items()},
+        "by_form": per_prompt,
+    }
+    _write_outputs(tmp, metrics, records, per_prompt_doc)
+    replace_dir(tmp, out)
     if cfg.metrics_dir:
         write_dvc_metrics(out, Path(cfg.metrics_dir), metrics)
     run_id = cfg.mlflow_run_id or model_metrics.get("mlflow_run_id")
@@ -188,6 +196,26 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         log_to_mlflow(cfg.mlflow_tracking_uri, run_id, out, metrics)
         metrics["mlflow_run_id"] = run_id
     return metrics
+
+
+def fingerprint(cfg: EvalConfig, suite_version: str) -> dict:
+    """What must match for two models' per-prompt scores to be compared by the gate: the
+    suite, the judge's weights and the sampling settings."""
+    judge_weights = Path(cfg.judge) / "judge.safetensors"
+    with open(judge_weights, "rb") as f:
+        judge_digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with open(cfg.suite, "rb") as f:
+        suite_digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {
+        "suite_version": suite_version,
+        "suite_sha256": suite_digest,
+        "judge_sha256": judge_digest,
+        **{
+            k: getattr(cfg, k)
+            for k in ("images_per_prompt", "prompts_per_category", "seed", "steps")
+        },
+        "guidance_scale": cfg.guidance_scale,
+    }
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
@@ -212,7 +240,7 @@ def _write_outputs(tmp: Path, metrics: dict, records: list[dict], per_prompt: di
     plots.mkdir()
     # Plot data for `dvc plots show` (declared in dvc.yaml) and the PNGs of the report.
     rows = [
-        {"category": c, "form": form, "accuracy": v}
+        {"label": f"{c} ({form})", "category": c, "form": form, "accuracy": v}
         for form, m in metrics["forms"].items()
         for c, v in m["prompt_following"].items()
     ]

@@ -25,6 +25,12 @@ class TextToImagePipeline:
     diffusion: object  # models.diffusion.DiffusionConfig
     eval_cfg: dict
 
+    def to(self, device: str | torch.device) -> TextToImagePipeline:
+        self.unet.to(device)
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
     def __call__(
         self,
         prompts: list[str],
@@ -43,8 +49,10 @@ class TextToImagePipeline:
             prompts,
             self.diffusion,
             seed=seed,
-            steps=steps or self.eval_cfg["steps"],
-            guidance_scale=guidance_scale or self.eval_cfg["guidance_scale"],
+            steps=self.eval_cfg["steps"] if steps is None else steps,
+            guidance_scale=(
+                self.eval_cfg["guidance_scale"] if guidance_scale is None else guidance_scale
+            ),
             batch_size=batch_size,
         )
 

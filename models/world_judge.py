@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from corpus.atomic import write_text_atomic
+from corpus.atomic import write_atomic, write_text_atomic
 from corpus.world import (
     BACKGROUNDS,
     CELL_NAMES,
@@ -322,9 +322,8 @@ def train_judge(
 
 def save_judge(judge: WorldJudge, out: Path, metrics: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: v.contiguous() for k, v in judge.net.state_dict().items()}, tmp)
-    tmp.replace(out / WEIGHTS)
+    state = {k: v.contiguous() for k, v in judge.net.state_dict().items()}
+    write_atomic(out / WEIGHTS, lambda tmp: save_file(state, tmp))
     write_text_atomic(out / CONFIG, json.dumps(asdict(judge.cfg), indent=2))
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
 

@@ -51,12 +51,20 @@ class AblationConfig(dg.Config):
 def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
     """Open the parent MLflow run and fan out one step per variant."""
     unknown = sorted(set(config.variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
+    if unknown or not config.variants:
+        raise ValueError(
+            f"caption_ablation needs variants from {list(VARIANTS)}; got {config.variants}"
+        )
     mlflow_res = context.resources.mlflow
-    with mlflow_res.start_run("caption_ablation", tags={"dagster_run_id": context.run_id}) as run:
-        mlflow.log_params({k: v for k, v in config.model_dump().items() if k != "overrides"})
-        parent = run.info.run_id
+    mlflow.set_tracking_uri(mlflow_res.tracking_uri)
+    exp = mlflow.set_experiment(mlflow_res.experiment)
+    client = MlflowClient(mlflow_res.tracking_uri)
+    # RUNNING until compare_variants ends it (FAILED as soon as a variant fails).
+    parent = client.create_run(
+        exp.experiment_id, run_name="caption_ablation", tags={"dagster_run_id": context.run_id}
+    ).info.run_id
+    for k, v in config.model_dump().items():
+        client.log_param(parent, k, json.dumps(v) if isinstance(v, dict | list) else v)
     context.log.info(f"parent MLflow run {parent}")
     for name in config.variants:
         yield dg.DynamicOutput(
@@ -99,34 +107,38 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
         "mlflow_experiment": mlflow_res.experiment,
         "mlflow_run_id": child.info.run_id,
     }
-    train["diffusion"] = {**params.get("diffusion", {}), "max_steps": cfg["max_steps"]}
+    train["diffusion"] = {**train.get("diffusion", {}), "max_steps": cfg["max_steps"]}
     train["eval"] = {
-        **params.get("eval", {}),
+        **train.get("eval", {}),
         "every": cfg["eval_every"],
         "prompts": cfg["eval_prompts"],
         "final_prompts": cfg["eval_prompts"],
         "reference_clip": str(project.data_path("reference_clip")),
     }
-    context.resources.launcher.run(
-        context, "models.diffusion_train", extras={"config": train}, cwd=str(project.path)
+    evaluation_cfg = EvalConfig.from_dict(
+        {
+            **eval_params(project),
+            "model": str(root / "model"),
+            "judge": str(project.data_path("world_judge")),
+            "reference_clip": str(project.data_path("reference_clip")),
+            "out": str(root / "eval"),
+            "prompts_per_category": cfg["prompts_per_category"],
+            "images_per_prompt": cfg["images_per_prompt"],
+            "seed": cfg["seed"],
+            "mlflow_tracking_uri": mlflow_res.tracking_uri,
+            "mlflow_run_id": child.info.run_id,
+        }
     )
-    t_train = time.time() - t0
-    evaluation = evaluate_model(
-        EvalConfig.from_dict(
-            {
-                **eval_params(project),
-                "model": str(root / "model"),
-                "judge": str(project.data_path("world_judge")),
-                "reference_clip": str(project.data_path("reference_clip")),
-                "out": str(root / "eval"),
-                "prompts_per_category": cfg["prompts_per_category"],
-                "images_per_prompt": cfg["images_per_prompt"],
-                "seed": cfg["seed"],
-                "mlflow_tracking_uri": mlflow_res.tracking_uri,
-                "mlflow_run_id": child.info.run_id,
-            }
+    try:
+        context.resources.launcher.run(
+            context, "models.diffusion_train", extras={"config": train}, cwd=str(project.path)
         )
-    )
+        t_train = time.time() - t0
+        evaluation = evaluate_model(evaluation_cfg)
+    except BaseException:
+        client.set_terminated(child.info.run_id, status="FAILED")
+        client.set_terminated(variant["parent_run_id"], status="FAILED")
+        raise
     model = json.loads((root / "model" / "metrics.json").read_text())
     result = {
         "name": name,
@@ -163,9 +175,8 @@ def compare_variants(context: dg.OpExecutionContext, results: list[dict]) -> dic
     write_text_atomic(out / "summary.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(out / "summary.md", table + "\n")
     plot_curves(results, out / "curves.png")
-    parent = MlflowClient(mlflow_res.tracking_uri).get_run(results[0]["run_id"])
-    parent_id = parent.data.tags["mlflow.parentRunId"]
     client = MlflowClient(mlflow_res.tracking_uri)
+    parent_id = client.get_run(results[0]["run_id"]).data.tags["mlflow.parentRunId"]
     for r in results:
         for form, m in r["forms"].items():
             client.log_metric(parent_id, f"{r['name']}/{form}/overall", m["overall"])

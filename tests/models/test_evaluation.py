@@ -70,7 +70,7 @@ def test_judge_reads_hand_made_scenes_and_catches_known_errors(judge_dir):
         HAND_MADE[0],
     )  # fmt: skip
     assert judge_prompt(binding, read[0])["passed"]
-    # Known errors, drawn on purpose: colours swapped, one object missing, wrong place.
+    # Known errors, drawn on purpose: colours swapped, one object missing.
     errors = [
         Scene((o("circle", "blue", 0, 0), o("square", "red", 2, 2)), "white"),
         Scene((o("circle", "red", 0, 0),), "white"),
@@ -183,7 +183,7 @@ def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):
     images = render_scenes(HAND_MADE[:2], 32)
     long = "a red circle " * 40
     scores = loaded.score(images, ["a red circle", long])
-    assert scores.shape == (2,) and np.all(np.abs(scores) <= 100.0001)
+    assert scores.shape == (2,) and np.all(np.isfinite(scores))
     assert loaded.truncated(["a red circle", long]) == [False, True]
     assert open_clip.get_tokenizer(TINY_MODEL).context_length == 77
 

@@ -8,6 +8,7 @@ import json
 import dagster as dg
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from assets import autoencoder as autoencoder_mod
@@ -118,8 +119,8 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     assert params["sampler.synthetic_ratio"] == "0.95"
     assert "data.mixed_sampler" in params
 
-    # The eval report of that model, its evaluators, and the gate: the first challenger
-    # meets no champion and is promoted.
+    # The eval report of that model and its evaluators. A judge trained for 3 steps is
+    # far below its 0.98 bar: its check says so and the gate promotes nothing.
     res = dg.materialize(
         ASSETS,
         selection=["world_judge", "reference_clip", "eval_report"],
@@ -128,26 +129,39 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     )
     assert res.success
     checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
-    # 3 training steps: the judge is far from the 0.98 bar, and its check says so.
     assert not checks["world_judge_accurate"].passed
-    assert checks["not_worse_than_champion"].passed
+    assert not checks["not_worse_than_champion"].passed
     md = res.asset_materializations_for_node("eval_report")[0].metadata
-    assert md["promoted_to_champion"].value is True
+    assert md["promoted_to_champion"].value is False
+    assert "world judge is below its bar" in md["gate"].data["reason"]
     assert "| colour_binding |" in md["prompt_following"].value
     report = project_dir / "data" / "eval_report"
     html = (report / "index.html").read_text()
-    assert "grids/colour_binding-descriptive.png" in html and "promoted to champion" in html
+    assert "grids/colour_binding-descriptive.png" in html and "not promoted" in html
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["prompts"] == 7 and metrics["images_per_prompt"] == 2
     assert set(metrics["forms"]) == {"short", "descriptive"}
-    champion = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
-    assert champion.version == version.version
+    per_prompt = json.loads((report / "per_prompt.json").read_text())
+    assert len(per_prompt["scores"]) == 7 and per_prompt["fingerprint"]["images_per_prompt"] == 2
     run = client.get_run(run_id)
     assert "eval/descriptive/overall" in run.data.metrics
+    assert run.data.tags["eval.promoted_to_champion"] == "false"
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval_report")}
-    assert "eval_report/index.html" in artifacts
+    assert {"eval_report/index.html", "eval_report/gate.json"} <= artifacts
     assert json.loads((project_dir / "metrics" / "eval_report.json").read_text())["short"]
-    # Evaluated again, the champion is not compared with itself and stays champion.
+
+    # With a judge that meets its (here lowered) bar, the first challenger meets no
+    # champion and is promoted; evaluated again, it is not compared with itself.
+    params = yaml.safe_load((project_dir / "params.yaml").read_text())
+    params["world_judge"]["min_accuracy"] = 0.0
+    (project_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = dg.materialize(
+        ASSETS, selection=["world_judge", "eval_report"], resources=resources, instance=instance
+    )
+    gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
+    assert gate["promote"] and gate["reason"] == "no champion yet"
+    champion = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
+    assert champion.version == version.version
     res = dg.materialize(ASSETS, selection=["eval_report"], resources=resources, instance=instance)
     gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
     assert gate["promote"] and "champion already" in gate["reason"]
@@ -173,6 +187,8 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     parent = client.get_run(summary[0]["run_id"]).data.tags["mlflow.parentRunId"]
     assert client.get_run(summary[1]["run_id"]).data.tags["mlflow.parentRunId"] == parent
     assert "descriptive_95/descriptive/overall" in client.get_run(parent).data.metrics
+    statuses = {client.get_run(r).info.status for r in (parent, *(s["run_id"] for s in summary))}
+    assert statuses == {"FINISHED"}
 
 
 def test_training_process_detects_pipes_by_dagsters_own_variable():
