@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from corpus.atomic import replace_dir, write_text_atomic
 from corpus.preview import caption_grid
 from corpus.prompt_suite import CATEGORIES, DEFAULT_SUITE, FORMS, judge_prompt, load_suite
+from models.preference_scores import hps_v2_scores
 from models.promotion_gate import bootstrap_ci
 from models.reference_clip import load_reference_clip
 from models.report_html import write_html_report
@@ -51,6 +52,8 @@ class EvalConfig:
     guidance_scale: float = 6.0
     grid_prompts: int = 4  # prompts per category shown in the grids
     n_boot: int = 2000
+    hpsv2: str | None = None  # full: a local HPS v2 checkpoint; absent: skipped, noted
+    hpsv2_model: str = "ViT-H-14"
     metrics_dir: str | None = None  # also write metrics and plot data here (dvc.yaml)
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None  # the model's run; default: from its metrics.json
@@ -116,6 +119,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         scenes = judge.predict(images)
         scores = clip.score(images, texts)
         truncated = clip.truncated([p.text(form) for p in prompts])
+        hps = hps_v2_scores(cfg.hpsv2, cfg.hpsv2_model, images, texts)
         passed = []
         for i, (scene, score) in enumerate(zip(scenes, scores, strict=True)):
             p = prompts[i // cfg.images_per_prompt]
@@ -151,6 +155,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
             "clip_score": float(scores.mean()),
             "clip_score_std": float(scores.std()),
             "clip_truncated_prompts": int(sum(truncated)),
+            "hps_v2": hps.get("mean"),
         }
         for c in cats:
             idx = [i for i, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
@@ -169,6 +174,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         "prompts": len(prompts),
         "images_per_prompt": cfg.images_per_prompt,
         "forms": by_form,
+        "notes": [hps["skipped"]] if "skipped" in hps else [],
         "judge_accuracy": json.loads((Path(cfg.judge) / "metrics.json").read_text())["accuracy"],
         "reference_clip": {
             k: v

@@ -73,6 +73,14 @@ def write_html_report(
             rows,
         ),
     ]
+    for note in metrics.get("notes", []):
+        parts.append(f"<p><em>{_e(note)}</em></p>")
+    if any(metrics["forms"][f].get("hps_v2") is not None for f in forms):
+        parts.append(
+            "<p>HPS v2 (mean cosine): "
+            + ", ".join(f"{_e(f)} {metrics['forms'][f]['hps_v2']:.4f}" for f in forms)
+            + "</p>"
+        )
     if gate is not None:
         cls = "pass" if gate.get("promote") else "fail"
         parts.append(

@@ -191,3 +191,22 @@ def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):
         train_reference_clip(
             ReferenceClipConfig(pretrained=str(tmp_path / "absent.bin")), tmp_path / "x"
         )  # noqa: E501
+
+
+def test_hps_v2_loads_a_local_checkpoint_or_says_how_to_provide_one(tmp_path):
+    """HPS v2 ships as a torch file holding {"state_dict": ...} for open_clip ViT-H-14; a
+    random tiny open_clip model saved the same way stands in for it, read with
+    weights_only=True through the same code."""
+    from models.preference_scores import hps_v2_scores
+
+    images = render_scenes(HAND_MADE[:2], 32)
+    texts = ["a red circle and a blue square", "a yellow star"]
+    skipped = hps_v2_scores(None, "ViT-H-14", images, texts)
+    assert "eval_report.hpsv2" in skipped["skipped"]
+    missing = hps_v2_scores(str(tmp_path / "HPS_v2_compressed.pt"), "ViT-H-14", images, texts)
+    assert "does not exist" in missing["skipped"]
+
+    ckpt = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": create_clip(TINY_MODEL).state_dict()}, ckpt)
+    scored = hps_v2_scores(str(ckpt), TINY_MODEL, images, texts)
+    assert len(scored["per_image"]) == 2 and -1.0 <= scored["mean"] <= 1.0
