@@ -36,6 +36,24 @@ VARIANTS: dict[str, tuple[float, str]] = {
 }
 
 
+def parse_variant(name: str) -> tuple[float, str]:
+    """A named variant, or any blend as `<caption_kind>@<synthetic_ratio>` (a sweep:
+    e.g. ["short@0.5", "descriptive@0.5", "short@0.8", "descriptive@0.8"])."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    kind, _, ratio = name.partition("@")
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = -1.0
+    if kind not in ("short", "descriptive") or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"unknown ablation variant {name!r}: use one of {list(VARIANTS)} or "
+            "'<short|descriptive>@<ratio in [0, 1]>'"
+        )
+    return value, kind
+
+
 class AblationConfig(dg.Config):
     variants: list[str] = list(VARIANTS)
     max_steps: int = 600
@@ -50,11 +68,10 @@ class AblationConfig(dg.Config):
 @dg.op(out=dg.DynamicOut(dict), required_resource_keys={"project", "mlflow"})
 def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
     """Open the parent MLflow run and fan out one step per variant."""
-    unknown = sorted(set(config.variants) - set(VARIANTS))
-    if unknown or not config.variants:
-        raise ValueError(
-            f"caption_ablation needs variants from {list(VARIANTS)}; got {config.variants}"
-        )
+    if not config.variants:
+        raise ValueError(f"caption_ablation needs at least one variant, e.g. {list(VARIANTS)}")
+    for name in config.variants:
+        parse_variant(name)  # every name is checked before anything trains
     mlflow_res = context.resources.mlflow
     mlflow.set_tracking_uri(mlflow_res.tracking_uri)
     exp = mlflow.set_experiment(mlflow_res.experiment)
@@ -69,7 +86,7 @@ def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
     for name in config.variants:
         yield dg.DynamicOutput(
             {"name": name, "parent_run_id": parent, "config": config.model_dump()},
-            mapping_key=name,
+            mapping_key=name.replace("@", "_").replace(".", "_"),
         )
 
 
@@ -77,7 +94,7 @@ def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
 def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) -> dict:
     project, mlflow_res = context.resources.project, context.resources.mlflow
     name, cfg = variant["name"], variant["config"]
-    ratio, kind = VARIANTS[name]
+    ratio, kind = parse_variant(name)
     root = project.data_path("ablation", name)
     t0 = time.time()
     mix = MixConfig.from_dict(
@@ -170,7 +187,7 @@ def compare_variants(context: dg.OpExecutionContext, results: list[dict]) -> dic
     project, mlflow_res = context.resources.project, context.resources.mlflow
     out = project.data_path("ablation")
     order = {n: i for i, n in enumerate(VARIANTS)}
-    results = sorted(results, key=lambda r: order[r["name"]])
+    results = sorted(results, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
     table = ablation_table(results)
     write_text_atomic(out / "summary.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(out / "summary.md", table + "\n")

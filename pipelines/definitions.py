@@ -20,6 +20,7 @@ from pipelines.resources.dvc import DvcResource
 from pipelines.resources.launcher import TrainingLauncher
 from pipelines.resources.mlflow import MlflowResource
 from pipelines.resources.project import ProjectResource, default_project_dir
+from pipelines.retraining import record_failed_runs, retrain, retrain_schedule
 
 
 def build_resources(project_dir: str | None = None) -> dict:
@@ -56,6 +57,8 @@ ASSET_MODULES = [
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
-    jobs=[caption_ablation],
+    jobs=[caption_ablation, retrain],
+    schedules=[retrain_schedule],
+    sensors=[record_failed_runs],
     resources=build_resources(),
 )

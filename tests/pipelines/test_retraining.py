@@ -1,0 +1,78 @@
+"""The retraining schedule and the failed-run record, evaluated with Dagster's testing APIs."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import yaml
+
+from pipelines import retraining
+from tests.conftest import REPO
+
+
+def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path):
+    assert retraining.retrain_schedule.cron_schedule == retraining.retrain_cron(str(REPO))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["operations"]["retrain_cron"] == retraining.retrain_schedule.cron_schedule
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"operations": {"retrain_cron": "5 4 * * *"}})
+    )  # noqa: E501
+    assert retraining.retrain_cron(str(tmp_path)) == "5 4 * * *"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({}))
+    assert retraining.retrain_cron(str(tmp_path)) == retraining.DEFAULT_CRON
+
+    from pipelines.definitions import defs
+
+    job = defs.get_job_def("retrain")
+    keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert keys == {"mixed_sampler", "diffusion_model", "eval_report"}
+    context = dg.build_schedule_context(scheduled_execution_time=None)
+    request = retraining.retrain_schedule.evaluate_tick(context).run_requests[0]
+    assert request.job_name in (None, "retrain")
+    assert retraining.retrain_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+@dg.op
+def broken_step():
+    raise RuntimeError("the training process exited with code 137")
+
+
+@dg.job
+def broken_job():
+    broken_step()
+
+
+def test_failed_runs_are_recorded_with_a_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECAPFLOW_PROJECT_DIR", str(tmp_path))
+    monkeypatch.setenv("RECAPFLOW_DAGSTER_UI", "http://dagster.example:3000")
+    instance = dg.DagsterInstance.ephemeral()
+    result = broken_job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE"][0]
+    context = dg.build_run_status_sensor_context(
+        sensor_name="record_failed_runs",
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+        dagster_event=failure,
+    ).for_run_failure()
+    retraining.record_failed_runs(context)
+    lines = (tmp_path / "data" / "operations" / "failures.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert record["run_id"] == result.run_id and record["job"] == "broken_job"
+    assert record["url"] == f"http://dagster.example:3000/runs/{result.run_id}"
+    assert record["steps"] == ["broken_step"]
+    retraining.record_failed_runs(context)  # appended, nothing lost
+    assert len((tmp_path / "data" / "operations" / "failures.jsonl").read_text().splitlines()) == 2
+
+
+def test_sweep_variants_are_named_blends_and_bad_ones_are_refused():
+    import pytest
+
+    from pipelines.ablation import parse_variant
+
+    assert parse_variant("short_95") == (0.95, "short")
+    assert parse_variant("descriptive@0.8") == (0.8, "descriptive")
+    for bad in ("long@0.5", "short@1.5", "short@x", "nope"):
+        with pytest.raises(ValueError, match="unknown ablation variant"):
+            parse_variant(bad)
