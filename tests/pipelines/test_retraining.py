@@ -76,3 +76,10 @@ def test_sweep_variants_are_named_blends_and_bad_ones_are_refused():
     for bad in ("long@0.5", "short@1.5", "short@x", "nope"):
         with pytest.raises(ValueError, match="unknown ablation variant"):
             parse_variant(bad)
+
+
+def test_the_example_sweep_config_is_valid_for_the_job():
+    from pipelines.definitions import defs
+
+    config = yaml.safe_load((REPO / "configs" / "sweep-blend.yaml").read_text())
+    assert dg.validate_run_config(defs.get_job_def("caption_ablation"), config)
