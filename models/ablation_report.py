@@ -57,7 +57,10 @@ def plot_curves(results: list[dict], path: Path) -> Path:
         xlabel="training step", ylabel=f"colour following (chance {CHANCE:.3f})", ylim=(0, 1)
     )
     if has_clip:
-        axes[1].set(xlabel="training step", ylabel="CLIP score vs the colour prompts (variant's caption style)")
+        axes[1].set(
+            xlabel="training step",
+            ylabel="CLIP score vs the colour prompts\n(in the variant's caption style)",
+        )
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
