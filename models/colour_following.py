@@ -4,7 +4,7 @@ Prompts are single-object scenes of the synthetic world (seeded apart from the c
 written the way the model was trained to read them (short or descriptive), with every
 object colour equally often. A generated image passes when its dominant object colour
 (corpus/palette.py) is the prompt's; chance is 1/8. The eval report's world judge
-(issue 5) measures shapes, counts and positions; this is the training-time curve.
+(models/world_judge.py) measures shapes, counts and positions; this is the training-time curve.
 """
 
 from __future__ import annotations
