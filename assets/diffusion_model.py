@@ -47,6 +47,21 @@ def curve_table(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
+    """The `models.diffusion_train` config of a run: params.yaml's section, the
+    lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes)."""
+    return {
+        **project.params(STAGE),
+        "raw": str(project.data_path("raw")),
+        "sampler": str(sampler),
+        "autoencoder": str(project.data_path("autoencoder")),
+        "out": str(out),
+        "mlflow_tracking_uri": mlflow_res.tracking_uri,
+        "mlflow_experiment": mlflow_res.experiment,
+        **settings,
+    }
+
+
 @dg.asset(
     name=STAGE,
     deps=["mixed_sampler", "autoencoder"],
@@ -68,15 +83,9 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         "mixed_sampler": dvc.out_hashes("mixed_sampler")["data/mixed_sampler"],
         "autoencoder": dvc.out_hashes("autoencoder")["data/autoencoder"],
     }
-    config = {
-        **project.params(STAGE),
-        "raw": str(project.data_path("raw")),
-        "sampler": str(project.data_path("mixed_sampler")),
-        "autoencoder": str(project.data_path("autoencoder")),
-        "out": str(project.data_path(STAGE)),
-        "mlflow_tracking_uri": mlflow_res.tracking_uri,
-        "mlflow_experiment": mlflow_res.experiment,
-    }
+    config = training_config(
+        project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
+    )
     invocation = launcher.run(
         context, "models.diffusion_train", extras={"config": config}, cwd=str(project.path)
     )

@@ -15,11 +15,10 @@ from PIL import Image
 
 from assets.diffusion_model import REGISTERED_NAME
 from assets.metadata import preview_metadata
-from corpus.atomic import write_text_atomic
 from models.eval_report import EvalConfig, evaluate_model
 from models.promotion_gate import promotion_decision
 from models.registry import run_json_artifact, set_alias, version_by_alias
-from models.report_html import write_html_report
+from models.world_judge import failing_kinds
 
 STAGE = "eval_report"
 PER_PROMPT_ARTIFACT = "eval_report/per_prompt.json"
@@ -46,17 +45,11 @@ def eval_params(project) -> dict:
     return params
 
 
-def judge_failures(judge_metrics: dict) -> dict[str, float]:
-    """Attribute kinds the world judge reads below its own bar on held-out renders."""
-    bar = judge_metrics["min_accuracy"]
-    return {k: v for k, v in judge_metrics["accuracy"].items() if v < bar}
-
-
 def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict, judge: dict) -> dict:
     """Compare with the champion; promote the challenger when it is not worse beyond
     noise, was scored by a judge that passed its own check, and both were scored the
     same way (suite, judge weights, sampling settings)."""
-    failing = judge_failures(judge)
+    failing = failing_kinds(judge)
     if failing:
         return {"promote": False, "reason": f"the world judge is below its bar: {failing}"}
     challenger = version_by_alias(tracking_uri, REGISTERED_NAME, "challenger")
@@ -122,32 +115,28 @@ def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "mlflow_tracking_uri": mlflow_res.tracking_uri,
         }
     )
-    metrics = evaluate_model(cfg)
-    out = project.data_path(STAGE)
-    per_prompt = json.loads((out / "per_prompt.json").read_text())
-    run_id = metrics.get("mlflow_run_id")
     judge = json.loads(project.data_path("world_judge", "metrics.json").read_text())
-    gate = (
-        run_gate(mlflow_res.tracking_uri, run_id, per_prompt, judge)
-        if run_id
-        else {"promote": False, "reason": "the model has no MLflow run"}
+
+    def gate(per_prompt: dict, run_id: str | None) -> dict:
+        if not run_id:
+            return {"promote": False, "reason": "the model has no MLflow run"}
+        return run_gate(mlflow_res.tracking_uri, run_id, per_prompt, judge)
+
+    metrics = evaluate_model(cfg, gate)
+    out, gate_decision, run_id = (
+        project.data_path(STAGE),
+        metrics["gate"],
+        metrics.get("mlflow_run_id"),
     )
-    write_text_atomic(out / "gate.json", json.dumps(gate, indent=2) + "\n")
-    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
-    html = write_html_report(out, metrics, records, gate)
-    if run_id:  # the report was logged before the gate ran: add its decision
-        client = MlflowClient(mlflow_res.tracking_uri)
-        client.log_artifact(run_id, str(out / "gate.json"), "eval_report")
-        client.log_artifact(run_id, str(html), "eval_report")
-        client.set_tag(run_id, "eval.promoted_to_champion", str(bool(gate["promote"])).lower())
+    html = out / "index.html"
     dvc_hash = dvc.commit(STAGE)["data/eval_report"]
     meta = {
         "report_html": dg.MetadataValue.path(str(html)),
         "path": dg.MetadataValue.path(str(out)),
         "dvc_md5": dvc_hash,
         "prompt_following": dg.MetadataValue.md(category_table(metrics)),
-        "gate": dg.MetadataValue.json(gate),
-        "promoted_to_champion": bool(gate.get("promote")),
+        "gate": dg.MetadataValue.json(gate_decision),
+        "promoted_to_champion": bool(gate_decision.get("promote")),
         "plot": preview_metadata(
             Image.open(out / "plots" / "prompt_following.png"), "prompt following by category"
         ),

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from assets.metadata import flatten
 from models.reference_clip import ReferenceClipConfig, train_reference_clip
-from models.world_judge import ATTRIBUTE_KINDS, JudgeConfig, train_judge
+from models.world_judge import ATTRIBUTE_KINDS, JudgeConfig, failing_kinds, train_judge
 
 
 def _accuracy_table(accuracy: dict[str, float], threshold: float) -> dg.MetadataValue:
@@ -67,8 +67,7 @@ def world_judge_accurate(context: dg.AssetCheckExecutionContext) -> dg.AssetChec
     """Every attribute kind must be read right on held-out renders (0.98 by default)."""
     project = context.resources.project
     metrics = json.loads(project.data_path("world_judge", "metrics.json").read_text())
-    threshold = JudgeConfig.from_dict(project.params("world_judge")).min_accuracy
-    below = {k: v for k, v in metrics["accuracy"].items() if v < threshold}
+    threshold, below = metrics["min_accuracy"], failing_kinds(metrics)
     return dg.AssetCheckResult(
         passed=not below,
         metadata={f"accuracy_{k}": v for k, v in metrics["accuracy"].items()},

@@ -20,7 +20,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`cls(**values)`, refusing keys the dataclass does not have (a typo in params.yaml
+    must not be silently ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -61,8 +63,8 @@ class RawDatasetParams:
         }
         for key, sub in nested.items():
             if key in d:
-                d[key] = _build(sub, d[key] or {}, f"raw_alt_text_dataset.{key}")
-        return _build(cls, d, "raw_alt_text_dataset")
+                d[key] = build_config(sub, d[key] or {}, f"raw_alt_text_dataset.{key}")
+        return build_config(cls, d, "raw_alt_text_dataset")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,7 +20,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from corpus.atomic import replace_dir, write_text_atomic
+from corpus.params import build_config
 from corpus.preview import caption_grid
 from corpus.prompt_suite import CATEGORIES, DEFAULT_SUITE, FORMS, judge_prompt, load_suite
 from models.preference_scores import hps_v2_scores
@@ -60,14 +62,10 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EvalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown eval_report settings {unknown}; known: {sorted(known)}")
         missing = [k for k in ("model", "judge", "reference_clip", "out") if not d.get(k)]
         if missing:
             raise ValueError(f"eval_report needs the paths {missing}")
-        return cls(**d)
+        return build_config(cls, d, "eval_report")
 
 
 def _select(prompts, per_category: int):
@@ -94,7 +92,10 @@ def _tile(image: torch.Tensor, passed: bool, scale: int = 3) -> Image.Image:
     return img
 
 
-def evaluate_model(cfg: EvalConfig) -> dict:
+def evaluate_model(cfg: EvalConfig, gate: Callable[[dict, str | None], dict] | None = None) -> dict:
+    """Sample, judge and score the suite; write and log the report. `gate(per_prompt,
+    mlflow_run_id)` (the regression gate, from the assets layer) decides on promotion
+    before the report is written, so the page and the run carry its decision."""
     t0 = time.time()
     out = Path(cfg.out)
     prompts = _select(load_suite(Path(cfg.suite)), cfg.prompts_per_category)
@@ -193,14 +194,17 @@ def evaluate_model(cfg: EvalConfig) -> dict:
         "scores": {pid: float(np.mean(list(f.values()))) for pid, f in per_prompt.items()},
         "by_form": per_prompt,
     }
-    _write_outputs(tmp, metrics, records, per_prompt_doc)
+    run_id = cfg.mlflow_run_id or model_metrics.get("mlflow_run_id")
+    decision = gate(per_prompt_doc, run_id) if gate else None
+    _write_outputs(tmp, metrics, records, per_prompt_doc, decision)
     replace_dir(tmp, out)
     if cfg.metrics_dir:
         write_dvc_metrics(out, Path(cfg.metrics_dir), metrics)
-    run_id = cfg.mlflow_run_id or model_metrics.get("mlflow_run_id")
     if cfg.mlflow_tracking_uri and run_id:
-        log_to_mlflow(cfg.mlflow_tracking_uri, run_id, out, metrics)
+        log_to_mlflow(cfg.mlflow_tracking_uri, run_id, out, metrics, decision)
         metrics["mlflow_run_id"] = run_id
+    if decision is not None:
+        metrics["gate"] = decision
     return metrics
 
 
@@ -234,11 +238,15 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def _write_outputs(tmp: Path, metrics: dict, records: list[dict], per_prompt: dict) -> None:
+def _write_outputs(
+    tmp: Path, metrics: dict, records: list[dict], per_prompt: dict, gate: dict | None
+) -> None:
     from models.eval_plots import write_plots
 
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (tmp / "per_prompt.json").write_text(json.dumps(per_prompt, indent=1) + "\n")
+    if gate is not None:
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
     with open(tmp / "per_image.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -255,7 +263,7 @@ def _write_outputs(tmp: Path, metrics: dict, records: list[dict], per_prompt: di
         json.dumps(metrics["training_curve"], indent=1) + "\n"
     )
     write_plots(metrics, records, plots)
-    write_html_report(tmp, metrics, records)
+    write_html_report(tmp, metrics, records, gate)
 
 
 def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
@@ -278,7 +286,9 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
         write_text_atomic(metrics_dir / name, (report / "plots" / name).read_text())
 
 
-def log_to_mlflow(tracking_uri: str, run_id: str, out: Path, metrics: dict) -> None:
+def log_to_mlflow(
+    tracking_uri: str, run_id: str, out: Path, metrics: dict, gate: dict | None = None
+) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -286,6 +296,8 @@ def log_to_mlflow(tracking_uri: str, run_id: str, out: Path, metrics: dict) -> N
     for k, v in flat_metrics(metrics).items():
         client.log_metric(run_id, k, v, step=step)
     client.log_artifacts(run_id, str(out), artifact_path="eval_report")
+    if gate is not None:
+        client.set_tag(run_id, "eval.promoted_to_champion", str(bool(gate["promote"])).lower())
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from corpus.atomic import write_text_atomic
+from corpus.params import build_config
 from corpus.scene_text import descriptive_caption
 from models.clip import ClipPretrainModule, clip_preprocess_cfg, create_clip, save_clip
 from models.data import normalize_images
@@ -55,11 +56,7 @@ class ReferenceClipConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ReferenceClipConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown reference_clip settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return build_config(cls, d, "reference_clip")
 
 
 class ReferenceClip:

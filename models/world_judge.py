@@ -17,7 +17,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from corpus.atomic import write_atomic, write_text_atomic
+from corpus.params import build_config
 from corpus.world import (
     BACKGROUNDS,
     CELL_NAMES,
@@ -77,11 +78,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown world_judge settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return build_config(cls, d, "world_judge")
 
 
 class JudgeNet(nn.Module):
@@ -255,6 +252,11 @@ def judge_accuracy(truth: list[Scene], judged: list[Scene]) -> dict[str, float]:
         hits["word"].append((t.word, t.word_row, t.word_col) == (j.word, j.word_row, j.word_col))
         hits["background"].append(t.background == j.background)
     return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def failing_kinds(metrics: dict) -> dict[str, float]:
+    """Attribute kinds a trained judge (its metrics.json) reads below its own bar."""
+    return {k: v for k, v in metrics["accuracy"].items() if v < metrics["min_accuracy"]}
 
 
 def _shape_counts(scene: Scene) -> dict[str, int]:

@@ -19,6 +19,7 @@ import dagster as dg
 import mlflow
 from mlflow import MlflowClient
 
+from assets.diffusion_model import training_config
 from assets.eval_report import eval_params
 from corpus.atomic import write_text_atomic
 from corpus.caption_mix import MixConfig, build_mixed_sampler
@@ -110,20 +111,16 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
     )
     client.log_param(child.info.run_id, "ablation.synthetic_ratio", ratio)
     client.log_param(child.info.run_id, "ablation.caption_kind", kind)
-    params = project.params("diffusion_model")
-    train = {
-        **params,
+    train = training_config(
+        project,
+        mlflow_res,
+        root / "sampler",
+        root / "model",
         **cfg["overrides"],
-        "raw": str(project.data_path("raw")),
-        "sampler": str(root / "sampler"),
-        "autoencoder": str(project.data_path("autoencoder")),
-        "out": str(root / "model"),
-        "work": str(root / "work"),
-        "seed": cfg["seed"],
-        "mlflow_tracking_uri": mlflow_res.tracking_uri,
-        "mlflow_experiment": mlflow_res.experiment,
-        "mlflow_run_id": child.info.run_id,
-    }
+        work=str(root / "work"),
+        seed=cfg["seed"],
+        mlflow_run_id=child.info.run_id,
+    )
     train["diffusion"] = {**train.get("diffusion", {}), "max_steps": cfg["max_steps"]}
     train["eval"] = {
         **train.get("eval", {}),
@@ -175,6 +172,7 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
         },
         "colour_following": model["colour_following"],
         "run_id": child.info.run_id,
+        "parent_run_id": variant["parent_run_id"],
         "seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)},
     }
     client.set_terminated(child.info.run_id)
@@ -193,7 +191,7 @@ def compare_variants(context: dg.OpExecutionContext, results: list[dict]) -> dic
     write_text_atomic(out / "summary.md", table + "\n")
     plot_curves(results, out / "curves.png")
     client = MlflowClient(mlflow_res.tracking_uri)
-    parent_id = client.get_run(results[0]["run_id"]).data.tags["mlflow.parentRunId"]
+    parent_id = results[0]["parent_run_id"]
     for r in results:
         for form, m in r["forms"].items():
             client.log_metric(parent_id, f"{r['name']}/{form}/overall", m["overall"])
