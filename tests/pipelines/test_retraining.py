@@ -24,7 +24,7 @@ def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path)
 
     from pipelines.definitions import defs
 
-    job = defs.get_job_def("retrain")
+    job = defs.resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert keys == {"mixed_sampler", "diffusion_model", "eval_report"}
     context = dg.build_schedule_context(scheduled_execution_time=None)
@@ -82,4 +82,4 @@ def test_the_example_sweep_config_is_valid_for_the_job():
     from pipelines.definitions import defs
 
     config = yaml.safe_load((REPO / "configs" / "sweep-blend.yaml").read_text())
-    assert dg.validate_run_config(defs.get_job_def("caption_ablation"), config)
+    assert dg.validate_run_config(defs.resolve_job_def("caption_ablation"), config)
