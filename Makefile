@@ -48,7 +48,8 @@ $(DAGSTER_HOME)/dagster.yaml: Makefile
 DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
 
 run: install
-	$(DAGSTER) --select 'raw_alt_text_dataset,captioner'
+	$(DAGSTER) --select raw_alt_text_dataset --partition-range "$$($(PY) -m pipelines.where --register-partitions)"
+	$(DAGSTER) --select captioner
 	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
 	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,eval_report'
 	@$(PY) -m pipelines.where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping, Sequence
 
@@ -32,3 +33,14 @@ def preview_grid(
 
 def preview_metadata(grid: Image.Image, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_image(grid, alt))
+
+
+def file_md5(path) -> str:
+    """A file's md5, as DVC records it for that file inside a tracked folder."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def md_escape(text: str) -> str:
+    """Text from files or the web, safe in a Markdown table cell."""
+    return (text or "(empty)").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")

@@ -1,5 +1,7 @@
 """Asset `raw_alt_text_dataset`: the web-like corpus of images and alt-text, validated,
-sharded and DVC-versioned under data/raw."""
+sharded and DVC-versioned under data/raw. One partition per raw shard: the source's
+shards and the img2dataset shards dropped in the landing folder (`landed-...`), so a new
+shard is ingested, and then recaptioned, alone."""
 
 import json
 import warnings
@@ -9,11 +11,19 @@ import mlflow
 import pandas as pd
 import pyarrow.parquet as pq
 
-from assets.metadata import count_table, flatten, preview_grid, preview_metadata
+from assets.metadata import (
+    count_table,
+    file_md5,
+    flatten,
+    md_escape,
+    preview_grid,
+    preview_metadata,
+)
 from assets.partitions import raw_shards
 from corpus.params import RawDatasetParams
 from corpus.raw_dataset import build_raw_dataset
 from corpus.shards import read_preview, shard_keys
+from corpus.sources import landed_units, make_units
 
 STAGE = "raw_alt_text_dataset"  # the asset key and the dvc.yaml stage name
 
@@ -26,8 +36,27 @@ class RawAltTextDatasetConfig(dg.Config):
     preview_samples: int = 16
 
 
+def shard_names(project) -> list[str]:
+    """Every raw shard the configured source and the landing folder define now."""
+    params = RawDatasetParams.from_dict(project.params(STAGE))
+    landed, _ = landed_units(params, project.path / params.landing_dir)
+    return [u.name for u in make_units(params)] + [u.name for u in landed]
+
+
+def register_shards(instance: dg.DagsterInstance, project) -> list[str]:
+    """Add the missing shards as partitions; returns every partition, in Dagster's order
+    (the order of registration), for a `first...last` partition range."""
+    known = set(instance.get_dynamic_partitions(raw_shards.name))
+    new = [n for n in shard_names(project) if n not in known]
+    if new:
+        instance.add_dynamic_partitions(raw_shards.name, new)
+    return list(instance.get_dynamic_partitions(raw_shards.name))
+
+
 @dg.asset(
     name=STAGE,
+    partitions_def=raw_shards,
+    backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="data",
     kinds={"python", "dvc", "mlflow"},
     required_resource_keys={"project", "dvc", "mlflow"},
@@ -43,17 +72,21 @@ def raw_alt_text_dataset(
     )
     params = RawDatasetParams.from_dict(project.params(STAGE))
     out = project.data_path("raw")
-    context.log.info(f"building {out} from source {params.source!r}")
-    report = build_raw_dataset(params, out, workers=config.workers)
-    shards = sorted(p.stem for p in out.glob("*.tar"))
-    new = [s for s in shards if not context.instance.has_dynamic_partition(raw_shards.name, s)]
-    if new:  # each raw shard is a partition of the stages downstream (recaptioning)
-        context.instance.add_dynamic_partitions(raw_shards.name, new)
+    landing = project.path / params.landing_dir
+    landing.mkdir(parents=True, exist_ok=True)  # a dependency of the DVC stage
+    shards = list(context.partition_keys)
+    context.log.info(f"building shards {shards[0]}..{shards[-1]} of {out}")
+    report = build_raw_dataset(
+        params, out, workers=config.workers, shards=shards, landing_root=landing
+    )
     hashes = dvc.commit(STAGE)
     dvc_hash = hashes["data/raw"]
     manifest = report.manifest
+    built = [s for s in shards if (out / f"{s}.tar").exists()]
+    # One partition: its shard's md5 (what DVC records for it); a range: the folder's hash.
+    version = file_md5(out / f"{shards[0]}.tar") if len(shards) == 1 and built else dvc_hash
 
-    first_shard = sorted(out.glob("*.tar"))[0] if report.counts["kept"] else None
+    first_shard = out / f"{built[0]}.tar" if built else None
     grid = preview_grid(read_preview(first_shard, config.preview_samples)) if first_shard else None
     with mlflow_res.start_run(
         STAGE, tags={"dagster_run_id": context.run.run_id, "dvc_hash": dvc_hash, "asset": STAGE}
@@ -78,7 +111,8 @@ def raw_alt_text_dataset(
     metadata = {
         "path": dg.MetadataValue.path(str(out)),
         "dvc_md5": dvc_hash,
-        "dagster/row_count": report.counts["kept"],
+        "dagster/row_count": int(index["shard"].isin(shards).sum()),
+        "shards_built": dg.MetadataValue.json(manifest["built_shards"]),
         **{f"count_{k}": v for k, v in report.counts.items()},
         "rejected_by_reason": count_table(manifest["rejected_by_reason"], "reason"),
         "repaired_by_kind": count_table(manifest["repaired_by_kind"], "repair"),
@@ -89,7 +123,21 @@ def raw_alt_text_dataset(
         metadata["alt_text_noise_kinds"] = count_table(manifest["noise_kinds"], "noise kind")
     if grid is not None:
         metadata["preview"] = preview_metadata(grid, "sample images with their alt-text")
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(dvc_hash))
+    landing_state = {
+        **{p: f"ingested as {n}" for n, p in _landed_paths(manifest).items()},
+        **{p: f"rejected: {why}" for p, why in manifest["landing"]["rejected"].items()},
+        **{p: f"waiting: {why}" for p, why in report.landing_waiting.items()},
+    }
+    if landing_state:
+        metadata["landing_folder"] = dg.MetadataValue.md(
+            "| shard file | state |\n|---|---|\n"
+            + "\n".join(f"| {md_escape(p)} | {md_escape(v)} |" for p, v in landing_state.items())
+        )
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+
+
+def _landed_paths(manifest: dict) -> dict[str, str]:
+    return {n: info["path"] for n, info in manifest["landing"]["ingested"].items()}
 
 
 @dg.asset_check(asset=STAGE, required_resource_keys={"project"}, blocking=True)

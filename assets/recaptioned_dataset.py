@@ -2,29 +2,20 @@
 captioner's short and descriptive captions, one parquet per raw shard (a partition), so
 a new shard is recaptioned alone and a partition range runs as one resumable run."""
 
-import hashlib
-
 import dagster as dg
 import pandas as pd
 
+from assets.metadata import file_md5, md_escape
 from assets.partitions import raw_shards
 from models.recaption import make_backend, recaption, shard_rejections
 
 STAGE = "recaptioned_dataset"
 
 
-def _md5(path) -> str:
-    """A file's md5, as DVC records it for that file inside a tracked folder."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
 def _samples_table(df: pd.DataFrame, n: int = 6) -> str:
     """Markdown: alt-text next to the synthetic captions, text escaped for Markdown."""
 
-    def esc(t: str) -> str:
-        return (t or "(empty)").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
-
+    esc = md_escape
     lines = ["| key | alt_text | short_caption | descriptive_caption |", "|---|---|---|---|"]
     for r in df.head(n).itertuples():
         cells = [r.key, esc(r.alt_text), esc(r.short_caption), esc(r.descriptive_caption)]
@@ -53,7 +44,7 @@ def recaptioned_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResu
     frames = [pd.read_parquet(out / f"{s}.parquet") for s in shards]
     df = pd.concat(frames, ignore_index=True)
     # One partition: its file's md5 (what DVC records for it); a range: the folder's hash.
-    version = _md5(out / f"{shards[0]}.parquet") if len(shards) == 1 else dvc_hash
+    version = file_md5(out / f"{shards[0]}.parquet") if len(shards) == 1 else dvc_hash
     rejected = {k: r for s in shards for k, r in shard_rejections(out / f"{s}.parquet").items()}
     return dg.MaterializeResult(
         metadata={

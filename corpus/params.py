@@ -42,6 +42,8 @@ class RawDatasetParams:
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
     noise: NoiseRates = dataclasses.field(default_factory=NoiseRates)
     limits: SampleLimits = dataclasses.field(default_factory=SampleLimits)
+    landing_dir: str = "landing"  # img2dataset shards dropped here join the corpus
+    landing_settle_seconds: float = 60.0  # a tar without _stats.json waits this long
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

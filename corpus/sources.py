@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus.landing import LandingScan, scan_landing
 from corpus.params import RawDatasetParams
 from corpus.sample_check import UNREADABLE_SHARD, UNSAFE_MEMBER, Sample
 from corpus.scene_text import alt_text, descriptive_caption, draw_noise_kind, short_caption
@@ -37,6 +38,7 @@ class Unit:
     paths: tuple[Path, ...] = ()  # the tar (webdataset) or image files (folder)
     start: int = 0  # synthetic image indices [start, stop)
     stop: int = 0
+    key_prefix: str = ""  # landed shards: keys namespaced by shard (img2dataset reuses keys)
 
     def samples(self) -> Iterator[Sample]:
         if self.source == "synthetic":
@@ -44,7 +46,7 @@ class Unit:
                 synthetic_sample(i, self.params, self.name) for i in range(self.start, self.stop)
             )
         if self.source == "webdataset":
-            return _webdataset_samples(self.paths[0], self.name)
+            return _webdataset_samples(self.paths[0], self.name, self.key_prefix)
         root = Path(self.params.input_path)
         return (_folder_sample(root, p, self.name) for p in self.paths)
 
@@ -91,12 +93,14 @@ def _parquet_captions(tar: Path) -> dict[str, str]:
     return {str(k): c for k, c in zip(*table.to_pydict().values(), strict=True) if c}
 
 
-def _webdataset_samples(tar: Path, unit: str) -> Iterator[Sample]:
+def _webdataset_samples(tar: Path, unit: str, key_prefix: str = "") -> Iterator[Sample]:
     fallback = None
     for s in iter_tar_samples(tar, unit):
         if s.caption is None and s.problem is None:
             fallback = _parquet_captions(tar) if fallback is None else fallback
             s.caption = fallback.get(s.key, s.meta.get("caption"))
+        if key_prefix and s.key is not None:
+            s.key = f"{key_prefix}{s.key}"
         yield s
 
 
@@ -146,6 +150,26 @@ def _folder_units(root: Path, params: RawDatasetParams) -> list[Unit]:
             Unit(f"{shard:05d}", "folder", params, paths=tuple(files[start : start + size]))
         )
     return units
+
+
+def landed_units(params: RawDatasetParams, root: Path) -> tuple[list[Unit], LandingScan]:
+    """The ready shards of the landing folder as units (keys prefixed `<shard>_`), and
+    the scan that found them (with what waits and what was rejected, and why)."""
+    scan = scan_landing(root, params.landing_settle_seconds)
+    units = [
+        Unit(s.name, "webdataset", params, paths=(s.path,), key_prefix=f"{s.name}_")
+        for s in scan.ready
+    ]
+    return units, scan
+
+
+def unit_fingerprint(unit: Unit) -> list:
+    """What a finished unit's result depends on besides params: its input files."""
+    out = []
+    for p in unit.paths:
+        st = p.stat()
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def make_units(params: RawDatasetParams) -> list[Unit]:

@@ -16,6 +16,7 @@ from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.ablation import caption_ablation
+from pipelines.landing import landing_shards, retrain_on_new_data
 from pipelines.resources.dvc import DvcResource
 from pipelines.resources.launcher import TrainingLauncher
 from pipelines.resources.mlflow import MlflowResource
@@ -59,6 +60,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=[caption_ablation, retrain],
     schedules=[retrain_schedule],
-    sensors=[record_failed_runs],
+    sensors=[record_failed_runs, landing_shards, retrain_on_new_data],
     resources=build_resources(),
 )

@@ -1,7 +1,8 @@
 """Print where a `make run` left its results and how to open the UIs.
 
 `--partition-range` prints the first...last raw shard partition instead (for
-`dagster asset materialize --partition-range`)."""
+`dagster asset materialize --partition-range`); `--register-partitions` first adds the
+shards that the configured source and the landing folder define now."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ from pathlib import Path
 from pipelines.resources.project import default_project_dir
 
 
-def partition_range() -> str:
+def partition_range(register: bool = False) -> str:
     import dagster as dg
 
     from assets.partitions import raw_shards
 
-    keys = dg.DagsterInstance.get().get_dynamic_partitions(raw_shards.name)
+    instance = dg.DagsterInstance.get()
+    if register:
+        from assets.raw_alt_text_dataset import register_shards
+        from pipelines.resources.project import ProjectResource
+
+        register_shards(instance, ProjectResource(root=default_project_dir()))
+    keys = instance.get_dynamic_partitions(raw_shards.name)
     if not keys:
         raise SystemExit("no raw shard partitions yet: materialize raw_alt_text_dataset first")
     return f"{keys[0]}...{keys[-1]}"
@@ -100,8 +107,12 @@ def summary(root: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--partition-range", action="store_true")
+    ap.add_argument("--register-partitions", action="store_true")
     args = ap.parse_args()
-    print(partition_range() if args.partition_range else summary(Path(default_project_dir())))
+    if args.partition_range or args.register_partitions:
+        print(partition_range(register=args.register_partitions))
+    else:
+        print(summary(Path(default_project_dir())))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,31 @@ TINY_STAGE_PARAMS = {
 }
 
 
+def partition_range_tags(keys: list[str]) -> dict[str, str]:
+    """Run tags of a single-run partition range, as `--partition-range first...last`."""
+    return {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+    }
+
+
+def materialize_raw(assets, resources, instance, **kwargs):
+    """raw_alt_text_dataset over every shard the source defines (make run's first step)."""
+    import dagster as dg
+
+    from assets.raw_alt_text_dataset import register_shards
+
+    keys = register_shards(instance, resources["project"])
+    return dg.materialize(
+        assets,
+        selection=["raw_alt_text_dataset"],
+        resources=resources,
+        instance=instance,
+        tags=partition_range_tags(keys),
+        **kwargs,
+    )
+
+
 def dvc_env(project: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -92,6 +117,7 @@ def project_dir(tmp_path: Path) -> Path:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", proj / ".dvcignore")
+    (proj / "landing").mkdir()  # a dependency of the raw_alt_text_dataset stage
     for pkg in ("corpus", "models", "prompts"):  # the DVC stages' code dependencies
         shutil.copytree(REPO / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / ".venv").symlink_to(REPO / ".venv")

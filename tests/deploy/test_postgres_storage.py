@@ -171,9 +171,13 @@ def test_dagster_materializes_on_postgres_storage(
         "OMP_NUM_THREADS": "1",
     }
     dagster_cli = [sys.executable, "-m", "dagster"]
+    where = [sys.executable, "-m", "pipelines.where", "--register-partitions"]
+    shard_range = subprocess.run(
+        where, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True
+    ).stdout.strip()  # the shard partitions, registered in Postgres
     proc = subprocess.run(
         [*dagster_cli, "asset", "materialize", "-m", "pipelines.definitions"]
-        + ["--select", "raw_alt_text_dataset"],
+        + ["--select", "raw_alt_text_dataset", "--partition-range", shard_range],
         cwd=REPO,
         env=env,
         capture_output=True,

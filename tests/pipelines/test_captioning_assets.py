@@ -10,6 +10,7 @@ from assets import captioner as captioner_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.definitions import build_resources
+from tests.conftest import materialize_raw
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,
@@ -24,15 +25,11 @@ def test_lineage_to_recaptioned_partitions(project_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project_dir / 'mlflow.db'}")
     resources = build_resources(str(project_dir))
     instance = dg.DagsterInstance.ephemeral()
-    res = dg.materialize(
-        ASSETS,
-        selection=["raw_alt_text_dataset", "captioner"],
-        resources=resources,
-        instance=instance,
-    )
-    assert res.success
+    assert materialize_raw(ASSETS, resources, instance).success
     shards = instance.get_dynamic_partitions("raw_shards")
     assert shards == ["00000", "00001", "00002"]  # one partition per raw shard
+    res = dg.materialize(ASSETS, selection=["captioner"], resources=resources, instance=instance)
+    assert res.success
     cap = res.asset_materializations_for_node("captioner")[0].metadata
     assert "| object |" in cap["caption_quality"].value
     assert "data:image/png;base64," in cap["sample_captions"].value

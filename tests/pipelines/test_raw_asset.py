@@ -13,16 +13,16 @@ import yaml
 
 from assets import raw_alt_text_dataset as raw_mod
 from pipelines.definitions import build_resources, defs
-from tests.conftest import DVC, REPO, dvc_env
+from tests.conftest import DVC, REPO, dvc_env, materialize_raw
 
 
 def _materialize(project_dir):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project_dir / 'mlflow.db'}"
     try:
-        return dg.materialize(
+        return materialize_raw(
             [raw_mod.raw_alt_text_dataset, raw_mod.raw_alt_text_dataset_conserved],
-            resources=build_resources(str(project_dir)),
-            instance=dg.DagsterInstance.ephemeral(),
+            build_resources(str(project_dir)),
+            dg.DagsterInstance.ephemeral(),
         )
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
@@ -76,18 +76,15 @@ def test_string_selection_works_from_the_cli(project_dir):
         "MLFLOW_TRACKING_URI": f"sqlite:///{project_dir / 'mlflow.db'}",
     }
     (project_dir / ".dagster_home").mkdir()
+    # make run's first step: register the source's shards, materialize them as one range
+    where = [sys.executable, "-m", "pipelines.where", "--register-partitions"]
+    shard_range = subprocess.run(
+        where, cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert shard_range == "00000...00002"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dagster",
-            "asset",
-            "materialize",
-            "-m",
-            "pipelines.definitions",
-            "--select",
-            "raw_alt_text_dataset",
-        ],
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "pipelines.definitions"]
+        + ["--select", "raw_alt_text_dataset", "--partition-range", shard_range],
         cwd=REPO,
         env=env,
         capture_output=True,
