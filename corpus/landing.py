@@ -12,13 +12,15 @@ under the landing folder with `/` as `--`, so shards of several img2dataset outp
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.shards import IMAGE_EXTS, split_member_name
+from corpus.shards import IMAGE_EXTS, split_member_name, write_shard
 
 PREFIX = "landed-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -116,3 +118,45 @@ def scan_landing(
         names[name] = tar
         scan.ready.append(LandedShard(name, tar, st.st_size, st.st_mtime_ns))
     return scan
+
+
+def write_demo_shard(folder: Path, name: str, n: int, seed: int, finished: bool = True) -> Path:
+    """A shard of the synthetic world laid out as img2dataset writes one: keys
+    000000000.. (which every img2dataset output reuses), `<shard>_stats.json` once
+    finished. For trying the landing folder without a crawl."""
+    from corpus.params import RawDatasetParams
+    from corpus.sample_check import check_sample
+    from corpus.sources import synthetic_sample
+
+    params = RawDatasetParams(seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = [check_sample(synthetic_sample(i, params, name), params.limits) for i in range(n)]
+    tar = folder / f"{name}.tar"
+    write_shard(tar, samples)  # atomic: never seen half-written
+    if finished:
+        stats = {"count": n, "successes": n, "failed_to_download": 0, "status_dict": {}}
+        (folder / f"{name}_stats.json").write_text(json.dumps(stats))
+    return tar
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write a demo img2dataset shard, or scan a folder.")
+    ap.add_argument("folder", type=Path, help="a folder under the landing folder")
+    ap.add_argument("--demo", action="store_true", help="write a demo shard into the folder")
+    ap.add_argument("--name", default="00000")
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args(argv)
+    if args.demo:
+        print(write_demo_shard(args.folder, args.name, args.images, args.seed))
+        return
+    scan = scan_landing(args.folder)
+    for s in scan.ready:
+        print(f"ready     {s.path} -> {s.name}")
+    for kind, items in (("waiting", scan.waiting), ("rejected", scan.rejected)):
+        for path, why in items.items():
+            print(f"{kind:9} {path}: {why}")
+
+
+if __name__ == "__main__":
+    main()

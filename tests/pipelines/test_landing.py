@@ -19,11 +19,8 @@ import yaml
 from assets import captioner as captioner_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
-from corpus.landing import scan_landing
+from corpus.landing import scan_landing, write_demo_shard
 from corpus.raw_dataset import build_raw_dataset
-from corpus.sample_check import check_sample
-from corpus.shards import write_shard
-from corpus.sources import synthetic_sample
 from pipelines import landing as landing_mod
 from pipelines.definitions import build_resources
 from tests.conftest import materialize_raw, small_raw_params
@@ -38,16 +35,7 @@ ASSETS = [
 
 
 def img2dataset_shard(folder: Path, name: str, n: int, seed: int, finished: bool = True) -> Path:
-    """A shard laid out as img2dataset writes it: keys 000000000.. (which every
-    img2dataset output reuses), and `<shard>_stats.json` once the shard is finished."""
-    folder.mkdir(parents=True, exist_ok=True)
-    params = small_raw_params(seed=seed)
-    samples = [check_sample(synthetic_sample(i, params, name), params.limits) for i in range(n)]
-    tar = folder / f"{name}.tar"
-    write_shard(tar, samples)
-    if finished:
-        (folder / f"{name}_stats.json").write_text(json.dumps({"successes": n, "count": n}))
-    return tar
+    return write_demo_shard(folder, name, n, seed, finished)
 
 
 def truncated_copy(src: Path, dst: Path, stats: bool) -> Path:
