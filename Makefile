@@ -40,7 +40,8 @@ $(DVC_VENV)/.installed: constraints.txt
 	$(DVC) --version >/dev/null
 	@touch $@
 
-# Pools cap concurrent steps per pool: one training at a time in `gpu` (the only pool).
+# Pools cap concurrent steps per pool: one training at a time in `gpu`, one writer of
+# data/raw and data/recaptioned in `corpus_write` (landed shards arrive together).
 $(DAGSTER_HOME)/dagster.yaml: Makefile
 	@mkdir -p $(DAGSTER_HOME)
 	@printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $@

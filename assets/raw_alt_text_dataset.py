@@ -56,6 +56,9 @@ def register_shards(instance: dg.DagsterInstance, project) -> list[str]:
 @dg.asset(
     name=STAGE,
     partitions_def=raw_shards,
+    # Partition runs (one per landed shard) rewrite the shared index and DVC stage:
+    # one writer at a time (the pool's limit is 1, dagster.yaml).
+    pool="corpus_write",
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="data",
     kinds={"python", "dvc", "mlflow"},

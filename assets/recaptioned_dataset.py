@@ -27,6 +27,9 @@ def _samples_table(df: pd.DataFrame, n: int = 6) -> str:
     name=STAGE,
     deps=["raw_alt_text_dataset", "captioner"],
     partitions_def=raw_shards,
+    # Partition runs (one per landed shard) rewrite the shared index and DVC stage:
+    # one writer at a time (the pool's limit is 1, dagster.yaml).
+    pool="corpus_write",
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="captioning",
     kinds={"pytorch", "parquet", "dvc"},

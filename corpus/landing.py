@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.shards import IMAGE_EXTS, split_member_name, write_shard
+from corpus.shards import IMAGE_EXTS, missing_end, split_member_name, write_shard
 
 PREFIX = "landed-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -72,6 +72,9 @@ def shard_problem(tar: Path) -> str | None:
                     if len(tf.extractfile(m).read()) != m.size:
                         return f"member {m.name!r} is truncated"
                     images += split_member_name(m.name)[1] in IMAGE_EXTS
+            cut = missing_end(tf)
+            if cut:
+                return cut
     except (tarfile.TarError, OSError, EOFError) as e:
         return f"unreadable tar ({type(e).__name__}: {e})"
     if not images:

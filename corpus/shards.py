@@ -79,6 +79,19 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(head, stem) if head else stem, ext.lower()
 
 
+END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks: how every tar writer ends an archive
+
+
+def missing_end(tf: tarfile.TarFile) -> str | None:
+    """After reading every member: why the archive looks cut short, or None. Python's
+    tarfile ends iteration silently at a truncated header, so a tar cut between members
+    reads as a shorter valid one; a complete tar ends with two zero blocks."""
+    tf.fileobj.seek(tf.offset)
+    if tf.fileobj.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
+        return f"archive cut short at byte {tf.offset}: no end-of-archive marker after it"
+    return None
+
+
 def iter_tar_samples(path: Path, unit: str) -> Iterator[Sample]:
     """Group a tar's members into samples by key, as webdataset does (members of one
     key are contiguous). Broken members become samples with `problem` set."""
@@ -128,6 +141,9 @@ def iter_tar_samples(path: Path, unit: str) -> Iterator[Sample]:
                 continue
             _attach(current, ext, data)
         if current is not None:
+            cut = missing_end(tf)
+            if cut and current.problem is None:  # the last sample may lack members
+                current.problem, current.detail = TRUNCATED_TAR_MEMBER, cut
             yield current
 
 

@@ -37,8 +37,13 @@ class DvcResource(dg.ConfigurableResource):
             "DVC_SITE_CACHE_DIR": str(Path(self.repo_dir) / ".dvc" / "tmp" / "site_cache"),
             "DVC_NO_ANALYTICS": "1",
         }
+        # Runs of several partitions commit concurrently: queue on DVC's repo lock.
         proc = subprocess.run(
-            [self.dvc_bin, *args], cwd=self.repo_dir, env=env, capture_output=True, text=True
+            [self.dvc_bin, "--wait-for-lock", *args],
+            cwd=self.repo_dir,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise DvcError(f"`dvc {' '.join(args)}` failed ({proc.returncode}):\n{proc.stderr}")

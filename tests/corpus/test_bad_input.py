@@ -179,3 +179,23 @@ def test_missing_input_folder_is_a_clear_error(tmp_path):
     params = small_raw_params(source="webdataset", input_path=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="needs input_path to be an existing folder"):
         build_raw_dataset(params, tmp_path / "raw", progress=False)
+
+
+def test_a_tar_cut_between_members_is_not_read_as_a_shorter_valid_one(tmp_path):
+    """Python's tarfile stops silently at a header cut short; the last sample read is
+    rejected as truncated (it may lack members) and the shard's earlier samples kept."""
+    root = tmp_path / "wds"
+    root.mkdir()
+    full = root / "00000.tar"
+    _write_tar(full, [m for k in ("a", "b", "c") for m in _sample(k, _img())])
+    with tarfile.open(full) as tf:
+        cut = next(m.offset for m in tf.getmembers() if m.name.startswith("c."))
+    full.write_bytes(full.read_bytes()[: cut + 100])  # inside c's first header
+    params = small_raw_params(source="webdataset", input_path=str(root))
+    report = build_raw_dataset(params, tmp_path / "raw", progress=False)
+    index = pd.read_parquet(tmp_path / "raw" / "index.parquet")
+    assert list(index["key"]) == ["a"]
+    rejected = pd.read_parquet(tmp_path / "raw" / "rejected.parquet")
+    assert list(rejected["key"]) == ["b"] and rejected["reason"].iloc[0] == "truncated_tar_member"
+    assert "no end-of-archive marker" in rejected["detail"].iloc[0]
+    assert report.counts["input"] == report.counts["kept"] + report.counts["rejected"]

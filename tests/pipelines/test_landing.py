@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 import time
 from pathlib import Path
 
@@ -56,15 +57,19 @@ def test_landing_scan_waits_for_half_written_and_rejects_broken(tmp_path):
     (root / "batch1" / "00002.tar").write_bytes(b"not a tar at all" * 64)
     (root / "batch1" / "00002_stats.json").write_text("{}")
     (root / "batch1" / ".00003.tar").write_bytes(b"")  # a copy in progress, by convention
+    with tarfile.open(good) as tf:  # cut exactly before a member: tarfile reads no error
+        boundary = tf.getmembers()[4].offset
+    (root / "batch1" / "00004.tar").write_bytes(good.read_bytes()[:boundary])
+    (root / "batch1" / "00004_stats.json").write_text("{}")
 
     scan = scan_landing(root, settle_seconds=60)
     assert [s.name for s in scan.ready] == ["landed-batch1--00000"]
     assert set(scan.waiting) == {str(copied), str(root / "batch2" / "00000.tar")}
     assert "no 00000_stats.json" in scan.waiting[str(root / "batch2" / "00000.tar")]
     assert set(scan.rejected) == {
-        str(root / "batch1" / "00001.tar"),
-        str(root / "batch1" / "00002.tar"),
+        str(root / "batch1" / f"{n}.tar") for n in ("00001", "00002", "00004")
     }
+    assert "no end-of-archive marker" in scan.rejected[str(root / "batch1" / "00004.tar")]
     assert re.search("truncated|unreadable", scan.rejected[str(root / "batch1" / "00001.tar")])
     assert "unreadable tar" in scan.rejected[str(root / "batch1" / "00002.tar")]
 
