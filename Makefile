@@ -23,7 +23,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # (grep's own status is masked so that pipefail reports pip's).
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test ui mlflow bench ablation lint format dvc-repro clean
+.PHONY: install run test ui mlflow bench ablation lint format dvc-repro dvc-exp dvc-push dvc-pull clean
 
 install: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -36,8 +36,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 $(DVC_VENV)/.installed: constraints.txt
 	@test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
-	set -o pipefail; PIP_CONSTRAINT= $(DVC_VENV)/bin/pip install -q 'dvc==3.67.1' $(PIP_QUIET)
+	set -o pipefail; PIP_CONSTRAINT= $(DVC_VENV)/bin/pip install -q 'dvc[s3]==3.67.1' $(PIP_QUIET)
 	$(DVC) --version >/dev/null
+	$(DVC_VENV)/bin/python -c "import dvc_s3"
 	@touch $@
 
 # Pools cap concurrent steps per pool: one training at a time in `gpu`, one writer of
@@ -82,6 +83,19 @@ format: install
 
 dvc-repro: install
 	$(DVC) repro
+
+# docs/dvc.md. An experiment: make dvc-exp EXP_SET='mixed_sampler.synthetic_ratio=0.8'.
+# Remotes (.dvc/config): localstore (dvc-remote/, the default), objectstore (compose S3):
+# make dvc-push DVC_REMOTE=objectstore (keys from the environment or .dvc/config.local).
+dvc-exp: install
+	$(DVC) exp run $(addprefix -S ,$(EXP_SET))
+	$(DVC) exp show --no-pager
+
+dvc-push: install
+	$(DVC) push $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
+
+dvc-pull: install
+	$(DVC) pull $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
 
 clean:
 	rm -rf data .dagster_home mlflow.db mlartifacts .dvc/cache .dvc/tmp
