@@ -117,7 +117,8 @@ def project_dir(tmp_path: Path) -> Path:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", proj / ".dvcignore")
-    (proj / "landing").mkdir()  # a dependency of the raw_alt_text_dataset stage
+    (proj / "landing").mkdir()  # a dependency of the raw_alt_text_dataset stage, kept in
+    shutil.copy(REPO / "landing" / "README.md", proj / "landing")  # git by its README
     for pkg in ("corpus", "models", "prompts"):  # the DVC stages' code dependencies
         shutil.copytree(REPO / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / ".venv").symlink_to(REPO / ".venv")
