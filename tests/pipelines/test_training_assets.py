@@ -22,6 +22,7 @@ from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
 from tests.conftest import materialize_raw
+from tests.ui.browser import check_ui, on_disk_instance
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,
@@ -43,7 +44,7 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     tracking = f"sqlite:///{project_dir / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     resources = build_resources(str(project_dir))
-    instance = dg.DagsterInstance.ephemeral()
+    instance = on_disk_instance(project_dir.parent / "dagster_home")  # the UI check reads it
     assert materialize_raw(ASSETS, resources, instance).success
     assert dg.materialize(
         ASSETS, selection=["captioner"], resources=resources, instance=instance
@@ -190,6 +191,9 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     assert "descriptive_95/descriptive/overall" in client.get_run(parent).data.metrics
     statuses = {client.get_run(r).info.status for r in (parent, *(s["run_id"] for s in summary))}
     assert statuses == {"FINISHED"}
+
+    # The UI as a user sees it: this instance in dagster-webserver, the report in Chromium.
+    check_ui(instance, project_dir)
 
 
 def test_training_process_detects_pipes_by_dagsters_own_variable():
