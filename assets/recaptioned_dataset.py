@@ -7,7 +7,7 @@ import pandas as pd
 
 from assets.metadata import file_md5, md_escape
 from assets.partitions import raw_shards
-from models.recaption import make_backend, recaption, shard_rejections
+from models.recaption import SCHEMA, make_backend, recaption, shard_rejections
 
 STAGE = "recaptioned_dataset"
 
@@ -44,11 +44,15 @@ def recaptioned_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResu
     shards = list(context.partition_keys)
     status = recaption(backend, project.data_path("raw"), out, shards, cfg.get("batch_size", 256))
     dvc_hash = dvc.commit(STAGE)["data/recaptioned"]
-    frames = [pd.read_parquet(out / f"{s}.parquet") for s in shards]
-    df = pd.concat(frames, ignore_index=True)
+    written = [s for s in shards if status[s] != "no_raw_images"]
+    empty = sorted(set(shards) - set(written))
+    if empty:
+        context.log.warning(f"raw shards without images, nothing to caption: {empty}")
+    frames = [pd.read_parquet(out / f"{s}.parquet") for s in written]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
     # One partition: its file's md5 (what DVC records for it); a range: the folder's hash.
-    version = file_md5(out / f"{shards[0]}.parquet") if len(shards) == 1 else dvc_hash
-    rejected = {k: r for s in shards for k, r in shard_rejections(out / f"{s}.parquet").items()}
+    version = file_md5(out / f"{written[0]}.parquet") if len(shards) == 1 and written else dvc_hash
+    rejected = {k: r for s in written for k, r in shard_rejections(out / f"{s}.parquet").items()}
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -56,6 +60,7 @@ def recaptioned_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResu
             "dagster/row_count": len(df),
             "shards_captioned": sum(v == "captioned" for v in status.values()),
             "shards_skipped_current": sum(v == "skipped" for v in status.values()),
+            "shards_without_raw_images": dg.MetadataValue.json(empty),
             "rejected_images": len(rejected),
             "rejected_examples": dg.MetadataValue.json(dict(list(rejected.items())[:10])),
             "captioner_id": backend.id,

@@ -112,15 +112,21 @@ def recaption(
     shards: list[str] | None = None,
     batch_size: int = 256,
 ) -> dict[str, str]:
-    """Recaption the given shards (default: all), skipping ones already current."""
+    """Recaption the given shards (default: all), skipping ones already current; a shard
+    with no image in the raw index (never ingested, or every sample rejected there) has
+    nothing to caption: status `no_raw_images`, and no file."""
+    indexed = set(
+        pd.read_parquet(Path(raw_dir) / "index.parquet", columns=["shard"])["shard"].unique()
+    )
     if shards is None:
-        shards = sorted(
-            pd.read_parquet(Path(raw_dir) / "index.parquet", columns=["shard"])["shard"].unique()
-        )
+        shards = sorted(indexed)
     for stale in Path(out_dir).glob(".*.parquet.tmp-*"):  # left by a killed run
         stale.unlink()
     status = {}
     for shard in tqdm(shards, desc="recaption shards", unit="shard"):
+        if shard not in indexed:
+            status[shard] = "no_raw_images"
+            continue
         if shard_is_current(Path(out_dir) / f"{shard}.parquet", backend.version):
             status[shard] = "skipped"
             continue

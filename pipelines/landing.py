@@ -25,7 +25,7 @@ from corpus.landing import file_fingerprint, scan_landing
 from corpus.params import RawDatasetParams
 from corpus.sources import make_units
 from pipelines.resources.project import ProjectResource
-from pipelines.retraining import retrain
+from pipelines.retraining import retrain, retrain_tags
 
 LANDING_TAG = "recapflow/trigger"
 POLICIES = ("retrain", "manual")
@@ -122,9 +122,16 @@ def retrain_on_new_data(
         limit=1000,
         ascending=True,
     ).records
-    landed = sorted(
-        {r.partition_key for r in records if (r.partition_key or "").startswith("landed-")}
-    )
+    # Only the landing runs' recaptions: a retrain recaptions every shard (skipping current
+    # ones) and must not trigger itself again.
+    runs = {r.run_id for r in records}
+    from_landing = {
+        run_id
+        for run_id in runs
+        if (run := context.instance.get_run_by_id(run_id))
+        and run.tags.get(LANDING_TAG) == "landing"
+    }
+    landed = sorted({r.partition_key for r in records if r.run_id in from_landing})
     if not records:
         return dg.SensorResult(skip_reason="no new recaptioned shard")
     latest = str(max(r.storage_id for r in records))
@@ -141,12 +148,11 @@ def retrain_on_new_data(
     )
     if busy:  # retrain once on the whole batch, not once per shard
         return dg.SensorResult(skip_reason=f"waiting for {len(busy)} landing runs to finish")
+    tags = {
+        **retrain_tags(context.instance),
+        LANDING_TAG: "new_data",
+        "recapflow/new_shards": ",".join(landed)[:200],
+    }
     return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"new-data-{latest}",
-                tags={LANDING_TAG: "new_data", "recapflow/new_shards": ",".join(landed)[:200]},
-            )
-        ],
-        cursor=latest,
+        run_requests=[dg.RunRequest(run_key=f"new-data-{latest}", tags=tags)], cursor=latest
     )

@@ -1,12 +1,13 @@
 """Scheduled retraining and the record of failed runs.
 
-`retrain` refreshes the lineage after the recaptioned corpus: the caption blend, the
-diffusion model (launched through the `launcher`) and its eval report, whose gate
-promotes the new challenger to `champion` only when it is not worse beyond noise.
-Recaptioning itself is partitioned by raw shard and kept current shard by shard, so the
-schedule starts at the blend. The cron comes from params.yaml (`operations.retrain_cron`,
-weekly by default); the schedule is off until turned on in the UI or with
-`dagster schedule start retrain_schedule`.
+`retrain` refreshes the lineage from the recaptioned corpus on: `recaptioned_dataset` over
+every raw shard (one run; shards already captioned by the current captioner are skipped,
+so only new or stale ones cost anything), the caption blend, the diffusion model
+(launched through the `launcher`) and its eval report, whose gate promotes the new
+challenger to `champion` only when it is not worse beyond noise. Its runs cover the
+partition range of every raw shard (`retrain_tags`). The cron comes from params.yaml
+(`operations.retrain_cron`, weekly by default); the schedule is off until turned on in
+the UI or with `dagster schedule start retrain_schedule`.
 
 `record_failed_runs` appends every failed run to `data/operations/failures.jsonl` with the
 failed steps, the error and a link to the run in the Dagster UI (`RECAPFLOW_DAGSTER_UI`).
@@ -24,7 +25,8 @@ from corpus.atomic import write_text_atomic
 from corpus.params import load_params
 from pipelines.resources.project import default_project_dir
 
-RETRAIN_SELECTION = ["mixed_sampler", "diffusion_model", "eval_report"]
+RETRAIN_SELECTION = ["recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"]
+RAW_SHARDS = "raw_shards"  # assets/partitions.py (not imported: keeps this module light)
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 
 
@@ -36,15 +38,33 @@ def retrain_cron(project_dir: str | None = None) -> str:
 retrain = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.assets(*RETRAIN_SELECTION),
-    description="Blend, train, evaluate and gate: the weekly retraining.",
+    description="Recaption what is new, blend, train, evaluate and gate: the weekly retraining.",
 )
 
-retrain_schedule = dg.ScheduleDefinition(
+
+def retrain_tags(instance: dg.DagsterInstance) -> dict[str, str] | None:
+    """Run tags of a retrain over every raw shard (a single-run partition range), or None
+    before any shard exists."""
+    keys = instance.get_dynamic_partitions(RAW_SHARDS)
+    if not keys:
+        return None
+    return {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+    }
+
+
+@dg.schedule(
     name="retrain_schedule",
     job=retrain,
     cron_schedule=retrain_cron(),
     default_status=dg.DefaultScheduleStatus.STOPPED,
 )
+def retrain_schedule(context: dg.ScheduleEvaluationContext):
+    tags = retrain_tags(context.instance)
+    if tags is None:
+        return dg.SkipReason("no raw shard partitions yet: materialize raw_alt_text_dataset")
+    return dg.RunRequest(tags=tags)
 
 
 def ui_url() -> str:

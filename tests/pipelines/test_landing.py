@@ -184,9 +184,25 @@ def test_dropped_shards_flow_through_alone(project_dir, monkeypatch):
     # Then retraining follows operations.on_new_data.
     retrain = _sensor(landing_mod.retrain_on_new_data, instance, project)
     assert len(retrain.run_requests) == 1
-    assert retrain.run_requests[0].tags["recapflow/new_shards"] == "landed-crawl-07--00000"
+    tags = retrain.run_requests[0].tags
+    assert tags["recapflow/new_shards"] == "landed-crawl-07--00000"
+    assert tags["dagster/asset_partition_range_start"] == "00000"  # recaptions what is stale
+    assert tags["dagster/asset_partition_range_end"] == "landed-crawl-07--00000"
     done = _sensor(landing_mod.retrain_on_new_data, instance, project, cursor=retrain.cursor)
     assert done.run_requests == []
+    # A retrain's own recaptioning (every shard, current ones skipped) triggers nothing.
+    rerun = dg.materialize(
+        ASSETS, selection=["recaptioned_dataset"], resources=resources, instance=instance,
+        tags={k: v for k, v in tags.items() if k.startswith("dagster/")},
+    )  # fmt: skip
+    assert (
+        rerun.asset_materializations_for_node("recaptioned_dataset")[0]
+        .metadata["shards_skipped_current"]
+        .value
+        == 4
+    )
+    quiet = _sensor(landing_mod.retrain_on_new_data, instance, project, cursor=retrain.cursor)
+    assert quiet.run_requests == []
     params = yaml.safe_load((project_dir / "params.yaml").read_text())
     params.setdefault("operations", {})["on_new_data"] = "manual"
     (project_dir / "params.yaml").write_text(yaml.safe_dump(params))

@@ -26,10 +26,16 @@ def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path)
 
     job = defs.resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert keys == {"mixed_sampler", "diffusion_model", "eval_report"}
-    context = dg.build_schedule_context(scheduled_execution_time=None)
-    request = retraining.retrain_schedule.evaluate_tick(context).run_requests[0]
+    assert keys == {"recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"}
+    with dg.instance_for_test() as instance:  # a schedule context needs a persistent one
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=None)
+        skipped = retraining.retrain_schedule.evaluate_tick(context)
+        assert skipped.run_requests == [] and "no raw shard" in skipped.skip_message
+        instance.add_dynamic_partitions("raw_shards", ["00000", "00001", "landed-x--00000"])
+        request = retraining.retrain_schedule.evaluate_tick(context).run_requests[0]
     assert request.job_name in (None, "retrain")
+    assert request.tags["dagster/asset_partition_range_start"] == "00000"  # every shard:
+    assert request.tags["dagster/asset_partition_range_end"] == "landed-x--00000"  # one run
     assert retraining.retrain_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
 
