@@ -23,7 +23,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # (grep's own status is masked so that pipefail reports pip's).
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test ui mlflow bench ablation lint format dvc-repro dvc-exp dvc-push dvc-pull clean
+.PHONY: install run test ui mlflow bench retrain ablation lint format dvc-repro dvc-exp dvc-push dvc-pull clean
 
 install: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -69,6 +69,11 @@ bench: install
 	$(PY) -m benchmarks.raw_dataset_throughput
 	$(PY) -m benchmarks.captioning_throughput
 	$(PY) -m benchmarks.diffusion_throughput
+
+# The retrain job by hand (what retrain_schedule and retrain_on_new_data launch): every raw
+# shard in one run, recaptioning only new or stale shards, then blend, train, eval, gate.
+retrain: install
+	$(VENV)/bin/dagster job execute -m pipelines.definitions -j retrain --tags "$$($(PY) -m pipelines.where --retrain-tags)"
 
 # The caption ablation (pipelines/ablation.py) on the materialized lineage of `make run`;
 # its defaults are the reduced CPU version of docs/ablation.md.

@@ -100,7 +100,14 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         **{f"dvc.{k}": v for k, v in data_versions.items()},
     }
     with mlflow_res.start_run(STAGE, run_id=run_id) as run:
-        mlflow.log_params(flatten({"data": data_versions, "code_version": tags["code_version"]}))
+        # A resumed training continues its MLflow run, whose params are immutable: params
+        # it already has keep their first value; a later one (new code) becomes a tag.
+        logged = mlflow.get_run(run_id).data.params
+        params = flatten({"data": data_versions, "code_version": tags["code_version"]})
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        changed = {f"resumed_with.{k}": v for k, v in params.items() if logged.get(k, v) != v}
+        if changed:
+            mlflow.set_tags(changed)
         mlflow.set_tags({k: v for k, v in tags.items() if k.startswith(("dagster", "dvc."))})
         run_meta = mlflow_res.run_metadata(run)
     registered = register_text_to_image(

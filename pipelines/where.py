@@ -2,7 +2,8 @@
 
 `--partition-range` prints the first...last raw shard partition instead (for
 `dagster asset materialize --partition-range`); `--register-partitions` first adds the
-shards that the configured source and the landing folder define now."""
+shards that the configured source and the landing folder define now; `--retrain-tags`
+prints the run tags of a `retrain` over every shard (`dagster job execute --tags`)."""
 
 from __future__ import annotations
 
@@ -108,8 +109,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--partition-range", action="store_true")
     ap.add_argument("--register-partitions", action="store_true")
+    ap.add_argument("--retrain-tags", action="store_true")
     args = ap.parse_args()
-    if args.partition_range or args.register_partitions:
+    if args.retrain_tags:
+        import dagster as dg
+
+        from pipelines.retraining import retrain_tags
+
+        tags = retrain_tags(dg.DagsterInstance.get())
+        if tags is None:
+            raise SystemExit("no raw shard partitions yet: run `make run` first")
+        print(json.dumps(tags))
+    elif args.partition_range or args.register_partitions:
         print(partition_range(register=args.register_partitions))
     else:
         print(summary(Path(default_project_dir())))

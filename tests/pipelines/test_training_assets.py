@@ -121,6 +121,20 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     assert params["sampler.synthetic_ratio"] == "0.95"
     assert "data.mixed_sampler" in params
 
+    # A retrain on unchanged data resumes the same MLflow run, now with newer code: its
+    # params stay as first logged (MLflow refuses changes), the new version is a tag.
+    monkeypatch.setattr(diffusion_mod, "code_version", lambda root: "newer-code")
+    again = dg.materialize(
+        ASSETS, selection=["diffusion_model"], resources=resources, instance=instance
+    )
+    assert (
+        again.asset_materializations_for_node("diffusion_model")[0].metadata["mlflow_run_id"].value
+        == run_id
+    )
+    resumed = client.get_run(run_id)
+    assert resumed.data.params["code_version"] == params["code_version"]
+    assert resumed.data.tags["resumed_with.code_version"] == "newer-code"
+
     # The eval report of that model and its evaluators. A judge trained for 3 steps is
     # far below its 0.98 bar: its check says so and the gate promotes nothing.
     res = dg.materialize(
