@@ -134,6 +134,7 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     resumed = client.get_run(run_id)
     assert resumed.data.params["code_version"] == params["code_version"]
     assert resumed.data.tags["resumed_with.code_version"] == "newer-code"
+    version = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger")
 
     # The eval report of that model and its evaluators. A judge trained for 3 steps is
     # far below its 0.98 bar: its check says so and the gate promotes nothing.
