@@ -19,6 +19,18 @@ DVC = REPO / ".venv-dvc" / "bin" / "dvc"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_dagster_defs_state():
+    """Each test starts without a current Dagster defs-state storage. Entering a Dagster
+    instance sets one in a context variable; a test that leaves it behind (an instance
+    entered and never exited) makes the next test's Definitions load read a storage whose
+    instance is gone ("Attempted to resolve undefined DagsterInstance weakref")."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
+
+
 def small_raw_params(**overrides) -> RawDatasetParams:
     d = load_params(REPO / "params.yaml")["raw_alt_text_dataset"]
     d.update({"num_images": 60, "shard_size": 20}, **overrides)

@@ -27,8 +27,13 @@ def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path)
     job = defs.resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert keys == {"recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"}
-    with dg.instance_for_test() as instance:  # a schedule context needs a persistent one
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=None)
+    # A schedule context needs a persistent instance, and must be closed: it enters the
+    # instance it opens from the ref, which sets Dagster's current defs-state storage for
+    # everything that follows in this process (a dangling one breaks later tests).
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_schedule_context(instance=instance, scheduled_execution_time=None) as context,
+    ):
         skipped = retraining.retrain_schedule.evaluate_tick(context)
         assert skipped.run_requests == [] and "no raw shard" in skipped.skip_message
         instance.add_dynamic_partitions("raw_shards", ["00000", "00001", "landed-x--00000"])

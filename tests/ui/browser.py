@@ -310,6 +310,10 @@ def check_materialization_metadata(page, base: str, instance: dg.DagsterInstance
         with Image.open(io.BytesIO(base64.b64decode(png))) as grid:
             assert shown == [alt, grid.width, grid.height], (key, shown)
         assert shown[1] > 0
+        # The dialog fades in: shoot once no transition runs, not through a half-faded one.
+        page.wait_for_function(
+            "() => document.getAnimations().every(a => a.playState !== 'running')"
+        )
         page.screenshot(path=out / f"asset-metadata-{key}.png")
         dialog.get_by_role("button", name="Close").click()
         dialog.wait_for(state="detached")
