@@ -21,12 +21,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.partitions import raw_shards
 from corpus.atomic import write_text_atomic
 from corpus.params import load_params
 from pipelines.resources.project import default_project_dir
 
 RETRAIN_SELECTION = ["recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"]
-RAW_SHARDS = "raw_shards"  # assets/partitions.py (not imported: keeps this module light)
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 
 
@@ -42,16 +42,18 @@ retrain = dg.define_asset_job(
 )
 
 
-def retrain_tags(instance: dg.DagsterInstance) -> dict[str, str] | None:
-    """Run tags of a retrain over every raw shard (a single-run partition range), or None
-    before any shard exists."""
-    keys = instance.get_dynamic_partitions(RAW_SHARDS)
-    if not keys:
-        return None
+def partition_range_tags(keys: list[str]) -> dict[str, str]:
+    """Run tags of a single-run partition range, as `--partition-range first...last`."""
     return {
         "dagster/asset_partition_range_start": keys[0],
         "dagster/asset_partition_range_end": keys[-1],
     }
+
+
+def retrain_tags(instance: dg.DagsterInstance) -> dict[str, str] | None:
+    """Run tags of a retrain over every raw shard, or None before any shard exists."""
+    keys = instance.get_dynamic_partitions(raw_shards.name)
+    return partition_range_tags(keys) if keys else None
 
 
 @dg.schedule(

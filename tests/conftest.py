@@ -84,19 +84,12 @@ TINY_STAGE_PARAMS = {
 }
 
 
-def partition_range_tags(keys: list[str]) -> dict[str, str]:
-    """Run tags of a single-run partition range, as `--partition-range first...last`."""
-    return {
-        "dagster/asset_partition_range_start": keys[0],
-        "dagster/asset_partition_range_end": keys[-1],
-    }
-
-
 def materialize_raw(assets, resources, instance, **kwargs):
     """raw_alt_text_dataset over every shard the source defines (make run's first step)."""
     import dagster as dg
 
     from assets.raw_alt_text_dataset import register_shards
+    from pipelines.retraining import partition_range_tags
 
     keys = register_shards(instance, resources["project"])
     return dg.materialize(

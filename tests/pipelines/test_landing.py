@@ -24,7 +24,8 @@ from corpus.landing import scan_landing, write_demo_shard
 from corpus.raw_dataset import build_raw_dataset
 from pipelines import landing as landing_mod
 from pipelines.definitions import build_resources
-from tests.conftest import materialize_raw, partition_range_tags, small_raw_params
+from pipelines.retraining import partition_range_tags
+from tests.conftest import materialize_raw, small_raw_params
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,
@@ -33,10 +34,6 @@ ASSETS = [
     recaptioned_mod.recaptioned_dataset,
     recaptioned_mod.recaptioned_keys_match_raw,
 ]
-
-
-def img2dataset_shard(folder: Path, name: str, n: int, seed: int, finished: bool = True) -> Path:
-    return write_demo_shard(folder, name, n, seed, finished)
 
 
 def truncated_copy(src: Path, dst: Path, stats: bool) -> Path:
@@ -50,8 +47,8 @@ def truncated_copy(src: Path, dst: Path, stats: bool) -> Path:
 
 def test_landing_scan_waits_for_half_written_and_rejects_broken(tmp_path):
     root = tmp_path / "landing"
-    good = img2dataset_shard(root / "batch1", "00000", 4, seed=7)
-    copied = img2dataset_shard(root / "byhand", "00007", 3, seed=8, finished=False)
+    good = write_demo_shard(root / "batch1", "00000", 4, seed=7)
+    copied = write_demo_shard(root / "byhand", "00007", 3, seed=8, finished=False)
     truncated_copy(good, root / "batch1" / "00001.tar", stats=True)  # finished, but broken
     truncated_copy(good, root / "batch2" / "00000.tar", stats=False)  # still being written
     (root / "batch1" / "00002.tar").write_bytes(b"not a tar at all" * 64)
@@ -89,7 +86,7 @@ def test_incremental_build_keeps_other_shards_and_equals_a_full_build(tmp_path):
     out = tmp_path / "raw"
     build_raw_dataset(params, out, progress=False, landing_root=root)
     before = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
-    img2dataset_shard(root / "b", "00000", 5, seed=3)
+    write_demo_shard(root / "b", "00000", 5, seed=3)
 
     report = build_raw_dataset(
         params, out, progress=False, shards=["landed-b--00000"], landing_root=root
@@ -141,7 +138,7 @@ def test_dropped_shards_flow_through_alone(project_dir, monkeypatch):
     untouched = {p: p.stat().st_mtime_ns for p in recaptioned.glob("*.parquet")}
 
     landing = project_dir / "landing"
-    good = img2dataset_shard(landing / "crawl-07", "00000", 6, seed=11)
+    good = write_demo_shard(landing / "crawl-07", "00000", 6, seed=11)
     truncated_copy(good, landing / "crawl-07" / "00001.tar", stats=True)
     truncated_copy(good, landing / "crawl-08" / "00000.tar", stats=False)
 
