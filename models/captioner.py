@@ -47,6 +47,10 @@ class CaptionerSpec:
     # Patch tokens are average-pooled to a grid x grid map: short prefixes keep the LM fast,
     # and a 3x3 map still says where things are.
     prefix_grid: int = 3
+    # A learned embedding per prefix slot, at the scale of the LayerNormed prefix: without
+    # it the LM tells the grid tokens apart only by GPT-2's small position embeddings, and
+    # it names the wrong cells (measured in docs/captioning.md).
+    prefix_positions: bool = True
 
 
 class PrefixCaptioner(nn.Module):
@@ -68,6 +72,10 @@ class PrefixCaptioner(nn.Module):
             pooled, grid = self.image_features(torch.zeros(1, 3, self.image_size, self.image_size))
         self.pooled_proj = nn.Sequential(nn.Linear(pooled.shape[-1], hidden), nn.LayerNorm(hidden))
         self.token_proj = nn.Sequential(nn.Linear(grid.shape[1], hidden), nn.LayerNorm(hidden))
+        n_prefix = 1 + (spec.prefix_grid**2 if spec.prefix == "tokens" else 0)
+        self.prefix_pos = (
+            nn.Parameter(torch.randn(n_prefix, hidden)) if spec.prefix_positions else None
+        )
 
     @classmethod
     def build(
@@ -99,7 +107,8 @@ class PrefixCaptioner(nn.Module):
         if self.spec.prefix == "tokens":
             grid = nn.functional.adaptive_avg_pool2d(grid, self.spec.prefix_grid)
             parts.append(self.token_proj(grid.flatten(2).transpose(1, 2)))
-        return torch.cat(parts, dim=1)
+        prefix = torch.cat(parts, dim=1)
+        return prefix + self.prefix_pos if self.prefix_pos is not None else prefix
 
     def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> (pooled embedding (B, D), last feature map (B, C, h, w)).
@@ -167,7 +176,8 @@ class PrefixCaptioner(nn.Module):
         """A captioner saved by `save`: safetensors weights, never a pickle."""
         meta = json.loads((Path(path) / "captioner.json").read_text())
         tok = load_tokenizer(Path(path) / "tokenizer")
-        spec = CaptionerSpec(**meta["spec"])
+        # Captioners saved before prefix position embeddings existed have none.
+        spec = CaptionerSpec(**{"prefix_positions": False, **meta["spec"]})
         model = cls.build(spec, tok)
         load_model(model, str(Path(path) / "model.safetensors"))
         return model.eval()

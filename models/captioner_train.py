@@ -55,7 +55,7 @@ class PhaseConfig:
 
 @dataclass(frozen=True)
 class CaptionerTrainConfig:
-    clip_model: str = "recapflow-tiny-clip"
+    clip_model: str = "recapflow-tiny-cell-clip"
     # A local weights file or open_clip tag: skips contrastive pretraining (full profile).
     clip_pretrained: str | None = None
     lm: dict = field(

@@ -102,3 +102,32 @@ def test_visual_lr_scale_slows_or_freezes_the_image_tower(tiny_captioner, scale)
         assert list(lrs) == [pytest.approx(1e-4)]
     lm_lrs = {g["initial_lr"] for g in groups if not any(id(p) in visual for p in g["params"])}
     assert lm_lrs == {1e-3}
+
+
+def test_prefix_slots_carry_their_own_position_and_old_checkpoints_still_load(
+    tiny_captioner, tiny_raw, tmp_path
+):
+    """Each prefix slot (pooled embedding, then the grid cells) gets its own learned
+    embedding, so the LM can tell which cell a token describes; a captioner saved before
+    those embeddings existed loads without them and captions as it did."""
+    import pandas as pd
+
+    from models.captioner import CaptionerSpec
+
+    model = PrefixCaptioner.load(tiny_captioner / "dsc")
+    assert model.prefix_pos is not None and model.prefix_pos.shape == (1 + 9, 32)
+    # Two slots showing the same content still differ by their position embedding.
+    assert torch.cdist(model.prefix_pos, model.prefix_pos).fill_diagonal_(1.0).min() > 0.5
+
+    spec = CaptionerSpec(**{**vars(model.spec), "prefix_positions": False})
+    old = PrefixCaptioner.build(spec, model.tokenizer).eval()
+    old.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "captioner.json").read_text())
+    del meta["spec"]["prefix_positions"]  # as written by the earlier code
+    (tmp_path / "old" / "captioner.json").write_text(json.dumps(meta))
+    loaded = PrefixCaptioner.load(tmp_path / "old")
+    assert loaded.prefix_pos is None
+    index = pd.read_parquet(tiny_raw / "index.parquet").head(4)
+    images = load_images(tiny_raw, list(index["key"]), list(index["shard"]), 64)
+    gen = GenerationConfig(max_new_tokens=8)
+    assert loaded.generate(images, gen) == old.generate(images, gen)
