@@ -84,22 +84,28 @@ TINY_STAGE_PARAMS = {
 }
 
 
-def materialize_raw(assets, resources, instance, **kwargs):
-    """raw_alt_text_dataset over every shard the source defines (make run's first step)."""
+def materialize_range(assets, selection, keys, resources, instance, **kwargs):
+    """`selection` over the partitions `keys` of raw_shards, as one run (single-run range)."""
     import dagster as dg
 
-    from assets.raw_alt_text_dataset import register_shards
     from pipelines.retraining import partition_range_tags
 
-    keys = register_shards(instance, resources["project"])
     return dg.materialize(
         assets,
-        selection=["raw_alt_text_dataset"],
+        selection=selection,
         resources=resources,
         instance=instance,
         tags=partition_range_tags(keys),
         **kwargs,
     )
+
+
+def materialize_raw(assets, resources, instance, **kwargs):
+    """raw_alt_text_dataset over every shard the source defines (make run's first step)."""
+    from assets.raw_alt_text_dataset import register_shards
+
+    keys = register_shards(instance, resources["project"])
+    return materialize_range(assets, ["raw_alt_text_dataset"], keys, resources, instance, **kwargs)
 
 
 def dvc_env(project: Path) -> dict[str, str]:

@@ -24,8 +24,7 @@ from corpus.landing import scan_landing, write_demo_shard
 from corpus.raw_dataset import build_raw_dataset
 from pipelines import landing as landing_mod
 from pipelines.definitions import build_resources
-from pipelines.retraining import partition_range_tags
-from tests.conftest import materialize_raw, small_raw_params
+from tests.conftest import materialize_range, materialize_raw, small_raw_params
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,
@@ -127,13 +126,7 @@ def test_dropped_shards_flow_through_alone(project_dir, monkeypatch):
     cap = dg.materialize(ASSETS, selection=["captioner"], resources=resources, instance=instance)
     assert cap.success
     shards = instance.get_dynamic_partitions("raw_shards")
-    assert dg.materialize(
-        ASSETS,
-        selection=["recaptioned_dataset"],
-        resources=resources,
-        instance=instance,
-        tags=partition_range_tags(shards),
-    ).success
+    assert materialize_range(ASSETS, ["recaptioned_dataset"], shards, resources, instance).success
     raw, recaptioned = project_dir / "data" / "raw", project_dir / "data" / "recaptioned"
     untouched = {p: p.stat().st_mtime_ns for p in recaptioned.glob("*.parquet")}
 
