@@ -35,10 +35,11 @@ from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
 from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
+from models.concepts import ConceptDataset, ConceptModule, word_targets
 from models.data import ImageTextDataset, LengthBucketBatchSampler, load_images
 from models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-PHASES = ("clip", "pretrain", "ssc", "dsc")
+PHASES = ("clip", "concepts", "pretrain", "ssc", "dsc")
 TEXT_OF_PHASE = {"pretrain": "alt_text", "ssc": "short_caption", "dsc": "descriptive_caption"}
 
 
@@ -67,6 +68,11 @@ class CaptionerTrainConfig:
     vocab_size: int = 1024
     prefix_grid: int = 3
     clip: PhaseConfig = field(default_factory=PhaseConfig)
+    # The tiny tower's word detector on the human subset's short captions (models/concepts.py);
+    # like `clip`, skipped with `clip_pretrained`, and with max_steps 0.
+    concepts: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(max_steps=800, batch_size=64, warmup_steps=20)
+    )
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
     ssc: PhaseConfig = field(default_factory=PhaseConfig)
     dsc: PhaseConfig = field(default_factory=PhaseConfig)
@@ -78,7 +84,7 @@ class CaptionerTrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaptionerTrainConfig:
         d = dict(d)
-        for k in ("clip", "pretrain", "ssc", "dsc"):
+        for k in PHASES:
             if k in d:
                 d[k] = PhaseConfig(**d[k])
         if "generation" in d:
@@ -263,6 +269,43 @@ class CaptionerTraining:
         self._mark_done("clip", {"seconds": time.time() - t0})
         return str(weights)
 
+    def run_concepts(self, tok, clip_weights: str | None) -> str | None:
+        """The tiny tower trained to detect the words of the human-written short captions;
+        returns the weights the captioning phases start from."""
+        cfg = self.cfg
+        if cfg.clip_pretrained or cfg.concepts.max_steps == 0:
+            return clip_weights
+        weights = self.out / "concepts" / "model.safetensors"
+        if self._done("concepts"):
+            return str(weights)
+        t0 = time.time()
+        L.seed_everything(cfg.seed + PHASES.index("concepts"), workers=True, verbose=False)
+        pc = cfg.concepts
+        module = ConceptModule(
+            cfg.clip_model,
+            clip_weights,
+            len(tok),
+            lr=pc.lr,
+            weight_decay=pc.weight_decay,
+            warmup_steps=pc.warmup_steps,
+            max_steps=pc.max_steps,
+        )
+        ds = ConceptDataset(
+            self._images(self.human, module.image_size),
+            word_targets(tok, list(self.human["short_caption"])),
+        )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=min(pc.batch_size, len(ds)),
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        _trainer("concepts", pc, self._logger()).fit(module, loader)
+        save_clip(module.model, cfg.clip_model, self.out / "concepts")
+        self._mark_done("concepts", {"seconds": time.time() - t0})
+        return str(weights)
+
     def run_captioning_phase(
         self, phase: str, tok, init: str | Path, clip_weights: str | None
     ) -> PrefixCaptioner:
@@ -274,7 +317,7 @@ class CaptionerTraining:
         if phase == "pretrain":
             spec = CaptionerSpec(cfg.clip_model, cfg.lm, prefix_grid=cfg.prefix_grid)
             model = PrefixCaptioner.build(spec, tok, clip_pretrained=cfg.clip_pretrained)
-            if not cfg.clip_pretrained:  # the tiny CLIP trained by the `clip` phase
+            if not cfg.clip_pretrained:  # the tiny CLIP of the `clip` (+ `concepts`) phase
                 _load_visual(model, clip_weights)
             rows = self.train[self.train["alt_text"].str.len() > 0]
         else:
@@ -363,7 +406,7 @@ def train_captioner(
     torch.set_float32_matmul_precision("high")
     run = CaptionerTraining(cfg, raw_dir, out_dir, mlflow_run_id, tracking_uri)
     tok = run.tokenizer()
-    clip_weights = run.run_clip(tok)
+    clip_weights = run.run_concepts(tok, run.run_clip(tok))
     run.run_captioning_phase("pretrain", tok, None, clip_weights)
     ssc = run.run_captioning_phase("ssc", tok, out_dir / "pretrain", None)
     dsc = run.run_captioning_phase("dsc", tok, out_dir / "pretrain", None)

@@ -44,6 +44,7 @@ TINY_STAGE_PARAMS = {
         "lm": {"config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 160}},
         "vocab_size": 300,
         "clip": _TINY_PHASE,
+        "concepts": _TINY_PHASE,
         "pretrain": _TINY_PHASE,
         "ssc": _TINY_PHASE,
         "dsc": _TINY_PHASE,

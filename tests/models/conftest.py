@@ -19,6 +19,7 @@ def tiny_captioner_config(**overrides) -> CaptionerTrainConfig:
         "lm": {"config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 160}},
         "vocab_size": 300,
         "clip": TINY_PHASE,
+        "concepts": TINY_PHASE,
         "pretrain": TINY_PHASE,
         "ssc": TINY_PHASE,
         "dsc": TINY_PHASE,

@@ -5,15 +5,18 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models.captioner import GenerationConfig, PrefixCaptioner
-from models.captioner_train import train_captioner
+from models.captioner_train import PHASES, train_captioner
+from models.concepts import word_targets
 from models.data import load_images
+from models.tokenizer import load_tokenizer
 from tests.models.conftest import tiny_captioner_config
 
 
 def test_every_phase_leaves_a_safetensors_checkpoint_and_quality(tiny_captioner):
-    for phase in ("clip", "pretrain", "ssc", "dsc"):
+    for phase in PHASES:
         assert (tiny_captioner / phase / "model.safetensors").exists(), phase
         assert not list((tiny_captioner / phase).glob("*.ckpt")) and not list(
             (tiny_captioner / phase).glob("*.pt")
@@ -23,6 +26,25 @@ def test_every_phase_leaves_a_safetensors_checkpoint_and_quality(tiny_captioner)
     for name, kinds in metrics["quality"].items():
         assert 0.0 <= kinds["overall"]["hallucination_rate"] <= 1.0, name
     assert len(metrics["samples"]["descriptive_caption"]) == 16
+
+
+def test_concepts_phase_trains_the_image_tower_only(tiny_captioner):
+    before = load_file(tiny_captioner / "clip" / "model.safetensors")
+    after = load_file(tiny_captioner / "concepts" / "model.safetensors")
+    assert before.keys() == after.keys()
+    text = [k for k in before if not k.startswith("visual.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+def test_word_targets_mark_each_caption_token_once(tiny_captioner):
+    tok = load_tokenizer(tiny_captioner / "tokenizer")
+    targets = word_targets(tok, ["a red circle and a red square", ""])
+    ids = tok("a red circle and a red square", add_special_tokens=False)["input_ids"]
+    assert targets.shape == (2, len(tok))
+    assert targets[0].nonzero().flatten().tolist() == sorted(set(ids))
+    assert targets[1].sum() == 0
+    assert targets[:, tok.all_special_ids].sum() == 0
 
 
 def test_checkpoint_round_trip_gives_the_same_captions(tiny_captioner, tiny_raw):
@@ -43,10 +65,7 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_captioner, tiny_raw)
 
 
 def test_finished_phases_are_skipped_on_rerun(tiny_captioner, tiny_raw):
-    stamps = {
-        p: (tiny_captioner / p / "model.safetensors").stat().st_mtime_ns
-        for p in ("clip", "pretrain", "ssc", "dsc")
-    }
+    stamps = {p: (tiny_captioner / p / "model.safetensors").stat().st_mtime_ns for p in PHASES}
     t0 = time.time()
     train_captioner(tiny_captioner_config(), tiny_raw, tiny_captioner)
     for p, st in stamps.items():
