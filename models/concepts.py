@@ -57,7 +57,9 @@ class ConceptModule(L.LightningModule):
         max_steps: int = 800,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # Not save_hyperparameters(): the `clip` phase already logged lr/max_steps to the
+        # same MLflow run, and MLflow refuses a param's second value (the run config has them).
+        self.opt = (lr, weight_decay, warmup_steps, max_steps)
         self.model = create_clip(model_name)
         self.model.load_state_dict(load_file(clip_weights))
         self.model.requires_grad_(False)
@@ -86,5 +88,4 @@ class ConceptModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        h = self.hparams
-        return warmup_cosine_adamw(self, h.lr, h.weight_decay, h.warmup_steps, h.max_steps)
+        return warmup_cosine_adamw(self, *self.opt)
