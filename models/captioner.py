@@ -27,6 +27,9 @@ from models.tokenizer import load_tokenizer
 class GenerationConfig:
     mode: str = "greedy"  # greedy | beam | nucleus
     max_new_tokens: int = 100
+    # EOS is not allowed before this many tokens (0: any time), e.g. so a barely trained
+    # captioner cannot write empty captions.
+    min_new_tokens: int = 0
     num_beams: int = 3
     top_p: float = 0.9
     temperature: float = 1.0
@@ -152,6 +155,11 @@ class PrefixCaptioner(nn.Module):
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
         }
+        if cfg.min_new_tokens:
+            kwargs["min_new_tokens"] = cfg.min_new_tokens
+        # A caption never contains PAD, BOS or UNK (decoding would drop them silently).
+        eos = self.tokenizer.eos_token_id
+        kwargs["suppress_tokens"] = [i for i in self.tokenizer.all_special_ids if i != eos]
         if cfg.mode == "beam":
             kwargs.update(num_beams=cfg.num_beams, do_sample=False)
         elif cfg.mode == "nucleus":

@@ -37,7 +37,8 @@ def small_raw_params(**overrides) -> RawDatasetParams:
     return RawDatasetParams.from_dict(d)
 
 
-# Captioning stages at toy size: the tests check wiring, not quality.
+# Captioning stages at toy size: the tests check wiring, not quality. min_new_tokens: an
+# untrained captioner may write EOS first, and the blend refuses empty synthetic captions.
 _TINY_PHASE = {"max_steps": 2, "batch_size": 8, "lr": 0.001, "warmup_steps": 1}
 TINY_STAGE_PARAMS = {
     "captioner": {
@@ -48,7 +49,7 @@ TINY_STAGE_PARAMS = {
         "pretrain": _TINY_PHASE,
         "ssc": _TINY_PHASE,
         "dsc": _TINY_PHASE,
-        "generation": {"max_new_tokens": 8},
+        "generation": {"max_new_tokens": 8, "min_new_tokens": 3},
         "ssc_max_new_tokens": 4,
         "eval_images": 8,
     },
@@ -56,7 +57,7 @@ TINY_STAGE_PARAMS = {
         "backend": "prefix",
         "batch_size": 32,
         "short_max_new_tokens": 4,
-        "generation": {"max_new_tokens": 8},
+        "generation": {"max_new_tokens": 8, "min_new_tokens": 3},
     },
     "mixed_sampler": {"synthetic_ratio": 0.95, "caption_kind": "descriptive", "epochs": 4},
     "autoencoder": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "eval_images": 8},

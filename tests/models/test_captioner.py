@@ -59,6 +59,10 @@ def test_checkpoint_round_trip_gives_the_same_captions(tiny_captioner, tiny_raw)
     for mode in ("beam", "nucleus"):
         caps = a.generate(images, GenerationConfig(mode=mode, max_new_tokens=10, num_beams=2))
         assert len(caps) == 8 and all(isinstance(c, str) for c in caps)
+    # A minimum length holds even for this barely trained model.
+    tok = load_tokenizer(tiny_captioner / "tokenizer")
+    forced = a.generate(images, GenerationConfig(max_new_tokens=10, min_new_tokens=4))
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) >= 2 for c in forced), forced
     # Batched and one-at-a-time greedy decoding agree.
     one_by_one = [a.generate(images[i : i + 1], gen)[0] for i in range(4)]
     assert one_by_one == a.generate(images[:4], gen)
