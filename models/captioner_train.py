@@ -35,8 +35,8 @@ from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
 from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
-from models.concepts import ConceptDataset, ConceptModule, word_targets
-from models.data import ImageTextDataset, LengthBucketBatchSampler, load_images
+from models.concepts import ConceptModule, word_targets
+from models.data import ImageTensorDataset, ImageTextDataset, LengthBucketBatchSampler, load_images
 from models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 PHASES = ("clip", "concepts", "pretrain", "ssc", "dsc")
@@ -161,6 +161,18 @@ def _loader(ds: ImageTextDataset, batch_size: int, seed: int) -> torch.utils.dat
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
 
 
+def _shuffled_loader(
+    ds: torch.utils.data.Dataset, batch_size: int, seed: int
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=min(batch_size, len(ds)),
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def _caption_ids(tokenizer, texts: list[str], max_len: int = 127) -> list[list[int]]:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [t[: max_len - 1] + [tokenizer.eos_token_id] for t in ids]
@@ -256,14 +268,8 @@ class CaptionerTraining:
         text = ClipTextTokenizer(module.model.context_length, hf_tokenizer=tok)(
             list(rows["alt_text"])
         )
-        ds = _ClipDataset(self._images(rows, module.image_size), text)
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=min(cfg.clip.batch_size, len(ds)),
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        ds = ImageTensorDataset(self._images(rows, module.image_size), text=text)
+        loader = _shuffled_loader(ds, cfg.clip.batch_size, cfg.seed)
         _trainer("clip", cfg.clip, self._logger()).fit(module, loader)
         save_clip(module.model, cfg.clip_model, self.out / "clip")
         self._mark_done("clip", {"seconds": time.time() - t0})
@@ -290,17 +296,11 @@ class CaptionerTraining:
             warmup_steps=pc.warmup_steps,
             max_steps=pc.max_steps,
         )
-        ds = ConceptDataset(
+        ds = ImageTensorDataset(
             self._images(self.human, module.image_size),
-            word_targets(tok, list(self.human["short_caption"])),
+            targets=word_targets(tok, list(self.human["short_caption"])),
         )
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=min(pc.batch_size, len(ds)),
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        loader = _shuffled_loader(ds, pc.batch_size, cfg.seed)
         _trainer("concepts", pc, self._logger()).fit(module, loader)
         save_clip(module.model, cfg.clip_model, self.out / "concepts")
         self._mark_done("concepts", {"seconds": time.time() - t0})
@@ -354,17 +354,6 @@ class CaptionerTraining:
             results[name] = caption_quality(caps, scenes)
             samples[name] = caps[:16]
         return {"quality": results, "samples": samples}
-
-
-class _ClipDataset(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, text: torch.Tensor):
-        self.images, self.text = images, text
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"images": self.images[i], "text": self.text[i]}
 
 
 def _load_visual(model: PrefixCaptioner, clip_weights: str) -> None:

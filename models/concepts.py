@@ -30,19 +30,6 @@ def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
     return out
 
 
-class ConceptDataset(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} word targets")
-        self.images, self.targets = images, targets
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"images": self.images[i], "targets": self.targets[i]}
-
-
 class ConceptModule(L.LightningModule):
     """Trains the image tower of an open_clip model (text tower frozen) with a word head."""
 

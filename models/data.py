@@ -95,6 +95,23 @@ def normalize_images(
     return (x - m) / s
 
 
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """uint8 images with per-image tensors of the same length (CLIP text ids, word
+    targets); an item is {"images": ..., name: ...}."""
+
+    def __init__(self, images: torch.Tensor, **tensors: torch.Tensor):
+        for name, t in tensors.items():
+            if len(t) != len(images):
+                raise ValueError(f"{len(images)} images but {len(t)} {name}")
+        self.images, self.tensors = images, tensors
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"images": self.images[i], **{k: t[i] for k, t in self.tensors.items()}}
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """(image uint8, token ids) pairs; `collate` pads to the longest in the batch."""
 
