@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from models.clip import clip_preprocess_cfg, create_clip
+from models.clip import clip_preprocess_cfg, create_clip, visual_features
 from models.data import normalize_images
 from models.tokenizer import load_tokenizer
 
@@ -114,17 +114,8 @@ class PrefixCaptioner(nn.Module):
         return prefix + self.prefix_pos if self.prefix_pos is not None else prefix
 
     def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images -> (pooled embedding (B, D), last feature map (B, C, h, w)).
-
-        ViTs give their patch tokens (after the final norm); convolutional towers
-        (open_clip's ModifiedResNet, timm models) their last feature map."""
-        if getattr(self.visual, "output_tokens", False):
-            pooled, tokens = self.visual(x)
-            b, n, c = tokens.shape
-            side = int(round(n**0.5))
-            return pooled, tokens.transpose(1, 2).reshape(b, c, side, side)
-        out = self.visual.forward_intermediates(x, indices=1)
-        return out["image_features"], out["image_intermediates"][-1]
+        """Normalised images -> (pooled embedding (B, D), last feature map (B, C, h, w))."""
+        return visual_features(self.visual, x)
 
     def _with_bos(self, prefix: torch.Tensor) -> torch.Tensor:
         bos = torch.full((len(prefix), 1), self.tokenizer.bos_token_id, device=prefix.device)

@@ -35,7 +35,7 @@ from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
 from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
-from models.concepts import ConceptModule, word_targets
+from models.concepts import ConceptModule, cell_targets, word_targets
 from models.data import ImageTensorDataset, ImageTextDataset, LengthBucketBatchSampler, load_images
 from models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -52,6 +52,8 @@ class PhaseConfig:
     weight_decay: float = 0.05
     # Learning rate of the image tower relative to `lr` (captioning phases): 0 freezes it.
     visual_lr_scale: float = 1.0
+    # concepts phase: weight of the per-cell shape/colour loss (0: the word head alone).
+    cell_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -295,10 +297,12 @@ class CaptionerTraining:
             weight_decay=pc.weight_decay,
             warmup_steps=pc.warmup_steps,
             max_steps=pc.max_steps,
+            cell_weight=pc.cell_weight,
         )
         ds = ImageTensorDataset(
             self._images(self.human, module.image_size),
             targets=word_targets(tok, list(self.human["short_caption"])),
+            **cell_targets(list(self.human["descriptive_caption"])),
         )
         loader = _shuffled_loader(ds, pc.batch_size, cfg.seed)
         _trainer("concepts", pc, self._logger()).fit(module, loader)

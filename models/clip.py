@@ -51,6 +51,20 @@ def clip_preprocess_cfg(model: torch.nn.Module) -> tuple[int, tuple, tuple]:
     return size, tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def visual_features(visual: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images -> (pooled embedding (B, D), last feature map (B, C, h, w)).
+
+    ViTs give their patch tokens after the final norm (set `visual.output_tokens = True`
+    once); convolutional towers (open_clip's ModifiedResNet, timm) their last feature map."""
+    if getattr(visual, "output_tokens", False):
+        pooled, tokens = visual(x)
+        b, n, c = tokens.shape
+        side = int(round(n**0.5))
+        return pooled, tokens.transpose(1, 2).reshape(b, c, side, side)
+    out = visual.forward_intermediates(x, indices=1)
+    return out["image_features"], out["image_intermediates"][-1]
+
+
 class ClipTextTokenizer:
     """Token ids for the tiny CLIP's text tower: our own tokenizer, padded to the context
     length, with EOS last (the tower pools at EOS)."""

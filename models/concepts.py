@@ -1,5 +1,7 @@
 """A concept detector trained from captions: the image tower learns which words a caption
-uses, through a linear multi-label head over the vocabulary on its pooled embedding.
+uses, through a linear multi-label head over the vocabulary on its pooled embedding, and
+what each cell of the world's 3x3 grid holds, through linear shape, colour and size heads
+on its patch tokens pooled to that grid.
 
 Why (measured in docs/captioning.md): the tiny tower learns object shapes within a
 minute when a linear head is told them, even from the ~1,000 human-captioned images, but
@@ -8,17 +10,29 @@ CLIP, captioning, also on clean captions). Word detectors trained from captions 
 old captioning recipe (Fang et al. 2015, "From captions to visual concepts and back";
 Wu et al. 2016). The words come from the human-written short captions, so no label the
 corpus does not have is used; the head is dropped after training and the tower is kept.
+The cell targets are parsed from the human-written descriptive captions, which place every
+object they name ("a small red star in the top left"), with the caption-quality parser
+(corpus/caption_metrics.py): grounded phrases, the way phrase-grounding work uses
+captions. A cell the caption places nothing in is "nothing"; an unstated colour or size is ignored.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from models.clip import clip_preprocess_cfg, create_clip, warmup_cosine_adamw
+from corpus.caption_metrics import extract_claims
+from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES
+from models.clip import clip_preprocess_cfg, create_clip, visual_features, warmup_cosine_adamw
 from models.data import normalize_images
+
+GRID = 3  # the world's grid (corpus/world.py); cell k is (row, col) = divmod(k, GRID)
+_CELL_INDEX = {name: r * GRID + c for (r, c), name in CELL_NAMES.items()}
+_COLOUR_NAMES = tuple(COLORS)
+IGNORE = -100  # cross_entropy's ignore_index: a placed object whose colour is unstated
 
 
 def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
@@ -28,6 +42,30 @@ def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
         out[i, ids] = 1.0
     out[:, tokenizer.all_special_ids] = 0.0
     return out
+
+
+def cell_targets(texts: list[str]) -> dict[str, torch.Tensor]:
+    """(N, 9) classes per grid cell from the objects each caption places: `cell_shapes` and
+    `cell_colours` 0 for nothing placed there, k for SHAPES[k - 1] / the k-th colour;
+    `cell_sizes` the index in SIZES where a size is stated, IGNORE elsewhere."""
+    shapes = torch.zeros(len(texts), GRID * GRID, dtype=torch.long)
+    colours = torch.zeros_like(shapes)
+    sizes = torch.full_like(shapes, IGNORE)
+    for i, text in enumerate(texts):
+        for size, colour, shape, cell in extract_claims(text or "").placed:
+            k = _CELL_INDEX[cell]
+            shapes[i, k] = SHAPES.index(shape) + 1
+            colours[i, k] = _COLOUR_NAMES.index(colour) + 1 if colour else IGNORE
+            sizes[i, k] = SIZES.index(size) if size else IGNORE
+    return {"cell_shapes": shapes, "cell_colours": colours, "cell_sizes": sizes}
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the targets that are not IGNORE; 0 (not NaN) when a batch has none."""
+    keep = target != IGNORE
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], target[keep])
 
 
 class ConceptModule(L.LightningModule):
@@ -42,36 +80,68 @@ class ConceptModule(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 20,
         max_steps: int = 800,
+        cell_weight: float = 1.0,
     ):
         super().__init__()
         # Not save_hyperparameters(): the `clip` phase already logged lr/max_steps to the
         # same MLflow run, and MLflow refuses a param's second value (the run config has them).
         self.opt = (lr, weight_decay, warmup_steps, max_steps)
+        self.cell_weight = cell_weight
         self.model = create_clip(model_name)
         self.model.load_state_dict(load_file(clip_weights))
         self.model.requires_grad_(False)
         self.model.visual.requires_grad_(True)
+        if hasattr(self.model.visual, "output_tokens"):  # ViTs: the patch tokens too
+            self.model.visual.output_tokens = True
         self.image_size, self.mean, self.std = clip_preprocess_cfg(self.model)
         dim = self.model.visual.output_dim
         self.head = torch.nn.Linear(dim, vocab_size)
         # A caption uses a handful of the vocabulary's words: start every word unlikely.
         torch.nn.init.constant_(self.head.bias, -4.0)
+        with torch.no_grad():
+            _, grid = visual_features(self.model.visual, torch.zeros(1, 3, *[self.image_size] * 2))
+        classes = {"shapes": len(SHAPES) + 1, "colours": len(COLORS) + 1, "sizes": len(SIZES)}
+        self.cell_heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(grid.shape[1], n) for name, n in classes.items()}
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = normalize_images(batch["images"], self.image_size, self.mean, self.std)
-        logits = self.head(self.model.encode_image(x))
-        loss = (
-            torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, batch["targets"], reduction="none"
-            )
+        pooled, grid = visual_features(self.model.visual, x)
+        logits = self.head(pooled)
+        word_loss = (
+            F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")
             .sum(1)
             .mean()
         )
+        logs = {"concepts/word_loss": word_loss}
+        loss = word_loss
+        if "cell_shapes" in batch and self.cell_weight > 0:
+            cells = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 9, C)
+            logits_of = {name: head(cells) for name, head in self.cell_heads.items()}
+            # Summed over the cells like the word loss over words, averaged over images.
+            cell_loss = (
+                GRID
+                * GRID
+                * sum(
+                    _cross_entropy(out.flatten(0, 1), batch[f"cell_{name}"].flatten())
+                    for name, out in logits_of.items()
+                )
+            )
+            loss = loss + self.cell_weight * cell_loss
+            with torch.no_grad():  # of the cells that hold a placed object
+                placed = batch["cell_shapes"] > 0
+                hit = logits_of["shapes"].argmax(-1) == batch["cell_shapes"]
+                logs |= {
+                    "concepts/cell_loss": cell_loss,
+                    "concepts/cell_shape_acc": hit[placed].float().mean(),
+                }
         with torch.no_grad():  # share of caption words ranked in the image's top-k words
             k = int(batch["targets"].sum(1).max().item())
             top = logits.topk(max(k, 1), dim=1).indices
             hit = batch["targets"].gather(1, top).sum() / batch["targets"].sum().clamp(min=1)
-        self.log_dict({"concepts/loss": loss, "concepts/recall_at_k": hit}, prog_bar=True)
+        logs |= {"concepts/loss": loss, "concepts/recall_at_k": hit}
+        self.log_dict(logs, prog_bar=True)
         return loss
 
     def configure_optimizers(self):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from corpus.world import COLORS, SHAPES, SIZES
 from models.captioner import GenerationConfig, PrefixCaptioner
 from models.captioner_train import PHASES, train_captioner
-from models.concepts import word_targets
+from models.concepts import IGNORE, cell_targets, word_targets
 from models.data import load_images
 from models.tokenizer import load_tokenizer
 from tests.models.conftest import tiny_captioner_config
@@ -45,6 +46,50 @@ def test_word_targets_mark_each_caption_token_once(tiny_captioner):
     assert targets[0].nonzero().flatten().tolist() == sorted(set(ids))
     assert targets[1].sum() == 0
     assert targets[:, tok.all_special_ids].sum() == 0
+
+
+def test_cell_targets_place_what_each_caption_places():
+    targets = cell_targets(
+        [
+            "A gray background with a small red star in the top left and two blue circles "
+            'in the center and the bottom right. The text "CAT" appears in the top right.',
+            "a square in the bottom center",  # colour unstated: ignored, not "nothing"
+            "",
+        ]
+    )
+    shapes, colours, sizes = (targets[f"cell_{k}"] for k in ("shapes", "colours", "sizes"))
+    star, circle, square = (SHAPES.index(s) + 1 for s in ("star", "circle", "square"))
+    red, blue = (list(COLORS).index(c) + 1 for c in ("red", "blue"))
+    assert shapes[0].tolist() == [star, 0, 0, 0, circle, 0, 0, 0, circle]
+    assert colours[0].tolist() == [red, 0, 0, 0, blue, 0, 0, 0, blue]
+    small, n = SIZES.index("small"), IGNORE  # the circles' size is not stated
+    assert sizes[0].tolist() == [small, n, n, n, n, n, n, n, n]
+    assert shapes[1, 7] == square and colours[1, 7] == IGNORE
+    assert shapes[2].sum() == 0 and colours[2].sum() == 0
+
+
+def test_concept_loss_stays_finite_when_a_batch_states_no_size(tiny_captioner, tiny_raw):
+    import pandas as pd
+
+    from models.concepts import ConceptModule
+
+    tok = load_tokenizer(tiny_captioner / "tokenizer")
+    module = ConceptModule(
+        "recapflow-tiny-cell-clip", str(tiny_captioner / "clip" / "model.safetensors"), len(tok)
+    )
+    module.log_dict = lambda *a, **k: None  # no trainer attached
+    index = pd.read_parquet(tiny_raw / "index.parquet").head(4)
+    targets = cell_targets(["a red star in the top left"] * 4)  # no size stated
+    batch = {
+        "images": load_images(tiny_raw, list(index["key"]), list(index["shard"]), 48),
+        "targets": word_targets(tok, ["a red star"] * 4),
+        **targets,
+    }
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.cell_heads["shapes"].weight.grad.abs().sum() > 0
+    assert module.cell_heads["sizes"].weight.grad.abs().sum() == 0
 
 
 def test_checkpoint_round_trip_gives_the_same_captions(tiny_captioner, tiny_raw):
