@@ -13,7 +13,8 @@ corpus does not have is used; the head is dropped after training and the tower i
 The cell targets are parsed from the human-written descriptive captions, which place every
 object they name ("a small red star in the top left"), with the caption-quality parser
 (corpus/caption_metrics.py): grounded phrases, the way phrase-grounding work uses
-captions. A cell the caption places nothing in is "nothing"; an unstated colour or size is ignored.
+captions. A cell the caption places nothing in is "nothing"; an unstated colour or size
+is ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from models.data import normalize_images
 GRID = 3  # the world's grid (corpus/world.py); cell k is (row, col) = divmod(k, GRID)
 _CELL_INDEX = {name: r * GRID + c for (r, c), name in CELL_NAMES.items()}
 _COLOUR_NAMES = tuple(COLORS)
-IGNORE = -100  # cross_entropy's ignore_index: a placed object whose colour is unstated
+IGNORE = -100  # no target: the colour or size a caption leaves unstated
 
 
 def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
@@ -69,7 +70,8 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ConceptModule(L.LightningModule):
-    """Trains the image tower of an open_clip model (text tower frozen) with a word head."""
+    """Trains the image tower of an open_clip model (text tower frozen) with a word head
+    on its pooled embedding and shape/colour/size heads on its cell tokens."""
 
     def __init__(
         self,
