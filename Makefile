@@ -49,7 +49,7 @@ $(DAGSTER_HOME)/dagster.yaml: Makefile
 
 DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
 # Steps of the last run one at a time: each trains with every core, and on 2 cores the
-# autoencoder ran at 0.57 steps/s next to world_judge and reference_clip (4.4 alone).
+# autoencoder ran at 0.57 steps/s next to world_judge and reference_clip (5.95 alone).
 RUN_CONCURRENCY ?= 1
 
 run: install

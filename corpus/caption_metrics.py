@@ -105,12 +105,16 @@ class Claims:
     colors: list[tuple[str, str]] = field(default_factory=list)
     sizes: list[tuple[str, str | None, str]] = field(default_factory=list)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    positions: list[tuple[str | None, str, str]] = field(default_factory=list)
     # (size, colour, shape, cell) of every placed noun phrase: what a phrase says of one cell.
     placed: list[tuple[str | None, str | None, str, str]] = field(default_factory=list)
     relations: list[Relation] = field(default_factory=list)
     background: list[str] = field(default_factory=list)
     words: list[str] = field(default_factory=list)
+
+    @property
+    def positions(self) -> list[tuple[str | None, str, str]]:
+        """(colour, shape, cell) of every placement: what the position score checks."""
+        return [(colour, shape, cell) for _, colour, shape, cell in self.placed]
 
 
 # --- parsing -------------------------------------------------------------------------
@@ -229,9 +233,7 @@ def extract_claims(caption: str) -> Claims:
             claims.colors.append((p.color, p.shape))
         if p.size is not None:
             claims.sizes.append((p.size, p.color, p.shape))
-        cells = _cells_after(tokens, p.end)
-        claims.positions += [(p.color, p.shape, c) for c in cells]
-        claims.placed += [(p.size, p.color, p.shape, c) for c in cells]
+        claims.placed += [(p.size, p.color, p.shape, c) for c in _cells_after(tokens, p.end)]
     return claims
 
 

@@ -52,7 +52,11 @@ class PhaseConfig:
     weight_decay: float = 0.05
     # Learning rate of the image tower relative to `lr` (captioning phases): 0 freezes it.
     visual_lr_scale: float = 1.0
-    # concepts phase: weight of the per-cell shape/colour loss (0: the word head alone).
+
+
+@dataclass(frozen=True)
+class ConceptsConfig(PhaseConfig):
+    # Weight of the per-cell shape/colour/size loss next to the word loss (0: words alone).
     cell_weight: float = 1.0
 
 
@@ -70,10 +74,10 @@ class CaptionerTrainConfig:
     vocab_size: int = 1024
     prefix_grid: int = 3
     clip: PhaseConfig = field(default_factory=PhaseConfig)
-    # The tiny tower's word detector on the human subset's short captions (models/concepts.py);
-    # like `clip`, skipped with `clip_pretrained`, and with max_steps 0.
-    concepts: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(max_steps=800, batch_size=64, warmup_steps=20)
+    # The tiny tower's word and per-cell concept detector on the human subset's captions
+    # (models/concepts.py); like `clip`, skipped with `clip_pretrained`, and with max_steps 0.
+    concepts: ConceptsConfig = field(
+        default_factory=lambda: ConceptsConfig(max_steps=800, batch_size=64, warmup_steps=20)
     )
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
     ssc: PhaseConfig = field(default_factory=PhaseConfig)
@@ -88,7 +92,7 @@ class CaptionerTrainConfig:
         d = dict(d)
         for k in PHASES:
             if k in d:
-                d[k] = PhaseConfig(**d[k])
+                d[k] = (ConceptsConfig if k == "concepts" else PhaseConfig)(**d[k])
         if "generation" in d:
             d["generation"] = GenerationConfig(**d["generation"])
         known = set(cls.__dataclass_fields__)
@@ -278,8 +282,9 @@ class CaptionerTraining:
         return str(weights)
 
     def run_concepts(self, tok, clip_weights: str | None) -> str | None:
-        """The tiny tower trained to detect the words of the human-written short captions;
-        returns the weights the captioning phases start from."""
+        """The tiny tower trained to detect the words of the human-written short captions and
+        what their descriptive captions place in each cell; returns the weights the
+        captioning phases start from."""
         cfg = self.cfg
         if cfg.clip_pretrained or cfg.concepts.max_steps == 0:
             return clip_weights
