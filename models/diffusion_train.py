@@ -62,6 +62,10 @@ from models.text_encoder import (
 )
 
 VARIANTS = ("synthetic", "alt_text", "dropped")  # index in the text cache
+# Part of every cache key and resume digest of the work folder: bump it when a code change
+# alters what the same configuration trains, so a rerun neither loads a text encoder nor
+# resumes checkpoints of the old code. 2: text encoder pooled at EOS (models/text_encoder.py).
+RECIPE = 2
 
 
 @dataclass
@@ -412,7 +416,7 @@ def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenT
         )
     folder = cfg.work_dir / "text_encoder"
     done = folder / "done.json"
-    tag = _digest([asdict(tcfg), len(captions), captions["key"].iloc[0], cfg.seed])
+    tag = _digest([asdict(tcfg), len(captions), captions["key"].iloc[0], cfg.seed, RECIPE])
     if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
         reporter.info("pretraining the text encoder contrastively on the corpus")
         texts = manifest0.set_index("key").loc[captions["key"], "caption"].tolist()
@@ -456,7 +460,7 @@ def discard_stale_run(cfg: DiffusionTrainConfig, sampler: dict) -> bool:
     work = cfg.work_dir
     settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_NEUTRAL}
     ae = Path(cfg.autoencoder) / "metrics.json"
-    digest = _digest([settings, sampler, ae.read_text() if ae.exists() else None])
+    digest = _digest([settings, sampler, ae.read_text() if ae.exists() else None, RECIPE])
     marker = work / "run_config.json"
     stale = marker.exists() and json.loads(marker.read_text())["digest"] != digest
     if stale:

@@ -68,6 +68,22 @@ class TextEncoderConfig:
         return cls(**d, pretrain=pretrain)
 
 
+def clip_text_features(
+    model: CLIPTextModelWithProjection, ids: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token states, projected state at the first EOS) of a CLIP text model.
+
+    Pooled here rather than by transformers: a config with `eos_token_id: 2` (the legacy
+    value, and our BPE tokenizer's real EOS id) makes transformers pool at the highest
+    token id of each caption instead, so the tiny encoder's "pooled" vector was the
+    causal state at some mid-caption word. For OpenAI's CLIP, whose EOS is the highest
+    id, both rules pick the same token."""
+    states = model(input_ids=ids).last_hidden_state
+    eos = (ids == eos_token_id).int().argmax(-1)
+    pooled = states[torch.arange(len(ids), device=ids.device), eos]
+    return states, model.text_projection(pooled)
+
+
 class FrozenTextEncoder(torch.nn.Module):
     """A tokenizer and a transformers text encoder, frozen, in eval mode."""
 
@@ -102,8 +118,7 @@ class FrozenTextEncoder(torch.nn.Module):
         """(states (B, L, hidden), pooled (B, pooled)) for a list of texts."""
         ids = self.tokenize(texts).to(next(self.model.parameters()).device)
         if isinstance(self.model, CLIPTextModelWithProjection):
-            out = self.model(input_ids=ids)
-            return out.last_hidden_state, out.text_embeds
+            return clip_text_features(self.model, ids, self.tokenizer.eos_token_id)
         mask = (ids != self.tokenizer.pad_token_id).long()
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -177,15 +192,15 @@ class _ImageTower(torch.nn.Module):
 
 
 class _ContrastiveModule(L.LightningModule):
-    def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig):
+    def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig, eos_id: int):
         super().__init__()
-        self.text, self.cfg = text, cfg
+        self.text, self.cfg, self.eos_id = text, cfg, eos_id
         self.image = _ImageTower(text.config.projection_dim)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # ln(1 / 0.07)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img = F.normalize(self.image(batch["image"].float() / 127.5 - 1), dim=-1)
-        txt = F.normalize(self.text(input_ids=batch["ids"]).text_embeds, dim=-1)
+        txt = F.normalize(clip_text_features(self.text, batch["ids"], self.eos_id)[1], dim=-1)
         logits = self.logit_scale.clamp(max=4.6).exp() * img @ txt.T
         labels = torch.arange(len(img), device=img.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -244,7 +259,7 @@ def pretrain_text_encoder(
         shuffle=True,
         drop_last=True,
     )
-    module = _ContrastiveModule(model, cfg.pretrain)
+    module = _ContrastiveModule(model, cfg.pretrain, tokenizer.eos_token_id)
     trainer = L.Trainer(
         max_steps=cfg.pretrain.max_steps,
         accelerator="auto",

@@ -30,6 +30,7 @@ from models.autoencoder import (
     train_autoencoder,
 )
 from models.colour_following import colour_prompts, score_colours
+from models.diffusion import DiffusionConfig, sampling_scheduler
 from models.diffusion_train import DiffusionTrainConfig, train_diffusion
 from models.text_encoder import MissingTextEncoderError, load_text_encoder
 from models.tokenizer import train_bpe_tokenizer
@@ -167,6 +168,17 @@ def test_pretrained_components_load_from_a_folder(tmp_path):
     states, pooled = enc(["a red circle", ""])
     assert states.shape == (2, 32, 32) and pooled.shape == (2, 24)
 
+    # The pooled vector is the caption's state at EOS, all words read. Our tokenizers give
+    # EOS id 2, the legacy value for which transformers pools at the highest token id.
+    texts = ["two blue stars on gray", "a red circle"]
+    states, pooled = enc(texts)
+    ids = enc.tokenize(texts)
+    eos = [row.tolist().index(tok.eos_token_id) for row in ids]
+    at_eos = enc.model.text_projection(states[torch.arange(2), eos])
+    assert torch.allclose(pooled, at_eos, atol=1e-6)
+    assert tok.eos_token_id == 2
+    assert not torch.allclose(enc.model(input_ids=ids).text_embeds, at_eos, atol=1e-3)
+
     t5 = T5EncoderModel(
         T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     )
@@ -185,6 +197,20 @@ def test_pretrained_components_load_from_a_folder(tmp_path):
         load_autoencoder(str(tmp_path / "absent"))
     with pytest.raises(MissingTextEncoderError, match="local folder"):
         load_text_encoder(tmp_path / "absent", 16)
+
+
+def test_sampler_reaches_latents_beyond_the_unit_range():
+    # Scaled latents have std 1: a sampler that clips its x0 estimate to [-1, 1] (diffusers'
+    # default, meant for pixels) washed every object out of the samples.
+    sched = sampling_scheduler("ddim", DiffusionConfig())
+    sched.set_timesteps(20)
+    target = torch.linspace(-3, 3, 256).reshape(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        a = sched.alphas_cumprod[t]
+        oracle_noise = (x - a.sqrt() * target) / (1 - a).sqrt()  # a perfect denoiser
+        x = sched.step(oracle_noise, t, x).prev_sample
+    assert torch.allclose(x, target, atol=1e-3)
 
 
 def _renders(colours: list[str]) -> np.ndarray:
