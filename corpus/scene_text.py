@@ -21,6 +21,7 @@ relations, the background and the rendered word, in varied phrasings.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -172,6 +173,27 @@ def _relation_sentences(scene: Scene) -> list[str]:
     for j, rels in sorted(by_other.items()):
         b = scene.objects[j]
         out.append(f"the {main.color} {main.shape} is {' and '.join(rels)} the {b.color} {b.shape}")
+    return out
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+# A caption names both relations of a pair in a fixed order (`_relation_sentences`):
+# after swapping left and right, two of the four combinations need their order restored.
+_REORDER = {
+    "to the right of and above": "above and to the right of",
+    "above and to the left of": "to the left of and above",
+}
+
+
+def mirror_caption(caption: str) -> str | None:
+    """The caption of the left-right mirror image: "left" and "right" swapped (cells and
+    relations), in the order a caption of the mirrored scene would use. None when the
+    caption quotes a rendered word: mirrored letters are not that word."""
+    if '"' in caption:
+        return None
+    out = _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+    for old, new in _REORDER.items():
+        out = out.replace(old, new)
     return out
 
 

@@ -9,6 +9,7 @@ from corpus.scene_text import (
     alt_text,
     descriptive_caption,
     draw_noise_kind,
+    mirror_caption,
     short_caption,
 )
 from corpus.world import (
@@ -117,3 +118,34 @@ def test_noise_rates_are_realized_and_validated():
         assert abs(draws.count(kind) / len(draws) - getattr(rates, kind)) < 0.015, kind
     with pytest.raises(ValueError, match="sum to 1"):
         NoiseRates(plain=0.5)
+
+
+def _mirrored(scene: Scene) -> Scene:
+    objs = tuple(SceneObject(o.shape, o.color, o.size, o.row, 2 - o.col) for o in scene.objects)
+    return Scene(objs, scene.background)
+
+
+def test_mirror_caption_is_the_caption_of_the_mirrored_scene():
+    # The captioner's flip augmentation pairs a flipped image with mirror_caption of its
+    # caption: both must describe the same (mirrored) scene, in the corpus's own phrasing.
+    rng, cfg = random.Random(3), WorldConfig(word_prob=0.0)
+    scenes = [sample_scene(rng, cfg) for _ in range(400)]
+    swapped_pairs = 0
+    for scene in scenes:
+        state = rng.getstate()
+        caption = descriptive_caption(scene, rng)
+        rng.setstate(state)
+        assert mirror_caption(caption) == descriptive_caption(_mirrored(scene), rng), caption
+        assert mirror_caption(short_caption(scene)) == short_caption(_mirrored(scene))
+        swapped_pairs += "and to the right of" in caption or "and to the left of" in caption
+        # The flipped render is the mirrored scene's render up to rasterisation: a few
+        # edge pixels (measured: at most 2.1% at 32 px).
+        flipped = np.asarray(render(scene, 32)).astype(int)[:, ::-1]
+        mirrored = np.asarray(render(_mirrored(scene), 32)).astype(int)
+        assert (np.abs(flipped - mirrored).max(-1) > 40).mean() < 0.03
+    assert swapped_pairs > 0  # the relation-order case is exercised
+
+
+def test_mirror_caption_refuses_a_caption_quoting_a_word():
+    assert mirror_caption('A red circle in the top left. The word "ZOO" is written.') is None
+    assert mirror_caption("A red circle in the top left.") == "A red circle in the top right."

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from corpus.world import COLORS, SHAPES, SIZES
 from models.captioner import GenerationConfig, PrefixCaptioner
-from models.captioner_train import PHASES, train_captioner
+from models.captioner_train import PHASES, train_captioner, with_mirrors
 from models.concepts import IGNORE, cell_targets, word_targets
 from models.data import load_images
 from models.tokenizer import load_tokenizer
@@ -199,3 +199,13 @@ def test_prefix_slots_carry_their_own_position_and_old_checkpoints_still_load(
     images = load_images(tiny_raw, list(index["key"]), list(index["shard"]), 64)
     gen = GenerationConfig(max_new_tokens=8)
     assert loaded.generate(images, gen) == old.generate(images, gen)
+
+
+def test_mirrored_training_pairs_flip_the_image_and_swap_left_and_right():
+    images = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).reshape(2, 3, 2, 4)
+    texts = ["A red circle in the top left.", 'A blue star in the center. It says "ZOO".']
+    out_images, out_texts = with_mirrors(images, texts)
+    # The captioned word would be mirrored too: that image gets no mirrored copy.
+    assert out_texts == texts + ["A red circle in the top right."]
+    assert torch.equal(out_images[:2], images)
+    assert torch.equal(out_images[2], images[0].flip(-1))
