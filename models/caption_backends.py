@@ -37,6 +37,10 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
+def _json_digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class PrefixCaptionerBackend:
     """The SSC and DSC checkpoints written by `models.captioner_train`."""
 
@@ -64,8 +68,11 @@ class PrefixCaptionerBackend:
             "descriptive": generation,
         }
         self.id = f"recapflow-prefix-captioner:{root.resolve()}"
+        # The captions depend on the weights and on how they are decoded: a new decoding
+        # (greedy -> beam) makes every shard stale, as new weights do.
         self.version = "-".join(
-            _file_digest(root / p / "model.safetensors") for p in ("ssc", "dsc")
+            [_file_digest(root / p / "model.safetensors") for p in ("ssc", "dsc")]
+            + [_json_digest(self.generation_config())]
         )
         self.image_size = self.models["short"].image_size
 
@@ -105,10 +112,9 @@ class HFImageToTextBackend:
         self.max_new_tokens = max_new_tokens or {"short": 20, "descriptive": 77}
         self.num_beams = num_beams
         self.id = f"hf:{model}"
-        cfg = self.model.config.to_dict()
-        self.version = hashlib.sha256(
-            json.dumps(cfg, sort_keys=True, default=str).encode()
-        ).hexdigest()[:12]
+        self.version = "-".join(
+            [_json_digest(self.model.config.to_dict()), _json_digest(self.generation_config())]
+        )
         self.image_size = None
 
     def caption(self, images: torch.Tensor, kind: str) -> list[str]:

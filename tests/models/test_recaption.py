@@ -48,6 +48,9 @@ def test_recaptioned_shards_hold_every_key_once(tiny_raw, tiny_captioner, tmp_pa
     ]
     assert (df["captioner_version"] == backend.version).all()
     assert recaption(backend, tiny_raw, out) == {s: "skipped" for s in status}
+    # Same weights, another decoding: other captions, so every shard is redone.
+    beam = make_backend({"generation": {"max_new_tokens": 8, "mode": "beam"}}, tiny_captioner)
+    assert recaption(beam, tiny_raw, out) == {s: "captioned" for s in status}
 
 
 def test_killed_recaptioning_resumes_without_duplicates_or_holes(
