@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,13 @@ from corpus.scene_text import NoiseRates
 from corpus.world import WorldConfig
 
 SOURCES = ("synthetic", "webdataset", "folder")
+
+
+def json_digest(obj: Any, length: int = 12) -> str:
+    """A short sha256 of a JSON-able value (configs, generation settings): what cache
+    keys and "is this output current" checks compare."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

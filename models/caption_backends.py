@@ -9,7 +9,6 @@ writes the captions:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from corpus.params import json_digest
 from models.captioner import GenerationConfig, PrefixCaptioner
 
 CAPTION_KINDS = ("short", "descriptive")
@@ -35,10 +35,6 @@ class CaptionBackend(Protocol):
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:12]
-
-
-def _json_digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 class PrefixCaptionerBackend:
@@ -72,7 +68,7 @@ class PrefixCaptionerBackend:
         # (greedy -> beam) makes every shard stale, as new weights do.
         self.version = "-".join(
             [_file_digest(root / p / "model.safetensors") for p in ("ssc", "dsc")]
-            + [_json_digest(self.generation_config())]
+            + [json_digest(self.generation_config())]
         )
         self.image_size = self.models["short"].image_size
 
@@ -113,7 +109,7 @@ class HFImageToTextBackend:
         self.num_beams = num_beams
         self.id = f"hf:{model}"
         self.version = "-".join(
-            [_json_digest(self.model.config.to_dict()), _json_digest(self.generation_config())]
+            [json_digest(self.model.config.to_dict()), json_digest(self.generation_config())]
         )
         self.image_size = None
 

@@ -15,7 +15,6 @@ captions and caption quality on the held-out split go to one MLflow run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from safetensors.torch import load_file
 
 from corpus.caption_metrics import caption_quality
+from corpus.params import json_digest
 from corpus.scene_text import mirror_caption
 from corpus.shards import read_json_sidecars
 from corpus.world import Scene
@@ -109,7 +109,7 @@ class CaptionerTrainConfig:
         return cls(**d)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return json_digest(asdict(self))
 
 
 class Throughput(L.Callback):

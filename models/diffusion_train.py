@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from corpus.atomic import replace_dir, write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
-from corpus.params import flatten, load_params
+from corpus.params import flatten, json_digest, load_params
 from models.autoencoder import image_grid, to_model_range
 from models.colour_following import colour_prompts, score_colours
 from models.data import load_images
@@ -130,7 +130,7 @@ class DiffusionTrainConfig:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj, length=16)
 
 
 # --- data: cached latents and caption embeddings, one epoch manifest at a time ---------

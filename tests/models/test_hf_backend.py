@@ -67,7 +67,11 @@ def test_local_model_captions_a_batch(tiny_blip):
         caps = backend.caption(images, kind)
         assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
         assert all(set(c.split()) <= set(WORDS) for c in caps)  # decoded from the tiny vocab
-    assert backend.id == f"hf:{tiny_blip}" and len(backend.version) == 12
+    assert backend.id == f"hf:{tiny_blip}"
+    # The version names what the captions depend on: the model and its decoding settings.
+    same = HFImageToTextBackend(str(tiny_blip), backend.prompts, backend.max_new_tokens)
+    beams = HFImageToTextBackend(str(tiny_blip), backend.prompts, backend.max_new_tokens, 2)
+    assert same.version == backend.version != beams.version
 
 
 def test_missing_model_says_how_to_provide_it(tmp_path, monkeypatch):
