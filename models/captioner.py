@@ -95,7 +95,9 @@ class PrefixCaptioner(nn.Module):
                 vocab_size=len(tokenizer),
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
-                **spec.lm["config"],
+                # GPT-2's tanh GELU as one fused kernel: "gelu_new" computes the same curve
+                # in elementwise ops (a bf16 DSC step on 2 CPU cores: 0.29 s -> 0.23 s).
+                **{"activation_function": "gelu_pytorch_tanh", **spec.lm["config"]},
             )
             lm = GPT2LMHeadModel(cfg)
         return cls(clip.visual, lm, tokenizer, spec, clip_preprocess_cfg(clip))

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from corpus.world import COLORS, SHAPES, SIZES
+from corpus.scene_text import descriptive_caption, scene_word_cell
+from corpus.world import COLORS, SHAPES, SIZES, WORDS, WorldConfig, sample_scene
 from models.captioner import GenerationConfig, PrefixCaptioner
-from models.captioner_train import PHASES, train_captioner, with_mirrors
-from models.concepts import IGNORE, cell_targets, word_targets
+from models.captioner_train import PHASES, train_captioner, training_precision, with_mirrors
+from models.concepts import IGNORE, cell_targets, word_cells, word_targets
 from models.data import load_images
 from models.tokenizer import load_tokenizer
 from tests.models.conftest import tiny_captioner_config
@@ -66,6 +68,24 @@ def test_cell_targets_place_what_each_caption_places():
     assert sizes[0].tolist() == [small, n, n, n, n, n, n, n, n]
     assert shapes[1, 7] == square and colours[1, 7] == IGNORE
     assert shapes[2].sum() == 0 and colours[2].sum() == 0
+    cat = WORDS.index("CAT") + 1
+    assert targets["cell_words"][0].tolist() == [0, 0, cat, 0, 0, 0, 0, 0, 0]
+    assert targets["cell_words"][1:].sum() == 0
+
+
+def test_word_cells_read_every_template_of_the_descriptive_caption():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        scene = sample_scene(rng, WorldConfig(word_prob=1.0))
+        caption = descriptive_caption(scene, rng)
+        assert word_cells(caption) == [(scene.word, scene_word_cell(scene))], caption
+        seen.add(caption.split('"')[0][-12:])
+    assert len(seen) >= 3  # the three word sentences were all drawn
+    # "the center left" is not read as "the center"; an unknown or second word is no target
+    assert word_cells('In the center left it says "SUN".') == [("SUN", "center left")]
+    assert word_cells('The word "HELLO" is written in the center.') == []
+    assert word_cells('The word "CAT" or "DOG" is written in the center.') == []
 
 
 def test_concept_loss_stays_finite_when_a_batch_states_no_size(tiny_captioner, tiny_raw):
@@ -209,3 +229,12 @@ def test_mirrored_training_pairs_flip_the_image_and_swap_left_and_right():
     assert out_texts == texts + ["A red circle in the top right."]
     assert torch.equal(out_images[:2], images)
     assert torch.equal(out_images[2], images[0].flip(-1))
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_in_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert training_precision("auto") == "32-true"  # bf16 would be emulated: slower
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert training_precision("auto") == "bf16-mixed"
+    assert training_precision("32-true") == "32-true"  # an explicit setting is kept
