@@ -408,6 +408,13 @@ def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> 
     return latents
 
 
+def text_encoder_tag(tcfg: TextEncoderConfig, texts: list[str], seed: int) -> str:
+    """What the tiny text encoder's pretraining depends on: its settings, the captions
+    themselves (a new captioner's captions retrain it) and the training recipe."""
+    captions_md5 = hashlib.md5("\n".join(texts).encode()).hexdigest()
+    return _digest([asdict(tcfg), captions_md5, seed, RECIPE])
+
+
 def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenTextEncoder:
     tcfg = cfg.text_encoder
     if tcfg.pretrained:
@@ -416,10 +423,10 @@ def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenT
         )
     folder = cfg.work_dir / "text_encoder"
     done = folder / "done.json"
-    tag = _digest([asdict(tcfg), len(captions), captions["key"].iloc[0], cfg.seed, RECIPE])
+    texts = manifest0.set_index("key").loc[captions["key"], "caption"].tolist()
+    tag = text_encoder_tag(tcfg, texts, cfg.seed)
     if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
         reporter.info("pretraining the text encoder contrastively on the corpus")
-        texts = manifest0.set_index("key").loc[captions["key"], "caption"].tolist()
         metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
         write_text_atomic(done, json.dumps({"tag": tag, "metrics": metrics}))
         reporter.info(f"text encoder: {metrics}")

@@ -264,3 +264,15 @@ def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
     assert discard_stale_run(cfg, sampler)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow_run.json").exists()
     assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}})  # another blend
+
+
+def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
+    from models.diffusion_train import text_encoder_tag
+
+    tcfg = DiffusionTrainConfig().text_encoder
+    captions = ["a red circle in the top left", "a blue square"]
+    assert text_encoder_tag(tcfg, captions, 0) == text_encoder_tag(tcfg, list(captions), 0)
+    # Same keys and count, one caption rewritten by a new captioner: not the same encoder.
+    recaptioned = ["a red circle in the top right", "a blue square"]
+    assert text_encoder_tag(tcfg, recaptioned, 0) != text_encoder_tag(tcfg, captions, 0)
+    assert text_encoder_tag(tcfg, captions, 1) != text_encoder_tag(tcfg, captions, 0)
