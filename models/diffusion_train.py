@@ -415,7 +415,7 @@ def text_encoder_tag(tcfg: TextEncoderConfig, texts: list[str], seed: int) -> st
     return _digest([asdict(tcfg), captions_md5, seed, RECIPE])
 
 
-def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenTextEncoder:
+def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncoder:
     tcfg = cfg.text_encoder
     if tcfg.pretrained:
         return load_text_encoder(
@@ -423,8 +423,6 @@ def _text_encoder(cfg, reporter, captions, manifest0, logger, images) -> FrozenT
         )
     folder = cfg.work_dir / "text_encoder"
     done = folder / "done.json"
-    texts = manifest0.set_index("key").loc[captions["key"], "caption"].tolist()
-    tag = text_encoder_tag(tcfg, texts, cfg.seed)
     if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
         reporter.info("pretraining the text encoder contrastively on the corpus")
         metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
@@ -460,14 +458,18 @@ def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None
 _RESUME_NEUTRAL = ("out", "work", "eval", "num_threads", "checkpoint_every", "keep_checkpoints")
 
 
-def discard_stale_run(cfg: DiffusionTrainConfig, sampler: dict) -> bool:
+def discard_stale_run(
+    cfg: DiffusionTrainConfig, sampler: dict, text_encoder: str | None = None
+) -> bool:
     """Checkpoints, curve and MLflow run id of the work folder belong to one training
-    configuration and its inputs (sampler, autoencoder); when those change, a rerun
+    configuration and its inputs (sampler, autoencoder, the text encoder's tag: a UNet
+    trained on one encoder's embeddings is noise to another's); when those change, a rerun
     starts over instead of resuming someone else's run. Returns whether it discarded."""
     work = cfg.work_dir
     settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_NEUTRAL}
     ae = Path(cfg.autoencoder) / "metrics.json"
-    digest = _digest([settings, sampler, ae.read_text() if ae.exists() else None, RECIPE])
+    inputs = [sampler, ae.read_text() if ae.exists() else None, text_encoder]
+    digest = _digest([settings, *inputs, RECIPE])
     marker = work / "run_config.json"
     stale = marker.exists() and json.loads(marker.read_text())["digest"] != digest
     if stale:
@@ -496,7 +498,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
             raise ValueError(f"epoch {e} manifest does not list the sampler's keys in order")
     style = sampler["config"]["caption_kind"]
     L.seed_everything(cfg.seed, verbose=False)
-    if discard_stale_run(cfg, sampler):
+    texts = manifests[0].set_index("key").loc[keys, "caption"].tolist()
+    encoder_tag = text_encoder_tag(cfg.text_encoder, texts, cfg.seed)
+    if discard_stale_run(cfg, sampler, encoder_tag):
         reporter.info("the configuration or its inputs changed: starting a new run")
     logger = _mlflow_logger(cfg, work)
     if logger and not (work / "checkpoints" / "latest").exists():
@@ -512,7 +516,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     )
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    text_encoder = _text_encoder(cfg, reporter, captions, manifests[0], logger, images)
+    text_encoder = _text_encoder(cfg, reporter, texts, encoder_tag, logger, images)
     timings["text_encoder_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

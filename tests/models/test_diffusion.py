@@ -264,6 +264,9 @@ def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
     assert discard_stale_run(cfg, sampler)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow_run.json").exists()
     assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}})  # another blend
+    # Another text encoder (retrained on new captions): the UNet's conditioning changed.
+    assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}}, "encoder-b")
+    assert not discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}}, "encoder-b")
 
 
 def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
