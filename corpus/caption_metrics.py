@@ -219,6 +219,25 @@ def _relations(text: str) -> list[Relation]:
     return out
 
 
+def word_cells(caption: str) -> list[tuple[str, str]]:
+    """(word, cell) of each sentence that quotes exactly one rendered word of the world and
+    says "the <cell>" ('The word "CAT" is written in the top left'); other quoted text is
+    ignored. Used to teach the tiny tower where words are (models/concepts.py)."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+", caption):
+        quoted = [(a or b).strip() for a, b in _QUOTED.findall(sentence)]
+        quoted = [w for w in quoted if w in WORDS]
+        tokens = _TOKEN.findall(_normalise(_QUOTED.sub(" | ", sentence)))
+        cells = [
+            found[0]
+            for i in range(len(tokens))
+            if tokens[i] == "the" and (found := _cell_at(tokens, i + 1))
+        ]
+        if len(quoted) == 1 and cells:
+            out.append((quoted[0], cells[0]))
+    return out
+
+
 def extract_claims(caption: str) -> Claims:
     """Parse one caption into the claims it makes (rules in the module docstring)."""
     words, rest = _split_words(caption)

@@ -22,15 +22,13 @@ held-out captions; docs/captioning.md).
 
 from __future__ import annotations
 
-import re
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from corpus.caption_metrics import extract_claims
+from corpus.caption_metrics import extract_claims, word_cells
 from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES, WORDS
 from models.clip import clip_preprocess_cfg, create_clip, visual_features, warmup_cosine_adamw
 from models.data import normalize_images
@@ -39,10 +37,6 @@ GRID = 3  # the world's grid (corpus/world.py); cell k is (row, col) = divmod(k,
 _CELL_INDEX = {name: r * GRID + c for (r, c), name in CELL_NAMES.items()}
 _COLOUR_NAMES = tuple(COLORS)
 IGNORE = -100  # no target: the colour or size a caption leaves unstated
-_QUOTED = re.compile(r'"([^"]+)"')
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-# Longest names first: "the center left" must not be read as "the center".
-_CELLS_LONGEST_FIRST = sorted(_CELL_INDEX, key=len, reverse=True)
 
 
 def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
@@ -77,19 +71,6 @@ def cell_targets(texts: list[str]) -> dict[str, torch.Tensor]:
         "cell_sizes": sizes,
         "cell_words": words,
     }
-
-
-def word_cells(text: str) -> list[tuple[str, str]]:
-    """(word, cell) of each sentence that quotes one rendered word of the world and names
-    one cell; a quoted word that is not one of WORDS is not a target."""
-    out = []
-    for sentence in _SENTENCE_END.split(text):
-        quoted = [w for w in _QUOTED.findall(sentence) if w in WORDS]
-        unquoted = _QUOTED.sub(" ", sentence).lower()
-        cell = next((c for c in _CELLS_LONGEST_FIRST if f"the {c}" in unquoted), None)
-        if len(quoted) == 1 and cell is not None:
-            out.append((quoted[0], cell))
-    return out
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from corpus.caption_metrics import word_cells
 from corpus.scene_text import descriptive_caption, scene_word_cell
 from corpus.world import COLORS, SHAPES, SIZES, WORDS, WorldConfig, sample_scene
 from models.captioner import GenerationConfig, PrefixCaptioner
 from models.captioner_train import PHASES, train_captioner, training_precision, with_mirrors
-from models.concepts import IGNORE, cell_targets, word_cells, word_targets
+from models.concepts import IGNORE, cell_targets, word_targets
 from models.data import load_images
 from models.tokenizer import load_tokenizer
 from tests.models.conftest import tiny_captioner_config
