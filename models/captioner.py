@@ -19,6 +19,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from models.clip import clip_preprocess_cfg, create_clip, visual_features
+from models.concepts import GRID as CONCEPT_GRID
+from models.concepts import most_consistent, predicted_scenes
 from models.data import normalize_images
 from models.tokenizer import load_tokenizer
 
@@ -34,10 +36,20 @@ class GenerationConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     seed: int = 0
+    # > 1: decode this many captions per image (the best beams, or nucleus samples) and
+    # keep the one the captioner's concept heads contradict least (a verifier reranking,
+    # models.concepts.most_consistent); needs a captioner with concept heads.
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("greedy", "beam", "nucleus"):
             raise ValueError(f"generation mode {self.mode!r} not in greedy | beam | nucleus")
+        if self.candidates < 1 or (self.candidates > 1 and self.mode == "greedy"):
+            raise ValueError(
+                f"candidates={self.candidates}: need >= 1, and beam or nucleus mode for > 1"
+            )
+        if self.mode == "beam" and self.candidates > self.num_beams:
+            raise ValueError(f"candidates={self.candidates} > num_beams={self.num_beams}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,10 @@ class CaptionerSpec:
     # it the LM tells the grid tokens apart only by GPT-2's small position embeddings, and
     # it names the wrong cells (measured in docs/captioning.md).
     prefix_positions: bool = True
+    # The `concepts` phase's per-cell heads ({head: class names}), kept frozen beside the
+    # tower they were trained on: they verify candidate captions (GenerationConfig.
+    # candidates). None: no such phase ran (e.g. `full`).
+    concept_heads: dict[str, list[str]] | None = None
 
 
 class PrefixCaptioner(nn.Module):
@@ -79,6 +95,11 @@ class PrefixCaptioner(nn.Module):
         self.prefix_pos = (
             nn.Parameter(torch.randn(n_prefix, hidden)) if spec.prefix_positions else None
         )
+        self.cell_heads: nn.ModuleDict | None = None
+        if spec.concept_heads:
+            self.cell_heads = nn.ModuleDict(
+                {k: nn.Linear(grid.shape[1], len(v)) for k, v in spec.concept_heads.items()}
+            ).requires_grad_(False)
 
     @classmethod
     def build(
@@ -160,9 +181,32 @@ class PrefixCaptioner(nn.Module):
             kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
         else:
             kwargs.update(do_sample=False, num_beams=1)
+        n = cfg.candidates
+        if n > 1:
+            if self.cell_heads is None:
+                raise ValueError(
+                    f"candidates={n} reranks by the captioner's concept heads, and this "
+                    "captioner has none (trained without the `concepts` phase): use candidates=1"
+                )
+            kwargs["num_return_sequences"] = n
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if n == 1:
+            return texts
+        return most_consistent(
+            [texts[i : i + n] for i in range(0, len(texts), n)], self.predicted_scenes(images)
+        )
+
+    @torch.no_grad()
+    def predicted_scenes(self, images: torch.Tensor) -> list:
+        """What the frozen concept heads see in each image (models.concepts.predicted_scenes)."""
+        x = normalize_images(
+            images.to(self.pooled_proj[0].weight.device), self.image_size, self.mean, self.std
+        )
+        cells = nn.functional.adaptive_avg_pool2d(self.image_features(x)[1], CONCEPT_GRID)
+        cells = cells.flatten(2).transpose(1, 2)
+        return predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
 
     def save(self, out_dir: Path, extra: dict | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,14 @@ from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.captioner import CaptionerSpec, GenerationConfig, PrefixCaptioner
 from models.clip import ClipPretrainModule, ClipTextTokenizer, save_clip, warmup_cosine_adamw
-from models.concepts import ConceptModule, cell_targets, word_targets
+from models.concepts import (
+    CELL_CLASSES,
+    CELL_HEADS_FILE,
+    ConceptModule,
+    cell_targets,
+    save_cell_heads,
+    word_targets,
+)
 from models.data import ImageTensorDataset, ImageTextDataset, LengthBucketBatchSampler, load_images
 from models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -335,6 +342,7 @@ class CaptionerTraining:
         loader = _shuffled_loader(ds, pc.batch_size, cfg.seed)
         _trainer("concepts", pc, self._logger(), cfg.precision).fit(module, loader)
         save_clip(module.model, cfg.clip_model, self.out / "concepts")
+        save_cell_heads(module, self.out / "concepts")
         self._mark_done("concepts", {"seconds": time.time() - t0})
         return str(weights)
 
@@ -347,10 +355,19 @@ class CaptionerTraining:
         t0 = time.time()
         L.seed_everything(cfg.seed + PHASES.index(phase), workers=True, verbose=False)
         if phase == "pretrain":
-            spec = CaptionerSpec(cfg.clip_model, cfg.lm, prefix_grid=cfg.prefix_grid)
+            heads = Path(clip_weights).parent / CELL_HEADS_FILE if clip_weights else None
+            keep = bool(not cfg.clip_pretrained and heads and heads.exists())
+            spec = CaptionerSpec(
+                cfg.clip_model,
+                cfg.lm,
+                prefix_grid=cfg.prefix_grid,
+                concept_heads=dict(CELL_CLASSES) if keep else None,
+            )
             model = PrefixCaptioner.build(spec, tok, clip_pretrained=cfg.clip_pretrained)
             if not cfg.clip_pretrained:  # the tiny CLIP of the `clip` (+ `concepts`) phase
                 _load_visual(model, clip_weights)
+            if keep:  # the concept heads, trained on this tower, kept frozen as a verifier
+                model.cell_heads.load_state_dict(load_file(heads))
             rows = self.train[self.train["alt_text"].str.len() > 0]
         else:
             model = PrefixCaptioner.load(Path(init)).train()

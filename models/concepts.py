@@ -9,7 +9,7 @@ not through any objective that also has to learn its text side from scratch (con
 CLIP, captioning, also on clean captions). Word detectors trained from captions are an
 old captioning recipe (Fang et al. 2015, "From captions to visual concepts and back";
 Wu et al. 2016). The words come from the human-written short captions, so no label the
-corpus does not have is used; the head is dropped after training and the tower is kept.
+corpus does not have is used; the word head is dropped after training and the tower is kept.
 The cell targets are parsed from the human-written descriptive captions, which place every
 object they name ("a small red star in the top left"), with the caption-quality parser
 (corpus/caption_metrics.py): grounded phrases, the way phrase-grounding work uses
@@ -18,18 +18,24 @@ is ignored. The word head reads the sentence that quotes a rendered word and nam
 cell ('The word "CAT" is written in the top left'): without it the captioner learns that
 a word is there but not which (DSC with 3,000 steps quoted a wrong word in 70 of 500
 held-out captions; docs/captioning.md).
+
+The cell heads are kept: frozen beside the frozen tower they were trained on, they read the
+held-out scenes almost exactly, so the captioner uses them to verify its candidate captions
+(`predicted_scenes`, `most_consistent`; GenerationConfig.candidates).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from corpus.caption_metrics import extract_claims, word_cells
-from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES, WORDS
+from corpus.caption_metrics import KINDS, extract_claims, score_caption, word_cells
+from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES, WORDS, Scene, SceneObject
 from models.clip import clip_preprocess_cfg, create_clip, visual_features, warmup_cosine_adamw
 from models.data import normalize_images
 
@@ -37,6 +43,14 @@ GRID = 3  # the world's grid (corpus/world.py); cell k is (row, col) = divmod(k,
 _CELL_INDEX = {name: r * GRID + c for (r, c), name in CELL_NAMES.items()}
 _COLOUR_NAMES = tuple(COLORS)
 IGNORE = -100  # no target: the colour or size a caption leaves unstated
+# The per-cell heads' classes, as a caption writes them: "" is class 0, nothing there.
+CELL_CLASSES: dict[str, list[str]] = {
+    "shapes": ["", *SHAPES],
+    "colours": ["", *COLORS],
+    "sizes": list(SIZES),
+    "words": ["", *WORDS],
+}
+CELL_HEADS_FILE = "cell_heads.safetensors"
 
 
 def word_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
@@ -114,14 +128,8 @@ class ConceptModule(L.LightningModule):
         torch.nn.init.constant_(self.head.bias, -4.0)
         with torch.no_grad():
             _, grid = visual_features(self.model.visual, torch.zeros(1, 3, *[self.image_size] * 2))
-        classes = {
-            "shapes": len(SHAPES) + 1,
-            "colours": len(COLORS) + 1,
-            "sizes": len(SIZES),
-            "words": len(WORDS) + 1,
-        }
         self.cell_heads = torch.nn.ModuleDict(
-            {name: torch.nn.Linear(grid.shape[1], n) for name, n in classes.items()}
+            {name: torch.nn.Linear(grid.shape[1], len(n)) for name, n in CELL_CLASSES.items()}
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -170,3 +178,52 @@ class ConceptModule(L.LightningModule):
 
     def configure_optimizers(self):
         return warmup_cosine_adamw(self, *self.opt)
+
+
+def save_cell_heads(module: ConceptModule, out_dir: Path) -> None:
+    """The trained per-cell heads, which the captioner keeps as its verifier."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.cell_heads.state_dict().items()}
+    save_file(state, str(Path(out_dir) / CELL_HEADS_FILE))
+
+
+def predicted_scenes(logits: dict[str, torch.Tensor]) -> list[Scene]:
+    """The scenes the per-cell heads see: {head: (B, 9, classes) logits} -> one Scene per
+    image, its objects where the shape head sees one (the likeliest colour that is not
+    "nothing"), its word where the word head reads one. No background head: "" there."""
+    best = {k: v.argmax(-1).tolist() for k, v in logits.items()}
+    colour = logits["colours"][..., 1:].argmax(-1).add(1).tolist()
+    scenes = []
+    for i, shapes in enumerate(best["shapes"]):
+        objects, word = [], (None, None, None)
+        for k, s in enumerate(shapes):
+            row, col = divmod(k, GRID)
+            if s:
+                objects.append(
+                    SceneObject(
+                        SHAPES[s - 1],
+                        _COLOUR_NAMES[colour[i][k] - 1],
+                        SIZES[best["sizes"][i][k]],
+                        row,
+                        col,
+                    )
+                )
+            if best["words"][i][k] and word[0] is None:
+                word = (WORDS[best["words"][i][k] - 1], row, col)
+        scenes.append(Scene(tuple(objects), "", *word))
+    return scenes
+
+
+def contradictions(caption: str, scene: Scene) -> int:
+    """How many of the caption's claims the scene contradicts, background aside (no head
+    predicts it)."""
+    score = score_caption(caption, scene)
+    return sum(score[k]["n_claims"] - score[k]["n_true"] for k in KINDS if k != "background")
+
+
+def most_consistent(candidates: list[list[str]], scenes: list[Scene]) -> list[str]:
+    """Per image, the first candidate (candidates come best first) with the fewest
+    claims its predicted scene contradicts."""
+    return [
+        min(cands, key=lambda c: contradictions(c, scene))
+        for cands, scene in zip(candidates, scenes, strict=True)
+    ]

@@ -13,7 +13,7 @@ from corpus.scene_text import descriptive_caption, scene_word_cell
 from corpus.world import COLORS, SHAPES, SIZES, WORDS, WorldConfig, sample_scene
 from models.captioner import GenerationConfig, PrefixCaptioner
 from models.captioner_train import PHASES, train_captioner, training_precision, with_mirrors
-from models.concepts import IGNORE, cell_targets, word_targets
+from models.concepts import CELL_CLASSES, CELL_HEADS_FILE, IGNORE, cell_targets, word_targets
 from models.data import load_images
 from models.tokenizer import load_tokenizer
 from tests.models.conftest import tiny_captioner_config
@@ -220,6 +220,78 @@ def test_prefix_slots_carry_their_own_position_and_old_checkpoints_still_load(
     images = load_images(tiny_raw, list(index["key"]), list(index["shard"]), 64)
     gen = GenerationConfig(max_new_tokens=8)
     assert loaded.generate(images, gen) == old.generate(images, gen)
+
+
+def test_the_captioner_keeps_the_concept_heads_frozen(tiny_captioner):
+    """The `concepts` phase's per-cell heads travel with the captioner, unchanged by every
+    captioning phase, and no optimizer ever gets them."""
+    from models.captioner_train import CaptionerModule, PhaseConfig
+
+    saved = load_file(tiny_captioner / "concepts" / CELL_HEADS_FILE)
+    model = PrefixCaptioner.load(tiny_captioner / "dsc")
+    assert model.spec.concept_heads == CELL_CLASSES
+    state = model.cell_heads.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in saved)  # pretrain, ssc, dsc kept them
+    module = CaptionerModule(model.train(), "dsc", PhaseConfig(visual_lr_scale=1.0))
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trainable for p in model.cell_heads.parameters())
+
+
+def test_the_concept_heads_verify_candidate_captions():
+    """Reranking keeps, per image, the candidate whose claims the scene the concept heads
+    see contradicts least, the better-scored (earlier) one on a tie."""
+    from models.concepts import contradictions, most_consistent, predicted_scenes
+
+    logits = {k: torch.full((1, 9, len(v)), -9.0) for k, v in CELL_CLASSES.items()}
+    logits["shapes"][0, :, 0] = 9.0  # nothing anywhere ...
+    logits["shapes"][0, 0, 1 + SHAPES.index("circle")] = 9.0  # ... but a circle top left
+    logits["shapes"][0, 0, 0] = -9.0
+    logits["colours"][0, 0, 0] = 9.0  # "nothing" is never an object's colour
+    logits["colours"][0, 0, 1 + list(COLORS).index("red")] = 5.0
+    logits["sizes"][0, :, SIZES.index("small")] = 9.0
+    logits["words"][0, :, 0] = 9.0
+    logits["words"][0, 8, 0], logits["words"][0, 8, 1 + WORDS.index("CAT")] = -9.0, 9.0
+    (scene,) = predicted_scenes(logits)
+    assert [(o.color, o.shape, o.size, o.cell) for o in scene.objects] == [
+        ("red", "circle", "small", "top left")
+    ]
+    assert (scene.word, scene.word_row, scene.word_col) == ("CAT", 2, 2)
+
+    right = 'A small red circle in the top left on a gray background. It says "CAT".'
+    wrong_cell = "A small red circle in the top right on a gray background."
+    wrong_both = "Two blue squares in the center."
+    assert contradictions(right, scene) == 0  # the background is not checked
+    assert contradictions(wrong_cell, scene) == 1
+    assert contradictions(wrong_both, scene) >= 3
+    assert most_consistent([[wrong_both, wrong_cell], [wrong_cell, right]], [scene, scene]) == [
+        wrong_cell,
+        right,
+    ]
+    assert most_consistent([[right, right + " "]], [scene]) == [right]
+
+
+def test_candidate_generation_needs_a_search_and_concept_heads(tiny_captioner, tiny_raw, tmp_path):
+    import pandas as pd
+
+    from models.captioner import CaptionerSpec
+
+    with pytest.raises(ValueError, match="candidates=2"):
+        GenerationConfig(mode="greedy", candidates=2)
+    with pytest.raises(ValueError, match="num_beams"):
+        GenerationConfig(mode="beam", num_beams=2, candidates=3)
+    index = pd.read_parquet(tiny_raw / "index.parquet").head(3)
+    images = load_images(tiny_raw, list(index["key"]), list(index["shard"]), 64)
+    model = PrefixCaptioner.load(tiny_captioner / "dsc")
+    for mode in ("beam", "nucleus"):
+        gen = GenerationConfig(mode=mode, num_beams=3, candidates=3, max_new_tokens=8)
+        assert len(model.generate(images, gen)) == 3
+    untagged = PrefixCaptioner.build(
+        CaptionerSpec(**{**vars(model.spec), "concept_heads": None}), model.tokenizer
+    )
+    with pytest.raises(ValueError, match="has none"):
+        untagged.generate(images, GenerationConfig(mode="beam", num_beams=2, candidates=2))
 
 
 def test_mirrored_training_pairs_flip_the_image_and_swap_left_and_right():
