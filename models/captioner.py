@@ -68,7 +68,7 @@ class CaptionerSpec:
     prefix_positions: bool = True
     # The `concepts` phase's per-cell heads ({head: class names}), kept frozen beside the
     # tower they were trained on: they verify candidate captions (GenerationConfig.
-    # candidates). None: no such phase ran (e.g. `full`).
+    # candidates). None: no such phase ran (e.g. `full`), or the tower trained after it.
     concept_heads: dict[str, list[str]] | None = None
 
 
@@ -186,7 +186,8 @@ class PrefixCaptioner(nn.Module):
             if self.cell_heads is None:
                 raise ValueError(
                     f"candidates={n} reranks by the captioner's concept heads, and this "
-                    "captioner has none (trained without the `concepts` phase): use candidates=1"
+                    "captioner has none (no `concepts` phase, or a captioning phase trained "
+                    "the tower after it: visual_lr_scale > 0): use candidates=1"
                 )
             kwargs["num_return_sequences"] = n
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)

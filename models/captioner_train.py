@@ -356,7 +356,10 @@ class CaptionerTraining:
         L.seed_everything(cfg.seed + PHASES.index(phase), workers=True, verbose=False)
         if phase == "pretrain":
             heads = Path(clip_weights).parent / CELL_HEADS_FILE if clip_weights else None
-            keep = bool(not cfg.clip_pretrained and heads and heads.exists())
+            # The heads read the tower they were trained on: a captioning phase that trains
+            # the tower further (visual_lr_scale > 0) would leave them reading another one.
+            frozen = all(getattr(cfg, p).visual_lr_scale == 0 for p in ("pretrain", "ssc", "dsc"))
+            keep = bool(frozen and not cfg.clip_pretrained and heads and heads.exists())
             spec = CaptionerSpec(
                 cfg.clip_model,
                 cfg.lm,

@@ -20,9 +20,10 @@ def tiny_captioner_config(**overrides) -> CaptionerTrainConfig:
         "vocab_size": 300,
         "clip": TINY_PHASE,
         "concepts": TINY_PHASE,
-        "pretrain": TINY_PHASE,
-        "ssc": TINY_PHASE,
-        "dsc": TINY_PHASE,
+        # The tower frozen after `concepts`, as in params.yaml: the captioner keeps its heads.
+        "pretrain": {**TINY_PHASE, "visual_lr_scale": 0.0},
+        "ssc": {**TINY_PHASE, "visual_lr_scale": 0.0},
+        "dsc": {**TINY_PHASE, "visual_lr_scale": 0.0},
         "generation": {"mode": "greedy", "max_new_tokens": 12},
         "ssc_max_new_tokens": 6,
         "eval_images": 16,

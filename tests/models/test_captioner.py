@@ -239,6 +239,25 @@ def test_the_captioner_keeps_the_concept_heads_frozen(tiny_captioner):
     assert not any(id(p) in trainable for p in model.cell_heads.parameters())
 
 
+def test_a_tower_trained_after_the_concepts_phase_drops_the_heads(
+    tiny_captioner, tiny_raw, tmp_path
+):
+    """Heads that read another tower than the one they were trained on verify nothing."""
+    import shutil
+
+    cfg = tiny_captioner_config(dsc={"max_steps": 2, "batch_size": 16, "visual_lr_scale": 0.1})
+    out = tmp_path / "captioner"
+    shutil.copytree(tiny_captioner, out)
+    for phase in ("pretrain", "ssc", "dsc"):  # the rest is reused
+        shutil.rmtree(out / phase)
+    for phase in ("tokenizer", "clip", "concepts"):
+        done = json.loads((out / phase / "done.json").read_text())
+        (out / phase / "done.json").write_text(json.dumps({**done, "config": cfg.digest()}))
+    train_captioner(cfg, tiny_raw, out)
+    model = PrefixCaptioner.load(out / "dsc")
+    assert model.spec.concept_heads is None and model.cell_heads is None
+
+
 def test_the_concept_heads_verify_candidate_captions():
     """Reranking keeps, per image, the candidate whose claims the scene the concept heads
     see contradicts least, the better-scored (earlier) one on a tie."""
