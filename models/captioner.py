@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from models.clip import clip_preprocess_cfg, create_clip, visual_features
+from models.clip import cell_tokens, clip_preprocess_cfg, create_clip, visual_features
 from models.concepts import GRID as CONCEPT_GRID
 from models.concepts import most_consistent, predicted_scenes
 from models.data import normalize_images
@@ -125,14 +125,18 @@ class PrefixCaptioner(nn.Module):
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B,3,H,W) -> prefix embeddings (B, P, hidden)."""
+        return self._prefix(*self._features(images))
+
+    def _features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = normalize_images(
             images.to(self.pooled_proj[0].weight.device), self.image_size, self.mean, self.std
         )
-        pooled, grid = self.image_features(x)
+        return self.image_features(x)
+
+    def _prefix(self, pooled: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         parts = [self.pooled_proj(pooled).unsqueeze(1)]
         if self.spec.prefix == "tokens":
-            grid = nn.functional.adaptive_avg_pool2d(grid, self.spec.prefix_grid)
-            parts.append(self.token_proj(grid.flatten(2).transpose(1, 2)))
+            parts.append(self.token_proj(cell_tokens(grid, self.spec.prefix_grid)))
         prefix = torch.cat(parts, dim=1)
         return prefix + self.prefix_pos if self.prefix_pos is not None else prefix
 
@@ -163,7 +167,8 @@ class PrefixCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, cfg: GenerationConfig) -> list[str]:
         """Captions for a batch of uint8 images."""
-        emb = self._with_bos(self.prefix(images))
+        pooled, grid = self._features(images)  # once: the prefix and the verifier read them
+        emb = self._with_bos(self._prefix(pooled, grid))
         kwargs = {
             "max_new_tokens": cfg.max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -195,19 +200,10 @@ class PrefixCaptioner(nn.Module):
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if n == 1:
             return texts
-        return most_consistent(
-            [texts[i : i + n] for i in range(0, len(texts), n)], self.predicted_scenes(images)
-        )
-
-    @torch.no_grad()
-    def predicted_scenes(self, images: torch.Tensor) -> list:
-        """What the frozen concept heads see in each image (models.concepts.predicted_scenes)."""
-        x = normalize_images(
-            images.to(self.pooled_proj[0].weight.device), self.image_size, self.mean, self.std
-        )
-        cells = nn.functional.adaptive_avg_pool2d(self.image_features(x)[1], CONCEPT_GRID)
-        cells = cells.flatten(2).transpose(1, 2)
-        return predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
+        # What the frozen concept heads see in each image judges its candidates.
+        cells = cell_tokens(grid, CONCEPT_GRID)
+        seen = predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
+        return most_consistent([texts[i : i + n] for i in range(0, len(texts), n)], seen)
 
     def save(self, out_dir: Path, extra: dict | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

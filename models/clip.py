@@ -65,6 +65,12 @@ def visual_features(visual: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     return out["image_features"], out["image_intermediates"][-1]
 
 
+def cell_tokens(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """A feature map (B, C, h, w) average-pooled to side x side cells -> (B, side**2, C),
+    row-major: cell k is (row, col) = divmod(k, side)."""
+    return torch.nn.functional.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+
+
 class ClipTextTokenizer:
     """Token ids for the tiny CLIP's text tower: our own tokenizer, padded to the context
     length, with EOS last (the tower pools at EOS)."""

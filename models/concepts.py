@@ -36,7 +36,13 @@ from transformers import PreTrainedTokenizerBase
 
 from corpus.caption_metrics import KINDS, extract_claims, score_caption, word_cells
 from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES, WORDS, Scene, SceneObject
-from models.clip import clip_preprocess_cfg, create_clip, visual_features, warmup_cosine_adamw
+from models.clip import (
+    cell_tokens,
+    clip_preprocess_cfg,
+    create_clip,
+    visual_features,
+    warmup_cosine_adamw,
+)
 from models.data import normalize_images
 
 GRID = 3  # the world's grid (corpus/world.py); cell k is (row, col) = divmod(k, GRID)
@@ -144,7 +150,7 @@ class ConceptModule(L.LightningModule):
         logs = {"concepts/word_loss": word_loss}
         loss = word_loss
         if "cell_shapes" in batch and self.cell_weight > 0:
-            cells = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 9, C)
+            cells = cell_tokens(grid, GRID)  # (B, 9, C)
             logits_of = {name: head(cells) for name, head in self.cell_heads.items()}
             # Summed over the cells like the word loss over words, averaged over images.
             cell_loss = (
