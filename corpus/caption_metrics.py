@@ -295,13 +295,11 @@ def _eq(claim: Any, fact: Any) -> bool:
     return claim == fact
 
 
-def score_caption(caption: str, scene: Scene) -> dict:
-    """Claim and fact tallies per kind for one caption, plus 'hallucinated'.
-
-    Returns {kind: {"n_claims", "n_true", "n_facts", "n_facts_stated"}} for every kind in
-    KINDS and "hallucinated": True when any claim is false.
-    """
-    c = extract_claims(caption)
+def _judges(
+    c: Claims, scene: Scene
+) -> dict[str, tuple[Sequence[Any], Sequence[Any], Callable[[Any], bool], Callable]]:
+    """Per kind: (the caption's claims, the scene's facts, is a claim true, does a claim
+    state a fact)."""
     objs = scene.objects
     shapes = sorted({o.shape for o in objs})
     pairs = Counter((o.color, o.shape) for o in objs)
@@ -322,28 +320,53 @@ def score_caption(caption: str, scene: Scene) -> dict:
     def relation_states(r: Relation, f: tuple[SceneObject, str, SceneObject]) -> bool:
         return r[1] == f[1] and _is(f[0], r[0]) and _is(f[2], r[2])
 
-    words = [scene.word] if scene.word else []
-    out: dict[str, Any] = {
-        "object": _tally(c.shapes, shapes, lambda s: s in shapes, _eq),
-        "colour": _tally(c.colors, sorted(pairs), lambda p: p in pairs, _eq),
-        "count": _tally(
-            sorted(c.counts.items()), sorted(pairs.items()), lambda k: pairs[k[0]] == k[1], _eq
+    return {
+        "object": (c.shapes, shapes, lambda s: s in shapes, _eq),
+        "colour": (c.colors, sorted(pairs), lambda p: p in pairs, _eq),
+        "count": (
+            sorted(c.counts.items()),
+            sorted(pairs.items()),
+            lambda k: pairs[k[0]] == k[1],
+            _eq,
         ),
-        "position": _tally(c.positions, objs, lambda p: any(placed(p, o) for o in objs), placed),
-        "relation": _tally(c.relations, _relation_facts(scene), relation_true, relation_states),
-        "word": _tally(c.words, words, lambda w: w == scene.word, _eq),
-        "size": _tally(
+        "position": (c.positions, objs, lambda p: any(placed(p, o) for o in objs), placed),
+        "relation": (c.relations, _relation_facts(scene), relation_true, relation_states),
+        "word": (c.words, [scene.word] if scene.word else [], lambda w: w == scene.word, _eq),
+        "size": (
             c.sizes,
             sized,
             lambda s: any(sized_as(s, o) for o in objs),
             lambda s, f: s[0] == f[0] and s[2] == f[2] and s[1] in (None, f[1]),
         ),
-        "background": _tally(
-            c.background, [scene.background], lambda b: b == scene.background, _eq
+        "background": (
+            c.background,
+            [scene.background],
+            lambda b: b == scene.background,
+            _eq,
         ),
+    }
+
+
+def score_caption(caption: str, scene: Scene) -> dict:
+    """Claim and fact tallies per kind for one caption, plus 'hallucinated'.
+
+    Returns {kind: {"n_claims", "n_true", "n_facts", "n_facts_stated"}} for every kind in
+    KINDS and "hallucinated": True when any claim is false.
+    """
+    out: dict[str, Any] = {
+        k: _tally(*judge) for k, judge in _judges(extract_claims(caption), scene).items()
     }
     out["hallucinated"] = any(out[k]["n_true"] < out[k]["n_claims"] for k in KINDS)
     return out
+
+
+def false_claims_by_kind(caption: str, scene: Scene) -> dict[str, int]:
+    """How many of the caption's claims of each kind the scene contradicts: `score_caption`
+    without the facts, for checking captions while they are written."""
+    return {
+        k: sum(not is_true(c) for c in claims)
+        for k, (claims, _, is_true, _) in _judges(extract_claims(caption), scene).items()
+    }
 
 
 def _ratio(num: int, den: int) -> float:

@@ -16,13 +16,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 
 from models.clip import cell_tokens, clip_preprocess_cfg, create_clip, visual_features
 from models.concepts import GRID as CONCEPT_GRID
 from models.concepts import most_consistent, predicted_scenes
 from models.data import normalize_images
 from models.tokenizer import load_tokenizer
+from models.verified_search import ClauseCheck
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,10 @@ class GenerationConfig:
     # keep the one the captioner's concept heads contradict least (a verifier reranking,
     # models.concepts.most_consistent); needs a captioner with concept heads.
     candidates: int = 1
+    # Beam mode: check each clause as it ends against what the concept heads see, and
+    # push a beam that made a false claim below every beam that did not
+    # (models/verified_search.py); needs a captioner with concept heads.
+    check_clauses: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("greedy", "beam", "nucleus"):
@@ -50,6 +61,10 @@ class GenerationConfig:
             )
         if self.mode == "beam" and self.candidates > self.num_beams:
             raise ValueError(f"candidates={self.candidates} > num_beams={self.num_beams}")
+        if self.check_clauses and self.mode != "beam":
+            raise ValueError(
+                f"check_clauses reorders beams: it needs mode 'beam', not {self.mode!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,22 +202,29 @@ class PrefixCaptioner(nn.Module):
         else:
             kwargs.update(do_sample=False, num_beams=1)
         n = cfg.candidates
-        if n > 1:
+        seen = None
+        if n > 1 or cfg.check_clauses:
             if self.cell_heads is None:
                 raise ValueError(
-                    f"candidates={n} reranks by the captioner's concept heads, and this "
-                    "captioner has none (no `concepts` phase, or a captioning phase trained "
-                    "the tower after it: visual_lr_scale > 0): use candidates=1"
+                    f"candidates={n}, check_clauses={cfg.check_clauses} verify captions by "
+                    "the captioner's concept heads, and this captioner has none (no "
+                    "`concepts` phase, or a captioning phase trained the tower after it: "
+                    "visual_lr_scale > 0): use candidates=1, check_clauses=false"
                 )
+            # What the frozen concept heads see in each image judges its captions.
+            cells = cell_tokens(grid, CONCEPT_GRID)
+            seen = predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
+        if n > 1:
             kwargs["num_return_sequences"] = n
+        if cfg.check_clauses:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [ClauseCheck(self.tokenizer, seen, cfg.num_beams)]
+            )
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if n == 1:
             return texts
-        # What the frozen concept heads see in each image judges its candidates.
-        cells = cell_tokens(grid, CONCEPT_GRID)
-        seen = predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
         return most_consistent([texts[i : i + n] for i in range(0, len(texts), n)], seen)
 
     def save(self, out_dir: Path, extra: dict | None = None) -> None:

@@ -48,6 +48,8 @@ from models.data import ImageTensorDataset, ImageTextDataset, LengthBucketBatchS
 from models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 PHASES = ("clip", "concepts", "pretrain", "ssc", "dsc")
+# Config fields that only say how the trained captioner is evaluated.
+_EVALUATION_ONLY = ("generation", "ssc_max_new_tokens", "eval_images")
 TEXT_OF_PHASE = {"pretrain": "alt_text", "ssc": "short_caption", "dsc": "descriptive_caption"}
 
 
@@ -118,8 +120,13 @@ class CaptionerTrainConfig:
             raise ValueError(f"captioner: unknown keys {unknown}; known: {sorted(known)}")
         return cls(**d)
 
-    def digest(self) -> str:
-        return json_digest(asdict(self))
+    def training_digest(self) -> str:
+        """What the trained weights depend on: all but how they are evaluated, so a new
+        decoding setting re-captions the held-out images without retraining any phase."""
+        d = asdict(self)
+        for k in _EVALUATION_ONLY:
+            d.pop(k)
+        return json_digest(d)
 
 
 class Throughput(L.Callback):
@@ -248,11 +255,11 @@ class CaptionerTraining:
 
     def _done(self, phase: str) -> bool:
         f = self.out / phase / "done.json"
-        return f.exists() and json.loads(f.read_text()).get("config") == self.cfg.digest()
+        return f.exists() and json.loads(f.read_text()).get("config") == self.cfg.training_digest()
 
     def _mark_done(self, phase: str, extra: dict) -> None:
         f = self.out / phase / "done.json"
-        f.write_text(json.dumps({"config": self.cfg.digest(), **extra}, indent=2))
+        f.write_text(json.dumps({"config": self.cfg.training_digest(), **extra}, indent=2))
 
     def _images(self, rows: pd.DataFrame, size: int) -> torch.Tensor:
         """uint8 images of `rows`; every phase draws from the training split, decoded once."""

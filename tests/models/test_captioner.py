@@ -252,7 +252,9 @@ def test_a_tower_trained_after_the_concepts_phase_drops_the_heads(
         shutil.rmtree(out / phase)
     for phase in ("tokenizer", "clip", "concepts"):
         done = json.loads((out / phase / "done.json").read_text())
-        (out / phase / "done.json").write_text(json.dumps({**done, "config": cfg.digest()}))
+        (out / phase / "done.json").write_text(
+            json.dumps({**done, "config": cfg.training_digest()})
+        )
     train_captioner(cfg, tiny_raw, out)
     model = PrefixCaptioner.load(out / "dsc")
     assert model.spec.concept_heads is None and model.cell_heads is None
@@ -311,6 +313,88 @@ def test_candidate_generation_needs_a_search_and_concept_heads(tiny_captioner, t
     )
     with pytest.raises(ValueError, match="has none"):
         untagged.generate(images, GenerationConfig(mode="beam", num_beams=2, candidates=2))
+
+
+def test_clause_check_charges_each_false_claim_once_as_it_is_written(tiny_captioner):
+    """Fed a caption token by token, as a beam writes it, the check takes PENALTY per false
+    claim, each once; a claim still being written ("in the center" before " left"), or a
+    count its sentence has not finished, costs nothing; a caption ends only after a full
+    stop."""
+    from corpus.world import Scene, SceneObject
+    from models.verified_search import PENALTY, ClauseCheck
+
+    tok = PrefixCaptioner.load(tiny_captioner / "dsc").tokenizer
+    objects = (
+        SceneObject("star", "red", "small", 0, 0),
+        SceneObject("star", "red", "large", 1, 0),
+        SceneObject("circle", "blue", "small", 2, 2),
+    )
+    scene = Scene(objects, "gray", "CAT", 0, 2)
+    eos, other = tok.eos_token_id, tok.pad_token_id
+
+    def charged(caption: str) -> tuple[float, list[bool]]:
+        check = ClauseCheck(tok, [scene], 1)
+        ids = tok(caption, add_special_tokens=False)["input_ids"]
+        total, may_end = 0.0, []
+        for t in range(1, len(ids) + 1):
+            scores = check(torch.tensor([ids[:t]]), torch.zeros(1, len(tok)))
+            total += float(-scores[0, other]) / PENALTY
+            if scores[0, eos] > -float("inf"):
+                may_end.append(tok.decode(ids[:t]).strip())
+        return total, may_end
+
+    right = (
+        "A small red star in the top left, a large red star in the center left and a "
+        'blue circle in the bottom right. The word "CAT" is written in the top right.'
+    )
+    total, may_end = charged(right)
+    assert total == 0  # background not checked, "center" grew into "center left"
+    assert may_end[-1] == right and all(t.endswith(".") for t in may_end)
+    assert charged("A small red star in the top right,")[0] == 1  # position
+    assert charged("A small blue square in the top right,")[0] >= 4  # shape, colour, ...
+    assert charged("A small red star in the top left,")[0] == 0  # one red star so far
+    assert charged("A small red star in the top left.")[0] == 1  # sentence over: a count
+    assert charged('It says "DOG" in the top right.')[0] == 1  # the word
+    assert charged("A blue circle in the center, a")[0] == 1  # "center" then ","
+
+
+def test_clause_checked_beam_search_needs_beams_and_concept_heads(tiny_captioner, tiny_raw):
+    import pandas as pd
+
+    from models.captioner import CaptionerSpec
+
+    with pytest.raises(ValueError, match="check_clauses"):
+        GenerationConfig(mode="nucleus", check_clauses=True)
+    index = pd.read_parquet(tiny_raw / "index.parquet").head(3)
+    images = load_images(tiny_raw, list(index["key"]), list(index["shard"]), 64)
+    model = PrefixCaptioner.load(tiny_captioner / "dsc")
+    gen = GenerationConfig(mode="beam", num_beams=3, check_clauses=True, max_new_tokens=12)
+    assert len(model.generate(images, gen)) == 3
+    untagged = PrefixCaptioner.build(
+        CaptionerSpec(**{**vars(model.spec), "concept_heads": None}), model.tokenizer
+    )
+    with pytest.raises(ValueError, match="has none"):
+        untagged.generate(images, gen)
+
+
+def test_a_new_decoding_setting_reevaluates_without_retraining(tiny_captioner, tiny_raw, tmp_path):
+    """Decoding is not training: changing `generation` re-captions the held-out images
+    with the trained weights, and every phase is reused."""
+    import shutil
+
+    out = tmp_path / "captioner"
+    shutil.copytree(tiny_captioner, out)
+    before = {p: (out / p / "done.json").read_text() for p in PHASES}
+
+    def stamps():
+        return {p: (out / p / "model.safetensors").stat().st_mtime_ns for p in ("ssc", "dsc")}
+
+    weights = stamps()
+    gen = {"mode": "beam", "num_beams": 2, "candidates": 2, "max_new_tokens": 12}
+    report = train_captioner(tiny_captioner_config(generation=gen), tiny_raw, out)
+    assert {p: (out / p / "done.json").read_text() for p in PHASES} == before
+    assert stamps() == weights
+    assert report["config"]["generation"]["candidates"] == 2
 
 
 def test_mirrored_training_pairs_flip_the_image_and_swap_left_and_right():
