@@ -47,9 +47,9 @@ class GenerationConfig:
     # keep the one the captioner's concept heads contradict least (a verifier reranking,
     # models.concepts.most_consistent); needs a captioner with concept heads.
     candidates: int = 1
-    # Beam mode: check each clause as it ends against what the concept heads see, and
-    # push a beam that made a false claim below every beam that did not
-    # (models/verified_search.py); needs a captioner with concept heads.
+    # Beam mode: check the caption while it is written against what the concept heads
+    # see, pushing a beam below every beam with fewer false claims as soon as the words
+    # making one settle (models/verified_search.py); needs a captioner with concept heads.
     check_clauses: bool = False
 
     def __post_init__(self) -> None:

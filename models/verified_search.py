@@ -11,8 +11,8 @@ caption's log-likelihood: the order is fewer contradictions first, then likeliho
 
 Checked at clause ends only, the search learned to put the check off: beams that never
 wrote "," or "." rambled past the penalised ones (word precision fell from 0.94 to 0.73).
-So every settled word is checked, and a caption may end only after a full stop. Counts
-are judged in finished sentences: "a small red star in the top left, a large red star in
+So every settled word is checked, and ending a caption is charged for what the end settles.
+Counts are judged in finished sentences: "a small red star in the top left, a large red star in
 the center" states two red stars once its sentence is over, and one after its first clause.
 """
 
@@ -27,6 +27,7 @@ from corpus.world import Scene
 PENALTY = 1000.0
 _CLAUSE_ENDS = (",", ".")  # a clause is over: its last word cannot grow
 _CLAUSE_KINDS = tuple(k for k in KINDS if k not in ("background", "count"))
+_ENDED_KINDS = (*_CLAUSE_KINDS, "count")
 
 
 def settled(text: str) -> str:
@@ -40,8 +41,9 @@ def settled(text: str) -> str:
 
 
 class ClauseCheck(LogitsProcessor):
-    """Penalises a beam by the false claims its last token settled, and lets a caption end
-    only after a full stop, so every finished caption was checked whole.
+    """Penalises a beam by the false claims its last token settled, and its end of caption
+    by the false claims the end would settle (the last word, the counts of an unfinished
+    sentence), so every finished caption was checked whole.
 
     Rows of `input_ids` are (image, beam) pairs, image-major, as transformers' beam search
     lays them out; with `inputs_embeds` they hold the generated tokens only.
@@ -52,6 +54,7 @@ class ClauseCheck(LogitsProcessor):
         # (image, text) -> false claims: beams share their prefixes, step after step.
         self._false_in: dict[tuple[int, str], int] = {}
         self._false_counts_in: dict[tuple[int, str], int] = {}
+        self._false_if_ended: dict[tuple[int, str], int] = {}
 
     def _false(self, image: int, text: str) -> int:
         """False claims in what `text` has settled: every kind but background (no head
@@ -67,18 +70,32 @@ class ClauseCheck(LogitsProcessor):
             self._false_in[image, text] = n
         return self._false_in[image, text]
 
+    def _false_ended(self, image: int, text: str) -> int:
+        """False claims in all of `text`, as a finished caption."""
+        if (image, text) not in self._false_if_ended:
+            false = false_claims_by_kind(text, self.scenes[image])
+            self._false_if_ended[image, text] = sum(false[k] for k in _ENDED_KINDS)
+        return self._false_if_ended[image, text]
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] == 0:
             return scores
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         parents = self.tokenizer.batch_decode(input_ids[:, :-1], skip_special_tokens=True)
         eos = self.tokenizer.eos_token_id
+        # Ending is judged only where the search could pick it: among a row's 2 x beams
+        # best tokens, as many as beam search looks at.
+        k = min(2 * self.num_beams, scores.shape[-1])
+        may_end = (scores[:, eos] >= scores.topk(k, dim=-1).values[:, -1]).tolist()
         for row, (text, parent) in enumerate(zip(texts, parents, strict=True)):
             image = row // self.num_beams
             text, parent = text.strip(), parent.strip()
-            added = self._false(image, text) - self._false(image, parent)
+            settled_false = self._false(image, text)
+            added = settled_false - self._false(image, parent)
             if added > 0:
                 scores[row] -= PENALTY * added
-            if not text.endswith("."):
-                scores[row, eos] = -float("inf")
+            if may_end[row]:
+                unsettled = self._false_ended(image, text) - settled_false
+                if unsettled > 0:
+                    scores[row, eos] -= PENALTY * unsettled
         return scores
