@@ -22,22 +22,30 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from corpus.caption_metrics import KINDS, false_claims_by_kind
-from corpus.world import Scene
+from corpus.world import CELL_NAMES, Scene
 
 PENALTY = 1000.0
 _CLAUSE_ENDS = (",", ".")  # a clause is over: its last word cannot grow
 _CLAUSE_KINDS = tuple(k for k in KINDS if k not in ("background", "count"))
 _ENDED_KINDS = (*_CLAUSE_KINDS, "count")
+# Cell names that a longer one continues ("center" -> "center left"): not settled yet.
+_GROWING_CELLS = tuple(
+    c for c in CELL_NAMES.values() if any(o.startswith(c + " ") for o in CELL_NAMES.values())
+)
 
 
 def settled(text: str) -> str:
     """The part of a caption being written whose claims can no longer change: all of it
     after a clause ends, else all but its last word (it may still grow: "cir" -> "circle",
-    '"TO' -> '"TOY"'), and without a last "center", which " left" or " right" may follow."""
+    '"TO' -> '"TOY"'), and without a last cell name that a longer one continues ("center"
+    -> "center left")."""
     if text.endswith(_CLAUSE_ENDS):
         return text
     text = text[: max(text.rfind(" "), 0)]
-    return text[: -len("center")].rstrip() if text.endswith("center") else text
+    for cell in _GROWING_CELLS:
+        if text.endswith(cell):
+            return text[: -len(cell)].rstrip()
+    return text
 
 
 class ClauseCheck(LogitsProcessor):
