@@ -59,31 +59,26 @@ class ClauseCheck(LogitsProcessor):
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, scenes: list[Scene], num_beams: int):
         self.tokenizer, self.scenes, self.num_beams = tokenizer, scenes, num_beams
-        # (image, text) -> false claims: beams share their prefixes, step after step.
-        self._false_in: dict[tuple[int, str], int] = {}
-        self._false_counts_in: dict[tuple[int, str], int] = {}
-        self._false_if_ended: dict[tuple[int, str], int] = {}
+        # (image, text) -> false claims per kind: beams share their prefixes step after step.
+        self._parsed: dict[tuple[int, str], dict[str, int]] = {}
+
+    def _false_by_kind(self, image: int, text: str) -> dict[str, int]:
+        if (image, text) not in self._parsed:
+            self._parsed[image, text] = false_claims_by_kind(text, self.scenes[image])
+        return self._parsed[image, text]
 
     def _false(self, image: int, text: str) -> int:
         """False claims in what `text` has settled: every kind but background (no head
         predicts it) and counts, which are judged in finished sentences only."""
         text = settled(text)
-        if (image, text) not in self._false_in:
-            false = false_claims_by_kind(text, self.scenes[image])
-            done = text[: text.rfind(".") + 1]
-            if (image, done) not in self._false_counts_in:
-                counts = false_claims_by_kind(done, self.scenes[image]) if done != text else false
-                self._false_counts_in[image, done] = counts["count"]
-            n = sum(false[k] for k in _CLAUSE_KINDS) + self._false_counts_in[image, done]
-            self._false_in[image, text] = n
-        return self._false_in[image, text]
+        false = self._false_by_kind(image, text)
+        done = self._false_by_kind(image, text[: text.rfind(".") + 1])
+        return sum(false[k] for k in _CLAUSE_KINDS) + done["count"]
 
     def _false_ended(self, image: int, text: str) -> int:
         """False claims in all of `text`, as a finished caption."""
-        if (image, text) not in self._false_if_ended:
-            false = false_claims_by_kind(text, self.scenes[image])
-            self._false_if_ended[image, text] = sum(false[k] for k in _ENDED_KINDS)
-        return self._false_if_ended[image, text]
+        false = self._false_by_kind(image, text)
+        return sum(false[k] for k in _ENDED_KINDS)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] == 0:
