@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
-from models.autoencoder import AutoencoderConfig, train_autoencoder
+from models.diffusion.autoencoder import AutoencoderConfig, train_autoencoder
 
 STAGE = "autoencoder"
 

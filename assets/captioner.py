@@ -14,8 +14,8 @@ from PIL import Image
 from assets.metadata import flatten, preview_metadata
 from corpus.caption_metrics import quality_table_markdown
 from corpus.preview import caption_grid
-from models.captioner_train import CaptionerTrainConfig, train_captioner
-from models.data import load_images
+from models.captioning.train import CaptionerTrainConfig, train_captioner
+from models.common.data import load_images
 
 STAGE = "captioner"
 # The report's claim, as a gate: descriptive captions state more of what is in the image.

@@ -1,6 +1,6 @@
 """Asset `diffusion_model`: the text-to-image model trained on the mixed-caption blend.
 
-Training runs as its own process (`python -m models.diffusion_train`) started through
+Training runs as its own process (`python -m models.diffusion.train`) started through
 Dagster Pipes by the `launcher` resource (a local subprocess by default; a container or
 a Kubernetes pod with a GPU for users with a cluster), in the concurrency pool `gpu`. The
 process streams its progress into the run's logs and reports its final metadata; this
@@ -15,7 +15,7 @@ import mlflow
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
-from models.registry import register_text_to_image
+from models.registry.model_registry import register_text_to_image
 
 STAGE = "diffusion_model"
 REGISTERED_NAME = "recapflow-text-to-image"
@@ -48,7 +48,7 @@ def curve_table(curve: list[dict]) -> str:
 
 
 def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
-    """The `models.diffusion_train` config of a run: params.yaml's section, the
+    """The `models.diffusion.train` config of a run: params.yaml's section, the
     lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes)."""
     return {
         **project.params(STAGE),
@@ -87,7 +87,7 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
     )
     invocation = launcher.run(
-        context, "models.diffusion_train", extras={"config": config}, cwd=str(project.path)
+        context, "models.diffusion.train", extras={"config": config}, cwd=str(project.path)
     )
     reported = invocation.get_materialize_result()
     run_id = reported.metadata["mlflow_run_id"].value

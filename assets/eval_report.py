@@ -1,9 +1,9 @@
 """Asset `eval_report`: the trained model's prompt following, measured exactly, and its
 CLIP score; the regression gate that promotes the challenger to `champion`.
 
-The report (HTML, grids, plots, metrics.json) is written by `models.eval_report` and
+The report (HTML, grids, plots, metrics.json) is written by `models.evaluation.report` and
 logged to the model's MLflow run. The gate bootstraps the per-prompt difference between
-the challenger and the registered champion (models/promotion_gate.py); the challenger
+the challenger and the registered champion (models/evaluation/promotion_gate.py); the challenger
 becomes `champion` only when it is not worse beyond noise, and the check
 `not_worse_than_champion` reports the decision."""
 
@@ -15,10 +15,10 @@ from PIL import Image
 
 from assets.diffusion_model import REGISTERED_NAME
 from assets.metadata import preview_metadata
-from models.eval_report import EvalConfig, evaluate_model
-from models.promotion_gate import promotion_decision
-from models.registry import run_json_artifact, set_alias, version_by_alias
-from models.world_judge import failing_kinds
+from models.evaluation.promotion_gate import promotion_decision
+from models.evaluation.report import EvalReportConfig, evaluate_model
+from models.evaluation.world_judge import failing_kinds
+from models.registry.model_registry import run_json_artifact, set_alias, version_by_alias
 
 STAGE = "eval_report"
 PER_PROMPT_ARTIFACT = "eval_report/per_prompt.json"
@@ -104,7 +104,7 @@ def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         context.resources.dvc,
         context.resources.mlflow,
     )
-    cfg = EvalConfig.from_dict(
+    cfg = EvalReportConfig.from_dict(
         {
             **eval_params(project),
             "model": str(project.data_path("diffusion_model")),

@@ -12,8 +12,8 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 
 from assets.metadata import flatten
-from models.reference_clip import ReferenceClipConfig, train_reference_clip
-from models.world_judge import ATTRIBUTE_KINDS, JudgeConfig, failing_kinds, train_judge
+from models.evaluation.reference_clip import ReferenceClipConfig, train_reference_clip
+from models.evaluation.world_judge import ATTRIBUTE_KINDS, JudgeConfig, failing_kinds, train_judge
 
 
 def _accuracy_table(accuracy: dict[str, float], threshold: float) -> dg.MetadataValue:
@@ -31,7 +31,7 @@ def _accuracy_table(accuracy: dict[str, float], threshold: float) -> dg.Metadata
     pool="gpu",  # training: one at a time, like diffusion_model (dagster.yaml)
     required_resource_keys={"project", "dvc", "mlflow"},
     description="GenEval-style judge of shape, colour, size, position, count, word and "
-    "background, trained on ground-truth renders (models/world_judge.py).",
+    "background, trained on ground-truth renders (models/evaluation/world_judge.py).",
 )
 def world_judge(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
@@ -83,7 +83,7 @@ def world_judge_accurate(context: dg.AssetCheckExecutionContext) -> dg.AssetChec
     pool="gpu",  # training: one at a time, like diffusion_model (dagster.yaml)
     required_resource_keys={"project", "dvc", "mlflow"},
     description="The CLIP behind CLIP score: tiny open_clip trained on ground-truth "
-    "descriptive captions, or pretrained ViT-B/32 for full (models/reference_clip.py).",
+    "descriptive captions, or pretrained ViT-B/32 for full (models/evaluation/reference_clip.py).",
 )
 def reference_clip(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (

@@ -7,7 +7,7 @@ import pandas as pd
 
 from assets.metadata import file_md5, md_escape
 from assets.partitions import raw_shards
-from models.recaption import SCHEMA, make_backend, recaption, shard_rejections
+from models.captioning.recaption import SCHEMA, make_backend, recaption, shard_rejections
 
 STAGE = "recaptioned_dataset"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from models.captioner import GenerationConfig, PrefixCaptioner
-from models.data import load_images
+from models.captioning.captioner import GenerationConfig, PrefixCaptioner
+from models.common.data import load_images
 
 
 def _rate(fn, n: int) -> float:

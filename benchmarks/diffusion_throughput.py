@@ -21,8 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from models.diffusion import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
-from models.diffusion_train import MixedLatentDataModule, MixedLatents
+from models.diffusion.model import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
+from models.diffusion.train import MixedLatentDataModule, MixedLatents
 
 
 def _data(n: int, latent: int, ctx: int, width: int) -> MixedLatents:

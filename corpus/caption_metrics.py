@@ -222,7 +222,7 @@ def _relations(text: str) -> list[Relation]:
 def word_cells(caption: str) -> list[tuple[str, str]]:
     """(word, cell) of each sentence that quotes exactly one rendered word of the world and
     says "the <cell>" ('The word "CAT" is written in the top left'); other quoted text is
-    ignored. Used to teach the tiny tower where words are (models/concepts.py)."""
+    ignored. Used to teach the tiny tower where words are (models/captioning/concepts.py)."""
     out = []
     for sentence in re.split(r"(?<=[.!?])\s+", caption):
         quoted = [(a or b).strip() for a, b in _QUOTED.findall(sentence)]

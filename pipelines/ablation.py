@@ -23,8 +23,8 @@ from assets.diffusion_model import training_config
 from assets.eval_report import eval_params
 from corpus.atomic import write_text_atomic
 from corpus.caption_mix import MixConfig, build_mixed_sampler
-from models.ablation_report import ablation_table, plot_curves
-from models.eval_report import EvalConfig, evaluate_model
+from models.evaluation.ablation_report import ablation_table, plot_curves
+from models.evaluation.report import EvalReportConfig, evaluate_model
 
 # name -> (synthetic_ratio, caption_kind); alt-text only is ratio 0 of either kind.
 VARIANTS: dict[str, tuple[float, str]] = {
@@ -129,7 +129,7 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
         "final_prompts": cfg["eval_prompts"],
         "reference_clip": str(project.data_path("reference_clip")),
     }
-    evaluation_cfg = EvalConfig.from_dict(
+    evaluation_cfg = EvalReportConfig.from_dict(
         {
             **eval_params(project),
             "model": str(root / "model"),
@@ -145,7 +145,7 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
     )
     try:
         context.resources.launcher.run(
-            context, "models.diffusion_train", extras={"config": train}, cwd=str(project.path)
+            context, "models.diffusion.train", extras={"config": train}, cwd=str(project.path)
         )
         t_train = time.time() - t0
         evaluation = evaluate_model(evaluation_cfg)

@@ -148,10 +148,10 @@ def test_trainer_reserves_an_nvidia_gpu_behind_the_gpu_profile():
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     cmd = trainer["command"]
-    assert cmd[:3] == ["python", "-m", "models.diffusion_train"]
-    source = (REPO / "models" / "diffusion_train.py").read_text()
+    assert cmd[:3] == ["python", "-m", "models.diffusion.train"]
+    source = (REPO / "models" / "diffusion" / "train.py").read_text()
     for flag in [c for c in cmd if c.startswith("--")]:
-        assert f'add_argument("{flag}"' in source, f"models.diffusion_train has no {flag}"
+        assert f'add_argument("{flag}"' in source, f"models.diffusion.train has no {flag}"
 
 
 def test_every_secret_comes_from_the_environment():

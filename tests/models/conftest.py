@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from corpus.raw_dataset import build_raw_dataset
-from models.captioner_train import CaptionerTrainConfig
+from models.captioning.train import CaptionerTrainConfig
 from tests.conftest import small_raw_params
 
 TINY_PHASE = {"max_steps": 3, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1}
@@ -42,7 +42,7 @@ def tiny_raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_captioner(tiny_raw, tmp_path_factory) -> Path:
-    from models.captioner_train import train_captioner
+    from models.captioning.train import train_captioner
 
     out = tmp_path_factory.mktemp("captioner") / "captioner"
     train_captioner(tiny_captioner_config(), tiny_raw, out)

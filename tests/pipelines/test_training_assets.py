@@ -214,6 +214,6 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
 def test_training_process_detects_pipes_by_dagsters_own_variable():
     import dagster_pipes
 
-    from models.pipes_report import PIPES_CONTEXT_ENV_VAR
+    from models.common.pipes_report import PIPES_CONTEXT_ENV_VAR
 
     assert PIPES_CONTEXT_ENV_VAR == dagster_pipes.DAGSTER_PIPES_CONTEXT_ENV_VAR

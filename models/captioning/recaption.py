@@ -1,0 +1,176 @@
+"""Recaption the raw corpus shard by shard: one `data/recaptioned/<shard>.parquet` per raw
+shard, with key, alt_text, short_caption, descriptive_caption, the captioner's id and
+version and the generation config.
+
+Each shard's parquet is written to a temp file and renamed, so it either exists whole or
+not at all; a rerun skips shards already written by the same captioner version, which
+makes a killed run resume without duplicate or missing keys.
+
+    python -m models.captioning.recaption --params params.yaml --raw data/raw \
+        --captioner data/captioner --out data/recaptioned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from models.captioning.backends import CaptionBackend, HFImageToTextBackend, PrefixCaptionerBackend
+from models.captioning.captioner import GenerationConfig
+from models.common.data import load_images_lenient
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("split", pa.string()),
+        ("alt_text", pa.string()),
+        ("short_caption", pa.string()),
+        ("descriptive_caption", pa.string()),
+        ("captioner_id", pa.string()),
+        ("captioner_version", pa.string()),
+        ("generation_config", pa.string()),
+    ]
+)
+
+
+def shard_rejections(path: Path) -> dict[str, str]:
+    """{key: reason} for the images of a recaptioned shard that could not be read."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"rejected", b"{}"))
+
+
+def shard_is_current(path: Path, version: str) -> bool:
+    """A shard written whole by this captioner version (the version is in its metadata)."""
+    if not path.exists():
+        return False
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(b"captioner_version", b"").decode() == version
+
+
+def recaption_shard(
+    backend: CaptionBackend,
+    raw_dir: Path,
+    shard: str,
+    out_dir: Path,
+    batch_size: int = 256,
+    image_size: int | None = None,
+) -> Path:
+    """Caption every indexed image of one raw shard; returns the parquet path."""
+    index = pd.read_parquet(Path(raw_dir) / "index.parquet", filters=[("shard", "==", shard)])
+    if index.empty:
+        raise ValueError(f"raw shard {shard!r} has no indexed images in {raw_dir}")
+    if not (Path(raw_dir) / f"{shard}.tar").exists():
+        raise FileNotFoundError(f"raw shard {shard}.tar is missing from {raw_dir}")
+    size = image_size or backend.image_size or int(index["width"].max())
+    images, ok, failed = load_images_lenient(
+        Path(raw_dir), list(index["key"]), [shard] * len(index), size
+    )
+    # An image that no longer decodes is skipped and reported, never silently dropped.
+    index = index.set_index("key").loc[ok].reset_index()
+    captions: dict[str, list[str]] = {"short": [], "descriptive": []}
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        for kind in captions:
+            captions[kind].extend(backend.caption(batch, kind))
+    gen = json.dumps(backend.generation_config(), sort_keys=True)
+    table = pa.Table.from_pydict(
+        {
+            "key": list(index["key"]),
+            "shard": [shard] * len(index),
+            "split": list(index["split"]),
+            "alt_text": list(index["alt_text"]),
+            "short_caption": captions["short"],
+            "descriptive_caption": captions["descriptive"],
+            "captioner_id": [backend.id] * len(index),
+            "captioner_version": [backend.version] * len(index),
+            "generation_config": [gen] * len(index),
+        },
+        schema=SCHEMA.with_metadata(
+            {"captioner_version": backend.version, "rejected": json.dumps(failed, sort_keys=True)}
+        ),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{shard}.parquet"
+    tmp = out_dir / f".{shard}.parquet.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def recaption(
+    backend: CaptionBackend,
+    raw_dir: Path,
+    out_dir: Path,
+    shards: list[str] | None = None,
+    batch_size: int = 256,
+) -> dict[str, str]:
+    """Recaption the given shards (default: all), skipping ones already current; a shard
+    with no image in the raw index (never ingested, or every sample rejected there) has
+    nothing to caption: status `no_raw_images`, and no file."""
+    indexed = set(
+        pd.read_parquet(Path(raw_dir) / "index.parquet", columns=["shard"])["shard"].unique()
+    )
+    if shards is None:
+        shards = sorted(indexed)
+    for stale in Path(out_dir).glob(".*.parquet.tmp-*"):  # left by a killed run
+        stale.unlink()
+    status = {}
+    for shard in tqdm(shards, desc="recaption shards", unit="shard"):
+        if shard not in indexed:
+            status[shard] = "no_raw_images"
+            continue
+        if shard_is_current(Path(out_dir) / f"{shard}.parquet", backend.version):
+            status[shard] = "skipped"
+            continue
+        recaption_shard(backend, Path(raw_dir), shard, Path(out_dir), batch_size)
+        status[shard] = "captioned"
+    return status
+
+
+def make_backend(cfg: dict, captioner_dir: Path) -> CaptionBackend:
+    """`recaptioned_dataset.backend` of params.yaml: `prefix` (our captioner) or `hf`."""
+    kind = cfg.get("backend", "prefix")
+    if kind == "prefix":
+        return PrefixCaptionerBackend(
+            captioner_dir,
+            GenerationConfig(**cfg.get("generation", {})),
+            short_max_new_tokens=cfg.get("short_max_new_tokens", 24),
+        )
+    if kind == "hf":
+        return HFImageToTextBackend(
+            cfg["model"],
+            prompts=cfg.get("prompts"),
+            max_new_tokens=cfg.get("max_new_tokens"),
+            num_beams=cfg.get("num_beams", 1),
+        )
+    raise ValueError(f"recaptioned_dataset.backend {kind!r} not in prefix | hf")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from corpus.params import load_params
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--raw", default="data/raw")
+    ap.add_argument("--captioner", default="data/captioner")
+    ap.add_argument("--out", default="data/recaptioned")
+    ap.add_argument("--shards", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    cfg = load_params(args.params).get("recaptioned_dataset", {}) or {}
+    backend = make_backend(cfg, Path(args.captioner))
+    status = recaption(
+        backend, Path(args.raw), Path(args.out), args.shards, cfg.get("batch_size", 256)
+    )
+    print(json.dumps(status))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The text-to-image model: a diffusers `UNet2DConditionModel` on cached latents, as a
+`LightningModule` (DDPM objective, min-SNR loss weighting, EMA weights, classifier-free
+guidance through caption dropout) and the sampler that turns prompts into images.
+
+The UNet is conditioned two ways on the frozen text encoder: cross-attention on the
+per-token states (which object has which attribute) and the pooled caption vector added
+to the timestep embedding (`class_embed_type="projection"`, as unCLIP and SDXL add
+pooled text), which carries global attributes such as colour from the first steps on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.training_utils import EMAModel, compute_snr
+
+from models import CONFIG_DIR
+from models.common.clip import warmup_cosine_adamw
+from models.diffusion.autoencoder import to_uint8
+from models.diffusion.text_encoder import FrozenTextEncoder
+
+
+@dataclass
+class UNetConfig:
+    config: str = "recapflow-tiny-unet"  # a config in models/configs ...
+    overrides: dict | None = None  # ... with sizes changed from params.yaml (full: bigger)
+
+
+@dataclass
+class DiffusionConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
+    ema_decay: float = 0.999
+
+
+def build_unet(
+    cfg: UNetConfig, text_hidden: int, text_pooled: int, latent_shape: tuple[int, ...]
+) -> UNet2DConditionModel:
+    config = json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text())
+    config.update(cfg.overrides or {})
+    # The autoencoder decides the latent shape and the text encoder the conditioning
+    # widths, whichever profile.
+    c, h, _ = latent_shape
+    config.update(in_channels=c, out_channels=c, sample_size=h)
+    config["cross_attention_dim"] = text_hidden
+    if config.get("class_embed_type") == "projection":
+        config["projection_class_embeddings_input_dim"] = text_pooled
+    unet = UNet2DConditionModel.from_config(config)
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
+    return unet
+
+
+def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    # clip_sample=False: diffusers' default clips the predicted x0 to [-1, 1], meant for
+    # pixels; scaled latents have std 1, so it cut every object's latent and the samples
+    # lost their objects (colour following 0.086 with it, 0.281 without, same weights).
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+
+
+class LatentDiffusion(L.LightningModule):
+    """Batches are dicts of cached `latents` (already scaled), text `states` and
+    `pooled` vectors; the empty caption's embedding stands in for dropped captions."""
+
+    def __init__(self, unet: UNet2DConditionModel, cfg: DiffusionConfig):
+        super().__init__()
+        self.unet, self.cfg = unet, cfg
+        self.scheduler = noise_scheduler(cfg)
+        self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        self.save_hyperparameters(
+            {"diffusion": asdict(cfg), "unet": dict(unet.config)}, logger=False
+        )
+
+    def _unet(self, latents, t, states, pooled):
+        class_labels = pooled if self.unet.config.class_embed_type == "projection" else None
+        return self.unet(latents, t, encoder_hidden_states=states, class_labels=class_labels).sample
+
+    def diffusion_loss(self, batch: dict) -> torch.Tensor:
+        z = batch["latents"].float()
+        noise = torch.randn_like(z)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (len(z),), device=z.device)
+        noisy = self.scheduler.add_noise(z, noise, t)
+        pred = self._unet(noisy, t, batch["states"].to(z.dtype), batch["pooled"].to(z.dtype))
+        if self.cfg.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(z, noise, t)
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+        if self.cfg.snr_gamma:
+            snr = compute_snr(self.scheduler, t)
+            weight = snr.clamp(max=self.cfg.snr_gamma) / snr
+            if self.cfg.prediction_type == "v_prediction":
+                weight = snr.clamp(max=self.cfg.snr_gamma) / (snr + 1)
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+    def on_fit_start(self) -> None:
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        self.ema.to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        self.ema.step(self.unet.parameters())
+
+    def configure_optimizers(self):
+        return warmup_cosine_adamw(
+            self.unet, self.cfg.lr, self.cfg.weight_decay, self.cfg.warmup_steps, self.cfg.max_steps
+        )
+
+    def ema_unet(self) -> UNet2DConditionModel:
+        """A copy of the UNet holding the EMA weights (what is sampled and exported)."""
+        unet = UNet2DConditionModel.from_config(self.unet.config)
+        unet.set_attn_processor(AttnProcessor2_0())
+        self.ema.copy_to(unet.parameters())
+        return unet.to(self.device).eval()
+
+
+# DPM-Solver++ (diffusers 0.42) gave noise images on this cosine schedule, with and
+# without lambda_min_clipped, where DDIM from the same weights gave scenes: not offered.
+SAMPLERS = {"ddim": DDIMScheduler}
+
+
+def sampling_scheduler(sampler: str, train_cfg: DiffusionConfig):
+    """The fast scheduler `generate` samples with, on the training noise schedule."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler].from_config(noise_scheduler(train_cfg).config)
+
+
+@torch.no_grad()
+def generate(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: FrozenTextEncoder,
+    prompts: list[str],
+    train_cfg: DiffusionConfig,
+    seed: int = 0,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    sampler: str = "ddim",
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) for the prompts, with classifier-free guidance; the
+    same seed gives the same images."""
+    device = next(unet.parameters()).device
+    sched = sampling_scheduler(sampler, train_cfg)
+    empty_states, empty_pooled = text_encoder([""])
+    gen = torch.Generator("cpu").manual_seed(seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        n = len(chunk)
+        states, pooled = text_encoder(chunk)
+        states = torch.cat([empty_states.expand(n, -1, -1), states]).to(device)
+        pooled = torch.cat([empty_pooled.expand(n, -1), pooled]).to(device)
+        class_labels = pooled if unet.config.class_embed_type == "projection" else None
+        latents = torch.randn((n, c, s, s), generator=gen).to(device) * sched.init_noise_sigma
+        sched.set_timesteps(steps, device=device)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([latents, latents]), t)
+            eps = unet(inp, t, encoder_hidden_states=states, class_labels=class_labels).sample
+            uncond, cond = eps.chunk(2)
+            latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        scale = vae.config.scaling_factor
+        out.append(to_uint8(vae.decode(latents.to(vae.dtype) / scale).sample.float()).cpu())
+    return torch.cat(out)

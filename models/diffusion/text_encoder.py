@@ -1,0 +1,278 @@
+"""The diffusion model's text encoder: frozen, so every caption is encoded once.
+
+`full`: a pretrained transformers text encoder by path or hub id, CLIP
+(`CLIPTextModelWithProjection`) or T5 (`T5EncoderModel`), as Stable Diffusion and
+DALL-E 3 / Imagen use. `tiny`: a `CLIPTextModelWithProjection` built from the config in
+models/configs/, pretrained contrastively on the corpus's (image, caption) pairs, the way
+web CLIP is trained on alt-text, then frozen. A text encoder trained jointly with the
+UNet from scratch learned colour words too slowly on a CPU (issue 4's prototype: colour
+following 0.17-0.20 after 15 minutes); a contrastive one already separates them.
+
+Both give per-token states (for cross-attention) and one pooled vector per caption
+(added to the UNet's timestep embedding: the fast path for global attributes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
+from tokenizers import processors
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
+
+from models import CONFIG_DIR
+from models.common.clip import ClipTextTokenizer, warmup_cosine_adamw
+from models.common.tokenizer import train_bpe_tokenizer
+
+
+class MissingTextEncoderError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class TextPretrainConfig:
+    max_steps: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 30
+
+
+@dataclass
+class TextEncoderConfig:
+    config: str = "recapflow-tiny-text-encoder"  # tiny: a CLIPTextConfig in models/configs
+    pretrained: str | None = None  # full: folder or hub id of a CLIP text model or T5
+    subfolder: str | None = None  # e.g. "text_encoder" inside a pipeline folder
+    tokenizer_subfolder: str | None = None
+    context_length: int = 64
+    vocab_size: int = 1024
+    pretrain: TextPretrainConfig = field(default_factory=TextPretrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextEncoderConfig:
+        d = dict(d)
+        pretrain = TextPretrainConfig(**(d.pop("pretrain", None) or {}))
+        return cls(**d, pretrain=pretrain)
+
+
+def clip_text_features(
+    model: CLIPTextModelWithProjection, ids: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token states, projected state at the first EOS) of a CLIP text model.
+
+    Pooled here rather than by transformers: a config with `eos_token_id: 2` (the legacy
+    value, and our BPE tokenizer's real EOS id) makes transformers pool at the highest
+    token id of each caption instead, so the tiny encoder's "pooled" vector was the
+    causal state at some mid-caption word. For OpenAI's CLIP, whose EOS is the highest
+    id, both rules pick the same token."""
+    states = model(input_ids=ids).last_hidden_state
+    eos = (ids == eos_token_id).int().argmax(-1)
+    pooled = states[torch.arange(len(ids), device=ids.device), eos]
+    return states, model.text_projection(pooled)
+
+
+class FrozenTextEncoder(torch.nn.Module):
+    """A tokenizer and a transformers text encoder, frozen, in eval mode."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ctx: int):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.tokenize = ClipTextTokenizer(ctx, tokenizer)
+        self.context_length = ctx
+
+    @property
+    def hidden_size(self) -> int:
+        return (
+            self.model.config.hidden_size
+            if hasattr(self.model.config, "hidden_size")
+            else (self.model.config.d_model)
+        )
+
+    @property
+    def pooled_size(self) -> int:
+        return getattr(self.model.config, "projection_dim", None) or self.hidden_size
+
+    def truncated(self, texts: list[str]) -> int:
+        """How many texts are longer than the context (cut, as CLIP cuts at 77)."""
+        lens = [
+            len(ids) + 1 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
+        return sum(n > self.context_length for n in lens)
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, L, hidden), pooled (B, pooled)) for a list of texts."""
+        ids = self.tokenize(texts).to(next(self.model.parameters()).device)
+        if isinstance(self.model, CLIPTextModelWithProjection):
+            return clip_text_features(self.model, ids, self.tokenizer.eos_token_id)
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return states, pooled
+
+    @torch.no_grad()
+    def encode_all(
+        self, texts: list[str], batch_size: int = 512, dtype: torch.dtype = torch.float16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = [], []
+        for i in range(0, len(texts), batch_size):
+            s, p = self(texts[i : i + batch_size])
+            states.append(s.to("cpu", dtype))
+            pooled.append(p.to("cpu", dtype))
+        return torch.cat(states), torch.cat(pooled)
+
+    def save(self, out: Path) -> None:
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+
+
+def load_text_encoder(
+    path_or_id: str | Path,
+    context_length: int,
+    subfolder: str | None = None,
+    tokenizer_subfolder: str | None = None,
+) -> FrozenTextEncoder:
+    """A CLIP text model or a T5 encoder with its tokenizer, from a folder or hub id."""
+    kw = {"subfolder": subfolder} if subfolder else {}
+    try:
+        config = AutoConfig.from_pretrained(str(path_or_id), **kw)
+        tok_kw = {"subfolder": tokenizer_subfolder} if tokenizer_subfolder else kw
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), **tok_kw)
+    except OSError as e:
+        raise MissingTextEncoderError(
+            f"could not load a text encoder from {path_or_id!r}: {e}. Give a local folder "
+            "with config.json, model.safetensors and the tokenizer files, or a hub id on a "
+            "machine that reaches the hub."
+        ) from e
+    if config.model_type in ("clip_text_model", "clip"):
+        model = CLIPTextModelWithProjection.from_pretrained(str(path_or_id), **kw)
+    elif config.model_type in ("t5", "umt5", "mt5"):
+        model = T5EncoderModel.from_pretrained(str(path_or_id), **kw)
+    else:
+        raise ValueError(
+            f"text encoder {path_or_id!r} is a {config.model_type!r}; expected a CLIP text "
+            "model or a T5 encoder"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return FrozenTextEncoder(model, tokenizer, context_length)
+
+
+class _ImageTower(torch.nn.Module):
+    """A small CNN, only a partner for contrastive pretraining of the text tower."""
+
+    def __init__(self, dim: int, width: int = 32):
+        super().__init__()
+        c = width
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1), torch.nn.GELU(),
+        )  # fmt: skip
+        self.proj = torch.nn.Linear(4 * c * 2, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        return self.proj(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+
+class _ContrastiveModule(L.LightningModule):
+    def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig, eos_id: int):
+        super().__init__()
+        self.text, self.cfg, self.eos_id = text, cfg, eos_id
+        self.image = _ImageTower(text.config.projection_dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # ln(1 / 0.07)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        img = F.normalize(self.image(batch["image"].float() / 127.5 - 1), dim=-1)
+        txt = F.normalize(clip_text_features(self.text, batch["ids"], self.eos_id)[1], dim=-1)
+        logits = self.logit_scale.clamp(max=4.6).exp() * img @ txt.T
+        labels = torch.arange(len(img), device=img.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({"text_encoder/loss": loss, "text_encoder/acc": acc}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return warmup_cosine_adamw(
+            self, self.cfg.lr, 0.01, self.cfg.warmup_steps, self.cfg.max_steps
+        )
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, ids: torch.Tensor):
+        self.images, self.ids = images, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "ids": self.ids[i]}
+
+
+def pretrain_text_encoder(
+    cfg: TextEncoderConfig,
+    images: torch.Tensor,
+    texts: list[str],
+    out: Path,
+    logger: L.pytorch.loggers.Logger | None = None,
+    seed: int = 0,
+) -> dict:
+    """Tiny profile: train a BPE tokenizer and a CLIP text tower contrastively against a
+    small image tower on (image, caption) pairs; save the text tower and tokenizer with
+    `save_pretrained`, so it loads back through `load_text_encoder` like a hub model."""
+    L.seed_everything(seed, verbose=False)
+    t0 = time.perf_counter()
+    tokenizer = train_bpe_tokenizer([t for t in texts if t], cfg.vocab_size)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", tokenizer.eos_token_id)]
+    )
+    config = CLIPTextConfig(
+        **json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text()),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=cfg.context_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = CLIPTextModelWithProjection(config)
+    ids = ClipTextTokenizer(cfg.context_length, tokenizer)(texts)
+    pairs = [i for i, t in enumerate(texts) if t]  # an empty caption describes nothing
+    loader = torch.utils.data.DataLoader(
+        _PairDataset(images[pairs], ids[pairs]),
+        batch_size=cfg.pretrain.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+    module = _ContrastiveModule(model, cfg.pretrain, tokenizer.eos_token_id)
+    trainer = L.Trainer(
+        max_steps=cfg.pretrain.max_steps,
+        accelerator="auto",
+        devices=1,
+        logger=logger or False,
+        enable_checkpointing=False,
+        callbacks=[TQDMProgressBar(refresh_rate=20)],
+        log_every_n_steps=10,
+    )
+    trainer.fit(module, loader)
+    encoder = FrozenTextEncoder(model.cpu(), tokenizer, cfg.context_length)
+    encoder.save(out)
+    metrics = {
+        key: float(v) for key, v in trainer.callback_metrics.items() if key.startswith("text_")
+    }
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics

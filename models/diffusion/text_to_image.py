@@ -1,0 +1,84 @@
+"""The exported text-to-image folder (what `diffusion_model` writes), loaded for sampling.
+
+One loader for the MLflow pyfunc and the eval report, so both sample the same model the
+same way: `unet/`, `vae/`, `text_encoder/` and `train_config.json` of the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class MissingModelError(FileNotFoundError):
+    """The text-to-image folder is not a complete export."""
+
+
+@dataclass
+class TextToImagePipeline:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: object
+    diffusion: object  # models.diffusion.model.DiffusionConfig
+    eval_cfg: dict
+
+    def to(self, device: str | torch.device) -> TextToImagePipeline:
+        self.unet.to(device)
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    def __call__(
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 128,
+    ) -> torch.Tensor:
+        """uint8 (N, 3, H, W) images; the same seed gives the same images."""
+        from models.diffusion.model import generate
+
+        return generate(
+            self.unet,
+            self.vae,
+            self.text_encoder,
+            prompts,
+            self.diffusion,
+            seed=seed,
+            steps=self.eval_cfg["steps"] if steps is None else steps,
+            guidance_scale=(
+                self.eval_cfg["guidance_scale"] if guidance_scale is None else guidance_scale
+            ),
+            batch_size=batch_size,
+        )
+
+
+def load_text_to_image(root: Path) -> TextToImagePipeline:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from models.diffusion.model import DiffusionConfig
+    from models.diffusion.text_encoder import load_text_encoder
+
+    root = Path(root)
+    missing = [
+        p for p in ("unet", "vae", "text_encoder", "train_config.json") if not (root / p).exists()
+    ]
+    if missing:
+        raise MissingModelError(
+            f"{root} is not an exported text-to-image model (missing {missing}); "
+            "materialize the diffusion_model asset first"
+        )
+    cfg = json.loads((root / "train_config.json").read_text())
+    return TextToImagePipeline(
+        unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
+        vae=AutoencoderKL.from_pretrained(root / "vae").eval(),
+        text_encoder=load_text_encoder(
+            root / "text_encoder", cfg["text_encoder"]["context_length"]
+        ),
+        diffusion=DiffusionConfig(**cfg["diffusion"]),
+        eval_cfg=cfg["eval"],
+    )

@@ -1,0 +1,281 @@
+"""The diffusion training process: runs standalone, resumes after SIGKILL to the same
+step count in the same MLflow run, fails before training on what cannot work, and loads
+pretrained components through the same code as a user's hub id or folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from corpus.caption_mix import MixConfig, build_mixed_sampler
+from corpus.palette import colour_kept, dominant_object_colour
+from corpus.world import Scene, SceneObject, render
+from models.common.tokenizer import train_bpe_tokenizer
+from models.diffusion.autoencoder import (
+    AutoencoderConfig,
+    MissingAutoencoderError,
+    load_autoencoder,
+    train_autoencoder,
+)
+from models.diffusion.model import DiffusionConfig, sampling_scheduler
+from models.diffusion.text_encoder import MissingTextEncoderError, load_text_encoder
+from models.diffusion.train import DiffusionTrainConfig, train_diffusion
+from models.evaluation.colour_following import colour_prompts, score_colours
+
+REPO = Path(__file__).resolve().parents[3]
+TINY_UNET = {
+    "block_out_channels": [16, 32, 32],
+    "norm_num_groups": 8,
+    "attention_head_dim": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_training_inputs(tiny_raw, tmp_path_factory) -> dict[str, Path]:
+    """A mixed sampler over the tiny raw corpus (ground-truth-like captions: mechanics
+    only) and a tiny autoencoder trained for a few steps."""
+    root = tmp_path_factory.mktemp("diffusion_inputs")
+    index = pd.read_parquet(tiny_raw / "index.parquet")
+    rec = root / "recaptioned"
+    rec.mkdir()
+    df = index[["key", "shard", "split", "alt_text"]].copy()
+    df["short_caption"] = "a shape"
+    df["descriptive_caption"] = "A photo of a shape on a background. " + df["alt_text"]
+    df.to_parquet(rec / "all.parquet")
+    build_mixed_sampler(rec, root / "sampler", MixConfig(epochs=30))
+    ae = AutoencoderConfig(max_steps=3, batch_size=16, warmup_steps=1, eval_images=8)
+    train_autoencoder(ae, tiny_raw, root / "autoencoder")
+    return {"raw": tiny_raw, "sampler": root / "sampler", "autoencoder": root / "autoencoder"}
+
+
+def tiny_config(inputs: dict[str, Path], out: Path, **overrides) -> dict:
+    d = {
+        "raw": str(inputs["raw"]),
+        "sampler": str(inputs["sampler"]),
+        "autoencoder": str(inputs["autoencoder"]),
+        "out": str(out / "model"),
+        "work": str(out / "work"),
+        "batch_size": 16,
+        "checkpoint_every": 5,
+        "text_encoder": {"pretrain": {"max_steps": 3, "batch_size": 16}, "context_length": 32},
+        "unet": {"overrides": TINY_UNET},
+        "diffusion": {"max_steps": 12, "warmup_steps": 2},
+        "eval": {"prompts": 8, "final_prompts": 8, "every": 6, "steps": 2, "grid_prompts": 8},
+        "mlflow_tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+    }
+    d.update(overrides)
+    return d
+
+
+def run_training(config_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "models.diffusion.train", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_step_in_the_same_run(
+    tiny_training_inputs, tmp_path
+):
+    cfg = tiny_config(
+        tiny_training_inputs, tmp_path, diffusion={"max_steps": 60, "warmup_steps": 2}
+    )
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(cfg))
+    ckpts = tmp_path / "work" / "checkpoints"
+    proc = run_training(config_file)
+    deadline = time.monotonic() + 600
+    while not (ckpts / "latest").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = (ckpts / "latest").read_text().strip()
+    assert killed_at.startswith("step-") and int(killed_at[5:]) < 60
+    run_id = json.loads((tmp_path / "work" / "mlflow_run.json").read_text())["run_id"]
+    assert not (tmp_path / "model").exists()  # the export is written only at the end
+
+    proc = run_training(config_file)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    assert f"resuming from {ckpts / killed_at}" in out
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["steps"] == 60
+    assert metrics["mlflow_run_id"] == run_id  # the same MLflow run continues
+    client = mlflow.MlflowClient(cfg["mlflow_tracking_uri"])
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert max(m.step for m in losses) >= 50
+    curve_steps = [p["step"] for p in metrics["curve"]]
+    assert curve_steps == sorted(set(curve_steps)) and curve_steps[-1] == 60
+    # The export is a diffusers-style folder whose weights are safetensors.
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((tmp_path / "model" / part).glob("*.safetensors")), part
+    assert (tmp_path / "model" / "validation_grid.png").exists()
+    # Checkpoints hold no pickled weights: the state file loads with weights_only=True.
+    last = ckpts / (ckpts / "latest").read_text().strip()
+    state = torch.load(last / "trainer_state.ckpt", weights_only=True)
+    assert "state_dict" not in state and state["global_step"] == 60
+    assert {"torch", "python"} <= set(state["rng"])
+
+
+def test_too_few_recorded_epochs_fail_before_training(tiny_training_inputs, tmp_path):
+    cfg = DiffusionTrainConfig.from_dict(
+        tiny_config(tiny_training_inputs, tmp_path, diffusion={"max_steps": 10_000})
+    )
+    with pytest.raises(ValueError, match="raise mixed_sampler.epochs to"):
+        train_diffusion(cfg)
+    assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_pretrained_components_load_from_a_folder(tmp_path):
+    tok = train_bpe_tokenizer(["a red circle", "two blue stars on gray"] * 20, vocab_size=300)
+    clip = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=24,
+            max_position_embeddings=32,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip" / "text_encoder")
+    tok.save_pretrained(tmp_path / "clip" / "tokenizer")
+    enc = load_text_encoder(tmp_path / "clip", 32, "text_encoder", "tokenizer")
+    states, pooled = enc(["a red circle", ""])
+    assert states.shape == (2, 32, 32) and pooled.shape == (2, 24)
+
+    # The pooled vector is the caption's state at EOS, all words read. Our tokenizers give
+    # EOS id 2, the legacy value for which transformers pools at the highest token id.
+    texts = ["two blue stars on gray", "a red circle"]
+    states, pooled = enc(texts)
+    ids = enc.tokenize(texts)
+    eos = [row.tolist().index(tok.eos_token_id) for row in ids]
+    at_eos = enc.model.text_projection(states[torch.arange(2), eos])
+    assert torch.allclose(pooled, at_eos, atol=1e-6)
+    assert tok.eos_token_id == 2
+    assert not torch.allclose(enc.model(input_ids=ids).text_embeds, at_eos, atol=1e-3)
+
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    )
+    t5.save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    enc = load_text_encoder(tmp_path / "t5", 16)
+    states, pooled = enc(["two blue stars"])
+    assert states.shape == (1, 16, 16) and pooled.shape == (1, 16)
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    loaded = load_autoencoder(str(tmp_path / "pipe"), subfolder="vae")
+    assert loaded.config.latent_channels == 4
+
+    with pytest.raises(MissingAutoencoderError, match="local folder"):
+        load_autoencoder(str(tmp_path / "absent"))
+    with pytest.raises(MissingTextEncoderError, match="local folder"):
+        load_text_encoder(tmp_path / "absent", 16)
+
+
+def test_sampler_reaches_latents_beyond_the_unit_range():
+    # Scaled latents have std 1: a sampler that clips its x0 estimate to [-1, 1] (diffusers'
+    # default, meant for pixels) washed every object out of the samples.
+    sched = sampling_scheduler("ddim", DiffusionConfig())
+    sched.set_timesteps(20)
+    target = torch.linspace(-3, 3, 256).reshape(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        a = sched.alphas_cumprod[t]
+        oracle_noise = (x - a.sqrt() * target) / (1 - a).sqrt()  # a perfect denoiser
+        x = sched.step(oracle_noise, t, x).prev_sample
+    assert torch.allclose(x, target, atol=1e-3)
+
+
+def _renders(colours: list[str]) -> np.ndarray:
+    scenes = [Scene((SceneObject("star", c, "large", 1, 1),), "gray") for c in colours]
+    return np.stack([np.asarray(render(s, 32)) for s in scenes])
+
+
+def test_colour_judge_on_known_renders():
+    colours = ["red", "cyan", "pink", "yellow"]
+    images = _renders(colours)
+    assert dominant_object_colour(images) == colours
+    blank = np.full((1, 32, 32, 3), 128, np.uint8)  # background only: nothing drawn
+    assert dominant_object_colour(blank) == [None]
+    prompts = colour_prompts(4, "short")
+    assert [p.colour for p in prompts] == ["red", "orange", "yellow", "green"]
+    score = score_colours(
+        torch.from_numpy(_renders(["red", "blue", "yellow", "green"])).permute(0, 3, 1, 2), prompts
+    )
+    assert score["colour_following"] == 0.75 and score["per_colour"]["orange"] == 0.0
+
+
+def test_colour_kept_counts_recoloured_object_pixels():
+    images = _renders(["red", "blue"])
+    assert colour_kept(images, images) == 1.0
+    recoloured = _renders(["orange", "blue"])
+    assert colour_kept(images, recoloured) == pytest.approx(0.5, abs=0.05)
+
+
+def test_autoencoder_loss_weights_object_pixels():
+    from models.diffusion.autoencoder import foreground_weight, to_model_range
+
+    images = torch.from_numpy(_renders(["red"])).permute(0, 3, 1, 2)
+    w = foreground_weight(to_model_range(images), 10.0)[0, 0]
+    star = torch.from_numpy(_renders(["red"])[0]).float().sub(128).abs().amax(-1) > 20
+    assert w[star].eq(10.0).float().mean() > 0.95  # the star's pixels
+    assert w[~star].eq(1.0).float().mean() > 0.95  # the gray background
+
+
+def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
+    from models.diffusion.train import discard_stale_run
+
+    cfg = DiffusionTrainConfig.from_dict({"work": str(tmp_path), "autoencoder": str(tmp_path)})
+    sampler = {"config": {"synthetic_ratio": 0.95}}
+    assert not discard_stale_run(cfg, sampler)  # a first run
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (tmp_path / "mlflow_run.json").write_text('{"run_id": "abc"}')
+    cfg.eval.prompts = 5  # evaluation settings do not change what is trained
+    assert not discard_stale_run(cfg, sampler)
+    assert (tmp_path / "checkpoints" / "step-0000010").exists()
+    cfg.diffusion.lr = 5e-4
+    assert discard_stale_run(cfg, sampler)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow_run.json").exists()
+    assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}})  # another blend
+    # Another text encoder (retrained on new captions): the UNet's conditioning changed.
+    assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}}, "encoder-b")
+    assert not discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}}, "encoder-b")
+
+
+def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
+    from models.diffusion.train import text_encoder_tag
+
+    tcfg = DiffusionTrainConfig().text_encoder
+    captions = ["a red circle in the top left", "a blue square"]
+    assert text_encoder_tag(tcfg, captions, 0) == text_encoder_tag(tcfg, list(captions), 0)
+    # Same keys and count, one caption rewritten by a new captioner: not the same encoder.
+    recaptioned = ["a red circle in the top right", "a blue square"]
+    assert text_encoder_tag(tcfg, recaptioned, 0) != text_encoder_tag(tcfg, captions, 0)
+    assert text_encoder_tag(tcfg, captions, 1) != text_encoder_tag(tcfg, captions, 0)

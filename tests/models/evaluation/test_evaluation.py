@@ -1,0 +1,212 @@
+"""The eval report's parts: the world judge on hand-made scenes, the promotion gate on
+fabricated scores, the reference CLIP's loading path, and HTML escaping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from corpus.prompt_suite import Condition, Prompt, judge_prompt
+from corpus.world import Scene, SceneObject
+from models.common.clip import MissingWeightsError, create_clip
+from models.evaluation.promotion_gate import promotion_decision
+from models.evaluation.reference_clip import (
+    TINY_MODEL,
+    ReferenceClipConfig,
+    load_reference_clip,
+    train_reference_clip,
+)
+from models.evaluation.report_html import write_html_report
+from models.evaluation.world_judge import (
+    JudgeConfig,
+    MissingJudgeError,
+    judge_accuracy,
+    load_judge,
+    render_scenes,
+    train_judge,
+)
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A judge trained for 300 steps (about 100 s on 2 cores): enough to read clean
+    renders; the default config (params.yaml) trains longer and is held to 0.98."""
+    out = tmp_path_factory.mktemp("judge")
+    cfg = JudgeConfig(train_images=8000, eval_images=400, max_steps=300, batch_size=128)
+    metrics = train_judge(cfg, out, progress=False)
+    assert set(metrics["accuracy"]) == {
+        "shape", "colour", "size", "position", "count", "word", "background"
+    }  # fmt: skip
+    return out
+
+
+def o(shape, colour, row, col, size="large"):
+    return SceneObject(shape, colour, size, row, col)
+
+
+HAND_MADE = [
+    Scene((o("circle", "red", 0, 0), o("square", "blue", 2, 2)), "white"),
+    Scene((o("star", "yellow", 1, 1),), "black", "CAT", 0, 2),
+    Scene(tuple(o("triangle", "green", 2, c, "small") for c in range(3)), "gray"),
+    Scene((o("hexagon", "purple", 0, 1), o("cross", "orange", 1, 0, "small")), "beige"),
+]
+
+
+def test_judge_reads_hand_made_scenes_and_catches_known_errors(judge_dir):
+    judge = load_judge(judge_dir)
+    read = judge.predict(render_scenes(HAND_MADE, judge.cfg.resolution))
+    acc = judge_accuracy(HAND_MADE, read)
+    assert acc["shape"] == acc["colour"] == acc["position"] == acc["count"] == 1.0, read
+
+    binding = Prompt(
+        "b", "colour_binding", "a red circle and a blue square", "",
+        (Condition("object", shape="circle", colour="red"),
+         Condition("object", shape="square", colour="blue")),
+        HAND_MADE[0],
+    )  # fmt: skip
+    assert judge_prompt(binding, read[0])["passed"]
+    # Known errors, drawn on purpose: colours swapped, one object missing.
+    errors = [
+        Scene((o("circle", "blue", 0, 0), o("square", "red", 2, 2)), "white"),
+        Scene((o("circle", "red", 0, 0),), "white"),
+    ]
+    for scene in judge.predict(render_scenes(errors, judge.cfg.resolution)):
+        assert not judge_prompt(binding, scene)["passed"]
+    three = Prompt(
+        "c",
+        "counting",
+        "three triangles",
+        "",
+        (Condition("count", shape="triangle", n=3),),
+        HAND_MADE[2],
+    )  # noqa: E501
+    assert judge_prompt(three, read[2])["passed"]
+    two = Scene(tuple(o("triangle", "green", 2, c, "small") for c in range(2)), "gray")
+    assert not judge_prompt(three, judge.predict(render_scenes([two], 32))[0])["passed"]
+    above = Prompt(
+        "p", "position", "a hexagon above a cross", "",
+        (Condition("relation", shape="hexagon", relation="above", other_shape="cross"),),
+        HAND_MADE[3],
+    )  # fmt: skip
+    assert judge_prompt(above, read[3])["passed"]
+    flipped = Scene((o("hexagon", "purple", 2, 1), o("cross", "orange", 1, 0, "small")), "beige")
+    assert not judge_prompt(above, judge.predict(render_scenes([flipped], 32))[0])["passed"]
+
+
+def test_judge_reads_larger_images_at_its_own_resolution(judge_dir):
+    judge = load_judge(judge_dir)
+    big = render_scenes(HAND_MADE[:1], 64)
+    assert (
+        judge.predict(big)[0].objects == judge.predict(render_scenes(HAND_MADE[:1], 32))[0].objects
+    )  # noqa: E501
+
+
+def test_missing_judge_says_how_to_make_one(tmp_path):
+    with pytest.raises(MissingJudgeError, match="materialize the world_judge asset"):
+        load_judge(tmp_path)
+
+
+def test_gate_promotes_within_noise_and_refuses_beyond_it():
+    rng = np.random.default_rng(0)
+    champion = {f"p{i}": float(s) for i, s in enumerate(rng.uniform(0.3, 0.7, 112))}
+    # Fabricated challengers either side of the interval.
+    slightly_worse = {k: v - 0.01 + rng.normal(0, 0.1) for k, v in champion.items()}
+    much_worse = {k: v - 0.25 for k, v in champion.items()}
+    better = {k: v + 0.2 for k, v in champion.items()}
+    d = promotion_decision(slightly_worse, champion)
+    assert d["promote"] and d["ci_low"] < 0 < d["ci_high"]
+    d = promotion_decision(much_worse, champion)
+    assert not d["promote"] and d["ci_high"] < 0 and "worse beyond noise" in d["reason"]
+    assert promotion_decision(better, champion)["promote"]
+    assert promotion_decision(better, None) == {
+        "promote": True, "reason": "no champion yet", "n_prompts": 112
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="different prompts"):
+        promotion_decision({"p0": 1.0}, {"q0": 1.0})
+
+
+def test_report_escapes_caption_text(tmp_path):
+    evil = '<script>alert("x")</script> a red circle'
+    metrics = {
+        "config": {"model": "<b>m</b>"},
+        "model_steps": 10,
+        "suite_version": "v1",
+        "prompts": 1,
+        "images_per_prompt": 1,
+        "forms": {
+            "short": {
+                "prompt_following": {"colour": 0.0, "overall": 0.0},
+                "prompt_following_ci": [0.0, 0.0],
+                "clip_score": 12.0,
+                "clip_truncated_prompts": 0,
+            }
+        },
+        "judge_accuracy": {"shape": 1.0},
+        "reference_clip": {},
+        "seconds": {"total_s": 1.0},
+    }
+    records = [
+        {
+            "prompt_id": "colour-00",
+            "form": "short",
+            "prompt": evil,
+            "passed": False,
+            "conditions": [["has a <i>red</i> circle", False]],
+        }
+    ]
+    page = write_html_report(
+        tmp_path, metrics, records, {"promote": False, "reason": "<x>"}
+    ).read_text()  # noqa: E501
+    assert "<script>" not in page and "<b>m</b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; a red circle" in page
+
+
+def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):
+    """`full` names an open_clip model and a weights file; here a random tiny model saved
+    locally stands in for ViT-B/32 and is loaded through the same code, untrained."""
+    model = create_clip(TINY_MODEL)
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    cfg = ReferenceClipConfig(pretrained=str(weights), eval_images=8)
+    metrics = train_reference_clip(cfg, tmp_path / "ref")
+    assert metrics["trained"] is False and metrics["context_length"] == 77
+    loaded = load_reference_clip(tmp_path / "ref")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    assert json.loads((tmp_path / "ref" / "reference_clip.json").read_text())["pretrained"]
+
+    images = render_scenes(HAND_MADE[:2], 32)
+    long = "a red circle " * 40
+    scores = loaded.score(images, ["a red circle", long])
+    assert scores.shape == (2,) and np.all(np.isfinite(scores))
+    assert loaded.truncated(["a red circle", long]) == [False, True]
+    assert open_clip.get_tokenizer(TINY_MODEL).context_length == 77
+
+    with pytest.raises(MissingWeightsError, match="No model hub is reachable"):
+        train_reference_clip(
+            ReferenceClipConfig(pretrained=str(tmp_path / "absent.bin")), tmp_path / "x"
+        )  # noqa: E501
+
+
+def test_hps_v2_loads_a_local_checkpoint_or_says_how_to_provide_one(tmp_path):
+    """HPS v2 ships as a torch file holding {"state_dict": ...} for open_clip ViT-H-14; a
+    random tiny open_clip model saved the same way stands in for it, read with
+    weights_only=True through the same code."""
+    from models.evaluation.preference_scores import hps_v2_scores
+
+    images = render_scenes(HAND_MADE[:2], 32)
+    texts = ["a red circle and a blue square", "a yellow star"]
+    skipped = hps_v2_scores(None, "ViT-H-14", images, texts)
+    assert "eval_report.hpsv2" in skipped["skipped"]
+    missing = hps_v2_scores(str(tmp_path / "HPS_v2_compressed.pt"), "ViT-H-14", images, texts)
+    assert "does not exist" in missing["skipped"]
+
+    ckpt = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": create_clip(TINY_MODEL).state_dict()}, ckpt)
+    scored = hps_v2_scores(str(ckpt), TINY_MODEL, images, texts)
+    assert len(scored["per_image"]) == 2 and -1.0 <= scored["mean"] <= 1.0
