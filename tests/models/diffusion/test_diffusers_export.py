@@ -1,0 +1,234 @@
+"""The exported text-to-image folder is a diffusers pipeline: plain diffusers loads it
+(without recapflow importable) and samples the same images as recapflow's `generate`."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tokenizers import processors
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from models import CONFIG_DIR
+from models.common.tokenizer import train_bpe_tokenizer
+from models.diffusion.autoencoder import AutoencoderConfig, build_autoencoder, to_model_range
+from models.diffusion.diffusers_pipeline import (
+    PIPELINE_MODULE,
+    RecapflowPipeline,
+    export_diffusers_pipeline,
+)
+from models.diffusion.model import (
+    DiffusionConfig,
+    UNetConfig,
+    build_unet,
+    generate,
+    noise_scheduler,
+    sampling_scheduler,
+)
+from models.diffusion.text_encoder import FrozenTextEncoder
+from models.diffusion.text_to_image import load_text_to_image
+
+PROMPTS = ["a red circle on a gray background", "two blue stars left of a green square"]
+CONTEXT = 32
+SEED, STEPS, GUIDANCE = 3, 3, 6.0
+# What the exported pipeline.py may import: no recapflow package.
+ALLOWED_IMPORTS = set("json shutil pathlib numpy PIL torch diffusers transformers".split())
+
+
+def _recapflow_export(root: Path) -> None:
+    """A random tiny model written the way `diffusion_model`'s export step writes it
+    (models/diffusion/train.py `_finish`), from recapflow's own builders and configs."""
+    torch.manual_seed(0)
+    words = "a red blue green circle star square on left of two gray background".split()
+    tok = train_bpe_tokenizer([" ".join(words[i:] + words[:i]) for i in range(12)] * 4, 300)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", tok.eos_token_id)]
+    )
+    text_config = json.loads((CONFIG_DIR / "recapflow-tiny-text-encoder.json").read_text())
+    text = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **text_config,
+            vocab_size=len(tok),
+            max_position_embeddings=CONTEXT,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    encoder = FrozenTextEncoder(text, tok, CONTEXT)
+    vae = build_autoencoder(AutoencoderConfig()).eval()
+    with torch.no_grad():
+        zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
+    unet = build_unet(UNetConfig(), encoder.hidden_size, encoder.pooled_size, latent_shape)
+    assert unet.config.class_embed_type == "projection"  # the stock pipeline cannot drive it
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    encoder.save(root / "text_encoder")
+    noise_scheduler(DiffusionConfig()).save_pretrained(root / "scheduler")
+    train_config = {
+        "text_encoder": {"context_length": CONTEXT},
+        "diffusion": asdict(DiffusionConfig()),
+        "eval": {"steps": STEPS, "guidance_scale": GUIDANCE, "sampler": "ddim"},
+    }
+    (root / "train_config.json").write_text(json.dumps(train_config))
+
+
+# Run by a fresh interpreter in which recapflow's packages cannot be imported: what a
+# user with only diffusers and transformers does.
+OUTSIDE_RECAPFLOW = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class NoRecapflow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"models", "corpus", "assets", "pipelines"}:
+                raise ImportError(f"recapflow's {name} is not installed here")
+
+    sys.meta_path.insert(0, NoRecapflow())
+    folder, prompts, threads, seed, steps, guidance, out = sys.argv[1:]
+    prompts = json.loads(prompts)
+
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    torch.set_num_threads(int(threads))
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        prompts,
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance),
+        generator=torch.Generator("cpu").manual_seed(int(seed)),
+        output_type="np",
+    ).images
+    pil = pipe(prompts[:1], num_inference_steps=int(steps), seed=int(seed)).images[0]
+    assert pil.mode == "RGB" and pil.size == (images.shape[2], images.shape[1]), pil
+    np.save(out, images)
+    print(type(pipe).__module__, type(pipe).__name__, type(pipe.tokenizer).__name__)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """recapflow's export of a random tiny model, then the diffusers export into the same
+    folder (as the `diffusion_model` asset does), and what `generate` draws from it."""
+    root = tmp_path_factory.mktemp("diffusers_export") / "diffusion_model"
+    _recapflow_export(root)
+    model = load_text_to_image(root)
+    export_diffusers_pipeline(
+        root,
+        model.unet,
+        model.vae,
+        model.text_encoder,
+        sampling_scheduler(model.eval_cfg["sampler"], model.diffusion),
+        num_inference_steps=model.eval_cfg["steps"],
+        guidance_scale=model.eval_cfg["guidance_scale"],
+    )
+    # recapflow still reads the folder (the tokenizer files stay in text_encoder/).
+    again = load_text_to_image(root)
+    images = generate(
+        again.unet,
+        again.vae,
+        again.text_encoder,
+        PROMPTS,
+        again.diffusion,
+        seed=SEED,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+    )
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert len(images.unique()) > 20  # not saturated: equal images below mean something
+    return {"root": root, "expected": images.permute(0, 2, 3, 1).numpy()}
+
+
+def test_export_is_a_diffusers_folder(exported):
+    root = exported["root"]
+    # model_index.json names every component's library and class, and the pipeline class
+    # by the file in the folder.
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == [PIPELINE_MODULE, "RecapflowPipeline"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["context_length"] == CONTEXT
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (root / name).is_dir(), name
+    weights = [p.name for p in root.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"}]
+    assert sorted(weights) == [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+    ]
+    # The scheduler recapflow samples with, on the training noise schedule.
+    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "DDIMScheduler"
+    assert scheduler_config["clip_sample"] is False
+    assert scheduler_config["beta_schedule"] == DiffusionConfig().beta_schedule
+
+    # The copied pipeline file needs nothing of recapflow.
+    tree = ast.parse((root / f"{PIPELINE_MODULE}.py").read_text())
+    nodes = list(ast.walk(tree))
+    imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
+    assert imported <= ALLOWED_IMPORTS, imported - ALLOWED_IMPORTS
+
+
+def test_the_pipeline_samples_the_images_generate_samples(exported):
+    root, expected = exported["root"], exported["expected"]
+    # Code in the folder runs only when asked to.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(root)
+    # Inside recapflow: its own class, the folder's copy of the code not executed.
+    pipe = RecapflowPipeline.from_pretrained(root)
+    assert type(pipe) is RecapflowPipeline
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPTS, seed=SEED, output_type="uint8").images  # steps, guidance: exported
+    assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
+    # Equal, not close: same weights, same ops in the same order, same noise.
+    np.testing.assert_array_equal(out, expected)
+    pil = pipe(PROMPTS, seed=SEED).images
+    assert [im.mode for im in pil] == ["RGB"] * 2
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in pil]), expected)
+
+    other = pipe([PROMPTS[1]] * 2, seed=SEED, output_type="uint8").images
+    assert not np.array_equal(other[0], out[0])  # the prompt conditions the image
+    negative = pipe(PROMPTS[:1], seed=SEED, negative_prompt="a blue star", output_type="uint8")
+    assert negative.images.shape == (1, 32, 32, 3)
+    assert not np.array_equal(negative.images[0], out[0])
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_plain_diffusers_loads_the_folder_without_recapflow(exported, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    args = [exported["root"], json.dumps(PROMPTS), torch.get_num_threads(), SEED, STEPS]
+    args += [GUIDANCE, tmp_path / "images.npy"]
+    result = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_RECAPFLOW, *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "might require the following packages" not in result.stderr  # diffusers' check
+    assert f"diffusers_modules.local.{PIPELINE_MODULE} RecapflowPipeline" in result.stdout
+    images = np.load(tmp_path / "images.npy")
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
+    np.testing.assert_array_equal(np.round(images * 255).astype(np.uint8), exported["expected"])
