@@ -9,12 +9,14 @@ asset then versions the output with DVC and registers the model in MLflow with t
 
 import json
 import subprocess
+from dataclasses import asdict
 
 import dagster as dg
 import mlflow
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
+from models.diffusion.train import DiffusionTrainConfig
 from models.registry.model_registry import register_text_to_image
 
 STAGE = "diffusion_model"
@@ -49,7 +51,8 @@ def curve_table(curve: list[dict]) -> str:
 
 def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
     """The `models.diffusion.train` config of a run: params.yaml's section, the
-    lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes)."""
+    lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes).
+    `checked_training_config` types and checks it."""
     return {
         **project.params(STAGE),
         "raw": str(project.data_path("raw")),
@@ -60,6 +63,13 @@ def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
         "mlflow_experiment": mlflow_res.experiment,
         **settings,
     }
+
+
+def checked_training_config(config: dict) -> dict:
+    """`config` built as the training process builds it, so a typo or a wrong type in
+    params.yaml's `diffusion_model` section fails here, with its dotted key, before a
+    process is launched; returns the typed config as the Pipes extra (plain JSON)."""
+    return asdict(DiffusionTrainConfig.from_dict(config))
 
 
 @dg.asset(
@@ -78,14 +88,16 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         context.resources.mlflow,
         context.resources.launcher,
     )
+    config = checked_training_config(
+        training_config(
+            project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
+        )
+    )
     data_versions = {
         "recaptioned_dataset": dvc.out_hashes("recaptioned_dataset")["data/recaptioned"],
         "mixed_sampler": dvc.out_hashes("mixed_sampler")["data/mixed_sampler"],
         "autoencoder": dvc.out_hashes("autoencoder")["data/autoencoder"],
     }
-    config = training_config(
-        project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
-    )
     invocation = launcher.run(
         context, "models.diffusion.train", extras={"config": config}, cwd=str(project.path)
     )

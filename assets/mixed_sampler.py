@@ -1,21 +1,25 @@
 """Asset `mixed_sampler`: the fixed blend of synthetic captions and alt-text that the
 diffusion model trains on (the DALL-E 3 report's 95%), recorded epoch by epoch.
 
-Its run config overrides the `mixed_sampler` section of params.yaml field by field; a
-bad ratio, an unknown caption kind or a sample without the requested synthetic caption
-fails here, before any training starts."""
+Its parameters are params.yaml's `mixed_sampler` section, which DVC records: a run config
+may repeat a value and is refused if it changes one (assets/run_config.py; change
+params.yaml or run `dvc exp run -S mixed_sampler.synthetic_ratio=0.5`). A bad ratio, an
+unknown caption kind or a sample without the requested synthetic caption fails here,
+before any training starts."""
 
 import dagster as dg
 import pandas as pd
 
 from assets.metadata import count_table
+from assets.run_config import stage_config
 from corpus.caption_mix import MixConfig, build_mixed_sampler, read_manifest
 
 STAGE = "mixed_sampler"
 
 
 class MixedSamplerConfig(dg.Config):
-    """Unset fields take their value from params.yaml."""
+    """Unset fields take their value from params.yaml; a set one must equal it (DVC
+    records params.yaml's: `dvc exp run -S mixed_sampler.<field>=<value>` changes one)."""
 
     synthetic_ratio: float | None = None
     caption_kind: str | None = None
@@ -53,9 +57,7 @@ def mixed_sampler(
     context: dg.AssetExecutionContext, config: MixedSamplerConfig
 ) -> dg.MaterializeResult:
     project, dvc = context.resources.project, context.resources.dvc
-    settings = project.params(STAGE)
-    settings.update({k: v for k, v in config.model_dump().items() if v is not None})
-    cfg = MixConfig.from_dict(settings)
+    cfg = stage_config(project, STAGE, config, MixConfig.from_dict)
     out = project.data_path(STAGE)
     summary = build_mixed_sampler(project.data_path("recaptioned"), out, cfg)
     dvc_hash = dvc.commit(STAGE)["data/mixed_sampler"]

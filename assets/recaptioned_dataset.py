@@ -7,7 +7,13 @@ import pandas as pd
 
 from assets.metadata import file_md5, md_escape
 from assets.partitions import raw_shards
-from models.captioning.recaption import SCHEMA, make_backend, recaption, shard_rejections
+from models.captioning.recaption import (
+    SCHEMA,
+    RecaptionConfig,
+    make_backend,
+    recaption,
+    shard_rejections,
+)
 
 STAGE = "recaptioned_dataset"
 
@@ -38,11 +44,11 @@ def _samples_table(df: pd.DataFrame, n: int = 6) -> str:
 )
 def recaptioned_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc = context.resources.project, context.resources.dvc
-    cfg = project.params(STAGE)
+    cfg = RecaptionConfig.from_dict(project.params(STAGE))
     out = project.data_path("recaptioned")
     backend = make_backend(cfg, project.data_path("captioner"))
     shards = list(context.partition_keys)
-    status = recaption(backend, project.data_path("raw"), out, shards, cfg.get("batch_size", 256))
+    status = recaption(backend, project.data_path("raw"), out, shards, cfg.batch_size)
     dvc_hash = dvc.commit(STAGE)["data/recaptioned"]
     written = [s for s in shards if status[s] != "no_raw_images"]
     empty = sorted(set(shards) - set(written))

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from corpus.atomic import write_atomic, write_text_atomic
+from corpus.config import ConfigError, build_config
 
 # caption_kind -> the recaptioned dataset's column
 CAPTION_COLUMNS: dict[str, str] = {"short": "short_caption", "descriptive": "descriptive_caption"}
@@ -63,10 +64,10 @@ class MixConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MixConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise MixConfigError(f"unknown mixed_sampler settings: {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return build_config(cls, d, "mixed_sampler")
+        except ConfigError as e:
+            raise MixConfigError(str(e)) from e
 
 
 # A fixed opening a captioner (or its fine-tuning data) tends to put before every caption.
@@ -224,14 +225,14 @@ def build_mixed_sampler(recaptioned: Path, out: Path, cfg: MixConfig) -> dict:
 def main() -> None:
     import argparse
 
-    from corpus.params import load_params
+    from corpus.params import load_section
 
     ap = argparse.ArgumentParser(description="Record the mixed-caption blend per epoch.")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--recaptioned", type=Path, default=Path("data/recaptioned"))
     ap.add_argument("--out", type=Path, default=Path("data/mixed_sampler"))
     args = ap.parse_args()
-    cfg = MixConfig.from_dict(load_params(args.params).get("mixed_sampler") or {})
+    cfg = MixConfig.from_dict(load_section(args.params, "mixed_sampler"))
     summary = build_mixed_sampler(args.recaptioned, args.out, cfg)
     print(json.dumps(summary["epochs"][0], indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from corpus.config import build_config
 from corpus.sample_check import SampleLimits
 from corpus.scene_text import NoiseRates
 from corpus.world import WorldConfig
@@ -29,14 +31,42 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
-    """`cls(**values)`, refusing keys the dataclass does not have (a typo in params.yaml
-    must not be silently ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    return cls(**values)
+# Values stated once in params.yaml and read by several sections: {section: {key: source}}.
+# `section_params` gives each consumer the source's value; dvc.yaml lists the source key
+# among the consuming stage's params (tests/corpus/test_config.py checks it), so that
+# `dvc exp run -S autoencoder.resolution=48` reruns every stage that reads it. (YAML
+# anchors would say it once too, but `dvc exp run -S` rewrites params.yaml through a
+# merge that loses an override of an anchored value without a word.)
+SHARED_PARAMS: dict[str, dict[str, str]] = {
+    # The captioner's measured decoding, so the corpus gets the captions measured.
+    "recaptioned_dataset": {"generation": "captioner.generation"},
+    # The diffusion model's image size: the evaluators read images at it.
+    "world_judge": {"resolution": "autoencoder.resolution"},
+    "reference_clip": {"resolution": "autoencoder.resolution"},
+}
+
+
+def section_params(params: dict[str, Any], section: str) -> dict[str, Any]:
+    """One section of a loaded params.yaml with the shared values it reads from other
+    sections (`SHARED_PARAMS`). Stating a shared value again in the consumer is an error:
+    two places would drift apart."""
+    values = copy.deepcopy(params.get(section) or {})
+    for key, source in SHARED_PARAMS.get(section, {}).items():
+        if key in values:
+            raise ValueError(
+                f"{section}.{key}: stated once in params.yaml, as {source}; "
+                f"remove it from {section} (it reads {source})"
+            )
+        src_section, _, src_key = source.partition(".")
+        src = params.get(src_section) or {}
+        if src_key in src:
+            values[key] = copy.deepcopy(src[src_key])
+    return values
+
+
+def load_section(path: str | Path, section: str) -> dict[str, Any]:
+    """`section_params` of the params file at `path` (the entry points' `--params`)."""
+    return section_params(load_params(path), section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,15 +96,6 @@ class RawDatasetParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RawDatasetParams:
-        d = dict(d)
-        nested = {
-            "world": WorldConfig,
-            "noise": NoiseRates,
-            "limits": SampleLimits,
-        }
-        for key, sub in nested.items():
-            if key in d:
-                d[key] = build_config(sub, d[key] or {}, f"raw_alt_text_dataset.{key}")
         return build_config(cls, d, "raw_alt_text_dataset")
 
     def to_dict(self) -> dict[str, Any]:

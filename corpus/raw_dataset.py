@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from corpus.atomic import write_text_atomic
 from corpus.landing import LandingScan
-from corpus.params import RawDatasetParams, load_params
+from corpus.params import RawDatasetParams, load_section
 from corpus.sample_check import DUPLICATE_KEY, CleanSample, Rejection, check_sample
 from corpus.shards import write_shard
 from corpus.sources import Unit, landed_units, make_units, split_of, unit_fingerprint
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/raw")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    params = RawDatasetParams.from_dict(load_params(args.params).get("raw_alt_text_dataset", {}))
+    params = RawDatasetParams.from_dict(load_section(args.params, "raw_alt_text_dataset"))
     report = build_raw_dataset(
         params, args.out, workers=args.workers, landing_root=Path(params.landing_dir)
     )

@@ -9,7 +9,7 @@ materialized `world_judge` and `reference_clip`. Every variant is an MLflow chil
 under one parent run; the comparison (table, curves) goes to the parent and to
 `data/ablation/summary.{json,md}` and `curves.png`.
 
-    make ablation                       # the reduced CPU version (params.yaml: ablation)
+    make ablation                       # the reduced CPU version (AblationConfig defaults)
 """
 
 import json
@@ -19,7 +19,7 @@ import dagster as dg
 import mlflow
 from mlflow import MlflowClient
 
-from assets.diffusion_model import training_config
+from assets.diffusion_model import checked_training_config, training_config
 from assets.eval_report import eval_params
 from corpus.atomic import write_text_atomic
 from corpus.caption_mix import MixConfig, build_mixed_sampler
@@ -73,7 +73,12 @@ def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
         raise ValueError(f"caption_ablation needs at least one variant, e.g. {list(VARIANTS)}")
     for name in config.variants:
         parse_variant(name)  # every name is checked before anything trains
-    mlflow_res = context.resources.mlflow
+    project, mlflow_res = context.resources.project, context.resources.mlflow
+    # ... and the training config (params.yaml's diffusion_model with the job's overrides)
+    root = project.data_path("ablation")
+    checked_training_config(
+        training_config(project, mlflow_res, root, root, **config.overrides, seed=config.seed)
+    )
     mlflow.set_tracking_uri(mlflow_res.tracking_uri)
     exp = mlflow.set_experiment(mlflow_res.experiment)
     client = MlflowClient(mlflow_res.tracking_uri)
@@ -144,6 +149,7 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, variant: dict) ->
         }
     )
     try:
+        train = checked_training_config(train)
         context.resources.launcher.run(
             context, "models.diffusion.train", extras={"config": train}, cwd=str(project.path)
         )

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from corpus.config import build_config
 from models.captioning.backends import CaptionBackend, HFImageToTextBackend, PrefixCaptionerBackend
 from models.captioning.captioner import GenerationConfig
 from models.common.data import load_images_lenient
@@ -135,27 +138,49 @@ def recaption(
     return status
 
 
-def make_backend(cfg: dict, captioner_dir: Path) -> CaptionBackend:
+@dataclass(frozen=True)
+class RecaptionConfig:
+    """params.yaml's `recaptioned_dataset`, with `generation` read from the captioner's
+    section (corpus.params.SHARED_PARAMS)."""
+
+    backend: Literal["prefix", "hf"] = "prefix"  # our captioner | transformers image-to-text
+    batch_size: int = 256
+    # prefix: the decoding of both captions; the short one stops at short_max_new_tokens.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    short_max_new_tokens: int = 24
+    # hf: a local folder (or hub id) and its per-kind prompts and lengths.
+    model: str | None = None
+    prompts: dict[str, str | None] | None = None
+    max_new_tokens: dict[str, int] | None = None
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend == "hf" and not self.model:
+            raise ValueError("recaptioned_dataset.backend hf needs `model` (a local folder)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RecaptionConfig:
+        return build_config(cls, d, "recaptioned_dataset")
+
+
+def make_backend(cfg: dict | RecaptionConfig, captioner_dir: Path) -> CaptionBackend:
     """`recaptioned_dataset.backend` of params.yaml: `prefix` (our captioner) or `hf`."""
-    kind = cfg.get("backend", "prefix")
-    if kind == "prefix":
+    if not isinstance(cfg, RecaptionConfig):
+        cfg = RecaptionConfig.from_dict(cfg)
+    if cfg.backend == "prefix":
         return PrefixCaptionerBackend(
-            captioner_dir,
-            GenerationConfig(**cfg.get("generation", {})),
-            short_max_new_tokens=cfg.get("short_max_new_tokens", 24),
+            captioner_dir, cfg.generation, short_max_new_tokens=cfg.short_max_new_tokens
         )
-    if kind == "hf":
-        return HFImageToTextBackend(
-            cfg["model"],
-            prompts=cfg.get("prompts"),
-            max_new_tokens=cfg.get("max_new_tokens"),
-            num_beams=cfg.get("num_beams", 1),
-        )
-    raise ValueError(f"recaptioned_dataset.backend {kind!r} not in prefix | hf")
+    return HFImageToTextBackend(
+        cfg.model,
+        prompts=cfg.prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        num_beams=cfg.num_beams,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from corpus.params import load_params
+    from corpus.params import load_section
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -164,11 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/recaptioned")
     ap.add_argument("--shards", nargs="*", default=None)
     args = ap.parse_args(argv)
-    cfg = load_params(args.params).get("recaptioned_dataset", {}) or {}
+    cfg = RecaptionConfig.from_dict(load_section(args.params, "recaptioned_dataset"))
     backend = make_backend(cfg, Path(args.captioner))
-    status = recaption(
-        backend, Path(args.raw), Path(args.out), args.shards, cfg.get("batch_size", 256)
-    )
+    status = recaption(backend, Path(args.raw), Path(args.out), args.shards, cfg.batch_size)
     print(json.dumps(status))
 
 

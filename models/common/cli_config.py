@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from corpus.params import load_params
+from corpus.params import load_section
 
 
 def add_config_flags(ap: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -25,9 +25,7 @@ def add_config_flags(ap: argparse.ArgumentParser, cls: type, skip: tuple[str, ..
 
 
 def config_from_args(cls: type, args: argparse.Namespace, section: str, **extra: Any) -> Any:
-    values: dict[str, Any] = (
-        dict(load_params(args.params).get(section) or {}) if args.params else {}
-    )
+    values: dict[str, Any] = load_section(args.params, section) if args.params else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     values.update({k: v for k, v in extra.items() if v is not None})

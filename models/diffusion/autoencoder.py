@@ -28,8 +28,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
 from torchvision.utils import make_grid
 
+from corpus.config import build_config
 from corpus.palette import colour_kept
-from corpus.params import load_params
+from corpus.params import load_section
 from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
 from models.common.data import load_images
@@ -39,7 +40,7 @@ class MissingAutoencoderError(FileNotFoundError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoencoderConfig:
     config: str = "recapflow-tiny-vae"  # a config in models/configs (tiny) ...
     pretrained: str | None = None  # ... or a diffusers AutoencoderKL path / hub id (full)
@@ -60,7 +61,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AutoencoderConfig:
-        return cls(**d)
+        return build_config(cls, d, "autoencoder")
 
 
 def load_autoencoder(path_or_id: str, subfolder: str | None = None) -> AutoencoderKL:
@@ -229,7 +230,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, default=Path("data/autoencoder"))
     args = ap.parse_args()
-    cfg = AutoencoderConfig.from_dict(load_params(args.params).get("autoencoder") or {})
+    cfg = AutoencoderConfig.from_dict(load_section(args.params, "autoencoder"))
     print(json.dumps(train_autoencoder(cfg, args.raw, args.out), indent=2))
 
 

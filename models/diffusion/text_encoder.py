@@ -5,8 +5,8 @@
 DALL-E 3 / Imagen use. `tiny`: a `CLIPTextModelWithProjection` built from the config in
 models/configs/, pretrained contrastively on the corpus's (image, caption) pairs, the way
 web CLIP is trained on alt-text, then frozen. A text encoder trained jointly with the
-UNet from scratch learned colour words too slowly on a CPU (issue 4's prototype: colour
-following 0.17-0.20 after 15 minutes); a contrastive one already separates them.
+UNet from scratch learned colour words too slowly on a CPU (docs/log/); a contrastive one
+already separates them.
 
 Both give per-token states (for cross-attention) and one pooled vector per caption
 (added to the UNet's timestep embedding: the fast path for global attributes).
@@ -33,6 +33,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from corpus.config import build_config
 from models import CONFIG_DIR
 from models.common.clip import ClipTextTokenizer, warmup_cosine_adamw
 from models.common.tokenizer import train_bpe_tokenizer
@@ -42,7 +43,7 @@ class MissingTextEncoderError(FileNotFoundError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextPretrainConfig:
     max_steps: int = 300
     batch_size: int = 128
@@ -50,7 +51,7 @@ class TextPretrainConfig:
     warmup_steps: int = 30
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextEncoderConfig:
     config: str = "recapflow-tiny-text-encoder"  # tiny: a CLIPTextConfig in models/configs
     pretrained: str | None = None  # full: folder or hub id of a CLIP text model or T5
@@ -62,9 +63,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TextEncoderConfig:
-        d = dict(d)
-        pretrain = TextPretrainConfig(**(d.pop("pretrain", None) or {}))
-        return cls(**d, pretrain=pretrain)
+        return build_config(cls, d, "diffusion_model.text_encoder")
 
 
 def clip_text_features(

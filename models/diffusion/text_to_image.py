@@ -60,6 +60,7 @@ class TextToImagePipeline:
 def load_text_to_image(root: Path) -> TextToImagePipeline:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from corpus.config import build_config
     from models.diffusion.model import DiffusionConfig
     from models.diffusion.text_encoder import load_text_encoder
 
@@ -79,6 +80,6 @@ def load_text_to_image(root: Path) -> TextToImagePipeline:
         text_encoder=load_text_encoder(
             root / "text_encoder", cfg["text_encoder"]["context_length"]
         ),
-        diffusion=DiffusionConfig(**cfg["diffusion"]),
+        diffusion=build_config(DiffusionConfig, cfg["diffusion"], "diffusion_model.diffusion"),
         eval_cfg=cfg["eval"],
     )

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from corpus.atomic import write_text_atomic
-from corpus.params import build_config
+from corpus.config import build_config
 from corpus.scene_text import descriptive_caption
 from models.common.clip import ClipPretrainModule, clip_preprocess_cfg, create_clip, save_clip
 from models.common.data import normalize_images

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from corpus.atomic import replace_dir, write_text_atomic
-from corpus.params import build_config
+from corpus.config import build_config
 from corpus.preview import caption_grid
 from corpus.prompt_suite import CATEGORIES, DEFAULT_SUITE, FORMS, judge_prompt, load_suite
 from models.diffusion.text_to_image import load_text_to_image

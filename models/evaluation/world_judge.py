@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from corpus.atomic import write_atomic, write_text_atomic
-from corpus.params import build_config
+from corpus.config import build_config
 from corpus.world import (
     BACKGROUNDS,
     CELL_NAMES,

@@ -8,7 +8,7 @@ from typing import Any
 
 import dagster as dg
 
-from corpus.params import load_params
+from corpus.params import load_params, section_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,9 @@ class ProjectResource(dg.ConfigurableResource):
         return Path(self.root)
 
     def params(self, section: str) -> dict[str, Any]:
-        return load_params(self.path / "params.yaml").get(section) or {}
+        """A section of params.yaml with the values it shares with others
+        (corpus.params.SHARED_PARAMS), as `dvc repro`'s stages read it."""
+        return section_params(load_params(self.path / "params.yaml"), section)
 
     def data_path(self, *parts: str) -> Path:
         return self.path.joinpath("data", *parts)

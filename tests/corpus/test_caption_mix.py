@@ -84,7 +84,7 @@ def test_manifest_captions_follow_the_source():
         ({"synthetic_ratio": -0.1}, "synthetic_ratio must be in [0, 1]"),
         ({"caption_kind": "poetic"}, "unknown caption_kind 'poetic'"),
         ({"caption_dropout": 1.0}, "caption_dropout"),
-        ({"ratio": 0.9}, "unknown mixed_sampler settings: ['ratio']"),
+        ({"ratio": 0.9}, "mixed_sampler.ratio: unknown key"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(settings, message):
