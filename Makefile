@@ -48,8 +48,8 @@ $(DAGSTER_HOME)/dagster.yaml: Makefile
 	@printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $@
 
 DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
-# Steps of the last run one at a time: each trains with every core, and on 2 cores the
-# autoencoder ran at 0.57 steps/s next to world_judge and reference_clip (5.95 alone).
+# Steps of the last run one at a time: each trains with every core, so side by side on a
+# small CPU they slow each other down many times over (docs/log/).
 RUN_CONCURRENCY ?= 1
 
 run: install

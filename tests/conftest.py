@@ -53,12 +53,7 @@ TINY_STAGE_PARAMS = {
         "ssc_max_new_tokens": 4,
         "eval_images": 8,
     },
-    "recaptioned_dataset": {
-        "backend": "prefix",
-        "batch_size": 32,
-        "short_max_new_tokens": 4,
-        "generation": {"max_new_tokens": 8, "min_new_tokens": 3},
-    },
+    "recaptioned_dataset": {"backend": "prefix", "batch_size": 32, "short_max_new_tokens": 4},
     "mixed_sampler": {"synthetic_ratio": 0.95, "caption_kind": "descriptive", "epochs": 4},
     "autoencoder": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "eval_images": 8},
     "diffusion_model": {
@@ -122,7 +117,11 @@ def dvc_env(project: Path) -> dict[str, str]:
 def project_dir(tmp_path: Path) -> Path:
     """A scratch project: params.yaml (small), dvc.yaml and the corpus code, with the
     repo's .venv linked in so the DVC stage command runs as it does in the repo."""
-    proj = tmp_path / "project"
+    return make_project(tmp_path / "project")
+
+
+def make_project(proj: Path) -> Path:
+    """The scratch project of `project_dir` at `proj` (for fixtures of a wider scope)."""
     proj.mkdir()
     params = load_params(REPO / "params.yaml")
     params["raw_alt_text_dataset"].update(num_images=60, shard_size=20, human_fraction=0.3)

@@ -80,7 +80,7 @@ class CaptionerSpec:
     prefix_grid: int = 3
     # A learned embedding per prefix slot, at the scale of the LayerNormed prefix: without
     # it the LM tells the grid tokens apart only by GPT-2's small position embeddings, and
-    # it names the wrong cells (measured in docs/captioning.md).
+    # it names the wrong cells (docs/log/).
     prefix_positions: bool = True
     # The `concepts` phase's per-cell heads ({head: class names}), kept frozen beside the
     # tower they were trained on: they verify candidate captions (GenerationConfig.
@@ -133,7 +133,7 @@ class PrefixCaptioner(nn.Module):
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 # GPT-2's tanh GELU as one fused kernel: "gelu_new" computes the same curve
-                # in elementwise ops (a bf16 DSC step on 2 CPU cores: 0.29 s -> 0.23 s).
+                # in elementwise ops, which makes a CPU training step slower (docs/log/).
                 **{"activation_function": "gelu_pytorch_tanh", **spec.lm["config"]},
             )
             lm = GPT2LMHeadModel(cfg)

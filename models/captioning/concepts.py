@@ -3,10 +3,10 @@ uses, through a linear multi-label head over the vocabulary on its pooled embedd
 what each cell of the world's 3x3 grid holds, through linear shape, colour, size and
 rendered-word heads on its patch tokens pooled to that grid.
 
-Why (measured in docs/captioning.md): the tiny tower learns object shapes within a
-minute when a linear head is told them, even from the ~1,000 human-captioned images, but
-not through any objective that also has to learn its text side from scratch (contrastive
-CLIP, captioning, also on clean captions). Word detectors trained from captions are an
+Why (docs/log/): the tiny tower learns object shapes quickly when a linear head is told
+them, even from the small human-captioned subset alone, but not through any objective
+that also has to learn its text side from scratch (contrastive CLIP, captioning, also on
+clean captions). Word detectors trained from captions are an
 old captioning recipe (Fang et al. 2015, "From captions to visual concepts and back";
 Wu et al. 2016). The words come from the human-written short captions, so no label the
 corpus does not have is used; the word head is dropped after training and the tower is kept.
@@ -16,8 +16,7 @@ object they name ("a small red star in the top left"), with the caption-quality 
 captions. A cell the caption places nothing in is "nothing"; an unstated colour or size
 is ignored. The word head reads the sentence that quotes a rendered word and names its
 cell ('The word "CAT" is written in the top left'): without it the captioner learns that
-a word is there but not which (DSC with 3,000 steps quoted a wrong word in 70 of 500
-held-out captions; docs/captioning.md).
+a word is there but not which, and quotes wrong words (docs/log/).
 
 The cell heads are kept: frozen beside the frozen tower they were trained on, they read the
 held-out scenes almost exactly, so the captioner uses them to verify its candidate captions

@@ -30,7 +30,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from safetensors.torch import load_file
 
 from corpus.caption_metrics import caption_quality
-from corpus.params import json_digest
+from corpus.config import build_config
+from corpus.params import json_digest, load_section
 from corpus.scene_text import mirror_caption
 from corpus.shards import read_json_sidecars
 from corpus.world import Scene
@@ -50,6 +51,7 @@ from models.common.data import (
     LengthBucketBatchSampler,
     load_images,
 )
+from models.common.hardware import cpu_has_amx
 from models.common.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 PHASES = ("clip", "concepts", "pretrain", "ssc", "dsc")
@@ -104,7 +106,7 @@ class CaptionerTrainConfig:
     # "left" and "right" swapped in its caption (corpus.scene_text.mirror_caption; images
     # whose caption quotes a rendered word are not mirrored). Every shape of the tiny
     # world is mirror-symmetric; for photos it is the usual flip augmentation. Off by
-    # default: DSC hallucination 0.510 with it, 0.528 without (docs/captioning.md).
+    # default: it hardly changed DSC hallucination (docs/log/).
     mirror_human: bool = False
     eval_images: int = 500  # held-out images scored after each captioning phase
     seed: int = 0
@@ -114,17 +116,7 @@ class CaptionerTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaptionerTrainConfig:
-        d = dict(d)
-        for k in PHASES:
-            if k in d:
-                d[k] = (ConceptsConfig if k == "concepts" else PhaseConfig)(**d[k])
-        if "generation" in d:
-            d["generation"] = GenerationConfig(**d["generation"])
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"captioner: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return build_config(cls, d, "captioner")
 
     def training_digest(self) -> str:
         """What the trained weights depend on: all but how they are evaluated, so a new
@@ -175,12 +167,12 @@ class CaptionerModule(L.LightningModule):
 
 def training_precision(setting: str = "auto") -> str:
     """The Lightning precision of the captioner's phases. "auto" is bf16 mixed precision on
-    a GPU and on a CPU whose matrix unit computes in bf16 (Intel AMX): DSC steps ran 1.9x
-    faster on this project's 2-core Xeon than in fp32 (docs/captioning.md); fp32 elsewhere,
-    where bf16 matmuls are emulated and slower."""
+    a GPU and on a CPU whose matrix unit computes in bf16 (Intel AMX), where it trains
+    faster than fp32 (docs/log/); fp32 elsewhere, where bf16 matmuls are emulated and
+    slower."""
     if setting != "auto":
         return setting
-    if torch.cuda.is_available() or torch.cpu._is_amx_tile_supported():
+    if torch.cuda.is_available() or cpu_has_amx():
         return "bf16-mixed"
     return "32-true"
 
@@ -189,7 +181,7 @@ def _trainer(
     phase: str, cfg: PhaseConfig, logger: MLFlowLogger | None, precision: str = "auto"
 ) -> L.Trainer:
     return L.Trainer(
-        # tqdm, not rich: rich's refresh thread costs ~20% of a 2-core CPU run.
+        # tqdm, not rich: rich's refresh thread takes a visible share of a small CPU's time.
         callbacks=[Throughput(phase), TQDMProgressBar(refresh_rate=20)],
         max_steps=cfg.max_steps,
         logger=logger if logger is not None else False,
@@ -486,8 +478,6 @@ def train_captioner(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from corpus.params import load_params
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--raw", default="data/raw")
@@ -497,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     )
     args = ap.parse_args(argv)
-    cfg = CaptionerTrainConfig.from_dict(load_params(args.params).get("captioner", {}))
+    cfg = CaptionerTrainConfig.from_dict(load_section(args.params, "captioner"))
     report = train_captioner(
         cfg, Path(args.raw), Path(args.out), args.mlflow_run_id, args.tracking_uri
     )

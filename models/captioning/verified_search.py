@@ -1,16 +1,16 @@
 """Beam search that checks a caption against the scene the captioner's concept heads see
 while it is written, instead of only reranking finished captions.
 
-Why (measured in docs/captioning.md): reranking the 4 best beams by their contradictions
-left DSC hallucination at 0.340: for a third of the images none of the 4 was right, as the
-beams had all kept a false claim made early (the first sentence names every object, its
-count and its cell). Here a beam loses `PENALTY` log-probability per false claim as soon
-as the words making it are settled (`settled`), so the beams that stay consistent outrank
-it at once and the search spends its width on them. The penalty is far beyond any
-caption's log-likelihood: the order is fewer contradictions first, then likelihood.
+Why (docs/log/): reranking the best beams by their contradictions left much of DSC's
+hallucination: for many images none of the beams was right, as the beams had all kept a
+false claim made early (the first sentence names every object, its count and its cell).
+Here a beam loses `PENALTY` log-probability per false claim as soon as the words making
+it are settled (`settled`), so the beams that stay consistent outrank it at once and the
+search spends its width on them. The penalty is far beyond any caption's log-likelihood:
+the order is fewer contradictions first, then likelihood.
 
 Checked at clause ends only, the search learned to put the check off: beams that never
-wrote "," or "." rambled past the penalised ones (word precision fell from 0.94 to 0.73).
+wrote "," or "." rambled past the penalised ones (word precision fell; docs/log/).
 So every settled word is checked, and ending a caption is charged for what the end settles.
 Counts are judged in finished sentences: "a small red star in the top left, a large red star in
 the center" states two red stars once its sentence is over, and one after its first clause.

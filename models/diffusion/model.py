@@ -27,17 +27,18 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
+from models.common.optimizer_steps import stepped
 from models.diffusion.autoencoder import to_uint8
 from models.diffusion.text_encoder import FrozenTextEncoder
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNetConfig:
     config: str = "recapflow-tiny-unet"  # a config in models/configs ...
     overrides: dict | None = None  # ... with sizes changed from params.yaml (full: bigger)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -70,7 +71,7 @@ def build_unet(
 def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     # clip_sample=False: diffusers' default clips the predicted x0 to [-1, 1], meant for
     # pixels; scaled latents have std 1, so it cut every object's latent and the samples
-    # lost their objects (colour following 0.086 with it, 0.281 without, same weights).
+    # lost their objects (docs/log/).
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -88,6 +89,7 @@ class LatentDiffusion(L.LightningModule):
         self.unet, self.cfg = unet, cfg
         self.scheduler = noise_scheduler(cfg)
         self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        self._step_at_batch_start = -1
         self.save_hyperparameters(
             {"diffusion": asdict(cfg), "unet": dict(unet.config)}, logger=False
         )
@@ -124,10 +126,13 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_at_batch_start = self.trainer.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.trainer.fit_loop._should_accumulate():
-            return
-        self.ema.step(self.unet.parameters())
+        # The EMA follows optimizer steps: a batch that only accumulated gradients is skipped.
+        if stepped(self.trainer, self._step_at_batch_start):
+            self.ema.step(self.unet.parameters())
 
     def configure_optimizers(self):
         return warmup_cosine_adamw(

@@ -9,7 +9,8 @@ Steps: pretrain the tiny text encoder (or load a pretrained one) -> encode every
 variant once and every image to latents once (cached) -> train the UNet with Lightning,
 checkpointing every N steps (weights in safetensors; optimizer, scheduler, loop, RNG
 and sampler position in a state file read with `weights_only=True`) -> export a
-diffusers-style folder (unet/, vae/, text_encoder/, scheduler/). A rerun resumes from the
+diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/ and the pipeline class: models/diffusion/diffusers_pipeline.py). A rerun resumes from the
 last checkpoint, continues the same MLflow run and stops at the same step count.
 """
 
@@ -41,17 +42,20 @@ from safetensors.torch import load_file, save_file
 
 from corpus.atomic import replace_dir, write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
-from corpus.params import flatten, json_digest, load_params
+from corpus.config import build_config
+from corpus.params import flatten, json_digest, load_section
 from models.common.data import load_images
+from models.common.optimizer_steps import OptimizerStepCallback
 from models.common.pipes_report import Reporter, open_reporter
 from models.diffusion.autoencoder import image_grid, to_model_range
+from models.diffusion.diffusers_pipeline import export_diffusers_pipeline
 from models.diffusion.model import (
     DiffusionConfig,
     LatentDiffusion,
     UNetConfig,
     build_unet,
     generate,
-    noise_scheduler,
+    sampling_scheduler,
 )
 from models.diffusion.text_encoder import (
     FrozenTextEncoder,
@@ -69,7 +73,7 @@ VARIANTS = ("synthetic", "alt_text", "dropped")  # index in the text cache
 RECIPE = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainEvalConfig:
     prompts: int = 64  # single-object colour prompts per evaluation
     final_prompts: int = 256
@@ -83,7 +87,7 @@ class TrainEvalConfig:
     reference_clip: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionTrainConfig:
     raw: str = "data/raw"
     sampler: str = "data/mixed_sampler"
@@ -111,17 +115,9 @@ class DiffusionTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionTrainConfig:
-        d = dict(d)
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown diffusion_model settings: {sorted(unknown)}")
-        nested = {
-            "text_encoder": TextEncoderConfig.from_dict(d.pop("text_encoder", None) or {}),
-            "unet": UNetConfig(**(d.pop("unet", None) or {})),
-            "diffusion": DiffusionConfig(**(d.pop("diffusion", None) or {})),
-            "eval": TrainEvalConfig(**(d.pop("eval", None) or {})),
-        }
-        return cls(**d, **nested)
+        """params.yaml's `diffusion_model` section plus the run's paths and MLflow
+        settings (the Pipes extra): every key checked, nested ones named by dotted path."""
+        return build_config(cls, d, "diffusion_model")
 
     @property
     def work_dir(self) -> Path:
@@ -244,7 +240,7 @@ class CheckpointedDiffusion(LatentDiffusion):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-class StepCheckpoint(Callback):
+class StepCheckpoint(OptimizerStepCallback):
     """Every `every` optimizer steps: `step-NNNNNNN/` with model.safetensors and
     trainer_state.ckpt, written in a temp folder then renamed; `latest` names it."""
 
@@ -268,8 +264,8 @@ class StepCheckpoint(Callback):
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0 and not trainer.fit_loop._should_accumulate():
+    def after_optimizer_step(self, trainer, module) -> None:
+        if trainer.global_step % self.every == 0:
             self.save(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
@@ -287,14 +283,14 @@ class StepCheckpoint(Callback):
 # --- evaluation during training: validation grids and the colour-following curve ------
 
 
-class ColourFollowingCallback(Callback):
+class ColourFollowingCallback(OptimizerStepCallback):
     def __init__(self, ctx: TrainContext):
         self.ctx = ctx
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self, trainer, module) -> None:
         step = trainer.global_step
         every = self.ctx.cfg.eval.every
-        if step % every == 0 and step > 0 and not trainer.fit_loop._should_accumulate():
+        if step % every == 0 and step > 0:
             self.ctx.evaluate(module, step, self.ctx.cfg.eval.prompts)
 
 
@@ -600,10 +596,19 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    module.ema_unet().cpu().save_pretrained(tmp / "unet", safe_serialization=True)
-    ctx.vae.cpu().save_pretrained(tmp / "vae", safe_serialization=True)
+    # text_encoder/ also keeps the tokenizer that `load_text_to_image` reads; the export
+    # adds what diffusers needs to load the same folder (model_index.json, tokenizer/,
+    # scheduler/, the pipeline class).
     ctx.text_encoder.cpu().save(tmp / "text_encoder")
-    noise_scheduler(cfg.diffusion).save_pretrained(tmp / "scheduler")
+    export_diffusers_pipeline(
+        tmp,
+        module.ema_unet().cpu(),
+        ctx.vae.cpu(),
+        ctx.text_encoder,
+        sampling_scheduler(cfg.eval.sampler, cfg.diffusion),
+        num_inference_steps=cfg.eval.steps,
+        guidance_scale=cfg.eval.guidance_scale,
+    )
     final["grid"].save(tmp / "validation_grid.png")
     score = final["score"]
     metrics = {
@@ -646,7 +651,7 @@ def load_config(args: argparse.Namespace) -> DiffusionTrainConfig:
         text = Path(args.config).read_text()
         d = json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)
     else:
-        d = dict(load_params(args.params).get("diffusion_model") or {})
+        d = load_section(args.params, "diffusion_model")
         d.update(
             {
                 k: str(v)

@@ -71,6 +71,7 @@ def test_a_failed_build_leaves_the_previous_output_untouched(tmp_path, monkeypat
     assert _digests(out) == before
 
 
+@pytest.mark.slow  # builds killed and rerun as processes
 def test_killed_build_resumes_without_duplicates_or_holes(tmp_path):
     params_file = tmp_path / "params.yaml"
     section = small_raw_params(num_images=3000, shard_size=100).to_dict()

@@ -23,6 +23,8 @@ import yaml
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server, MLflow and Dagster CLI processes
+
 SCRIPT = REPO / "scripts" / "postgres.sh"
 DAGSTER_YAML = REPO / "deploy" / "dagster.yaml"
 EXIT_APT_UNAVAILABLE = 77

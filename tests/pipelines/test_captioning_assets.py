@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pandas as pd
+import pytest
 import yaml
 
 from assets import captioner as captioner_mod
@@ -11,6 +12,8 @@ from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.definitions import build_resources
 from tests.conftest import materialize_raw
+
+pytestmark = pytest.mark.slow  # the lineage through Dagster, DVC commits included
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,

@@ -19,6 +19,8 @@ import yaml
 
 from tests.conftest import DVC, REPO, dvc_env
 
+pytestmark = pytest.mark.slow  # the DVC CLI reproduces the whole lineage
+
 STAGES = {
     "raw_alt_text_dataset",
     "captioner",

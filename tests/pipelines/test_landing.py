@@ -117,6 +117,7 @@ def _sensor(sensor, instance, resources, cursor=None):
     return sensor(context)
 
 
+@pytest.mark.slow  # the lineage through Dagster, DVC commits included
 def test_dropped_shards_flow_through_alone(project_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project_dir / 'mlflow.db'}")
     resources = build_resources(str(project_dir))

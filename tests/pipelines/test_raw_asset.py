@@ -9,6 +9,7 @@ import sys
 
 import dagster as dg
 import mlflow
+import pytest
 import yaml
 
 from assets import raw_alt_text_dataset as raw_mod
@@ -33,6 +34,7 @@ def test_definitions_load():
     assert "raw_alt_text_dataset" in keys
 
 
+@pytest.mark.slow  # `dvc repro` as a process
 def test_materialization_is_versioned_checked_and_tracked(project_dir):
     result = _materialize(project_dir)
     assert result.success
@@ -66,6 +68,7 @@ def test_materialization_is_versioned_checked_and_tracked(project_dir):
     assert relock["stages"]["raw_alt_text_dataset"]["outs"][0]["md5"] == dvc_md5
 
 
+@pytest.mark.slow  # the dagster CLI as a process
 def test_string_selection_works_from_the_cli(project_dir):
     """`dagster asset materialize --select` parses selections with antlr4; DVC's pin of
     antlr4 4.9 in the same environment breaks it, hence DVC's separate environment."""

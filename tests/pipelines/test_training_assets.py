@@ -1,9 +1,18 @@
-"""recaptioned_dataset -> mixed_sampler -> diffusion_model through Dagster, the training
-launched as its own process through Pipes, reporting back to the run."""
+"""recaptioned_dataset -> mixed_sampler -> diffusion_model -> eval_report through Dagster,
+the training launched as its own process through Pipes, reporting back to the run.
+
+The lineage is materialized once per module, in stages (module-scoped fixtures, each
+building on the one before, in the order a user runs them): upstream data, the blend's
+refusals, the training, a retrain, the eval report, the promotion gate, the caption
+ablation. Each stage keeps what its tests read, taken when the stage ran (a later stage
+rewrites the eval report and the model aliases), so every behaviour is its own test and
+the first failure does not hide the rest.
+"""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import dagster as dg
 import pandas as pd
@@ -21,8 +30,10 @@ from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
-from tests.conftest import materialize_raw
+from tests.conftest import make_project, materialize_raw
 from tests.ui.browser import check_ui, on_disk_instance
+
+pytestmark = pytest.mark.slow
 
 ASSETS = [
     raw_mod.raw_alt_text_dataset,
@@ -40,29 +51,72 @@ ASSETS = [
 ]
 
 
-def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, monkeypatch):
-    tracking = f"sqlite:///{project_dir / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    resources = build_resources(str(project_dir))
-    instance = on_disk_instance(project_dir.parent / "dagster_home")  # the UI check reads it
-    assert materialize_raw(ASSETS, resources, instance).success
-    assert dg.materialize(
-        ASSETS, selection=["captioner"], resources=resources, instance=instance
-    ).success
-    assert dg.materialize(
-        ASSETS,
-        selection=["recaptioned_dataset"],
-        resources=resources,
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": "00000",
-            "dagster/asset_partition_range_end": "00002",
-        },
-    ).success
+def _raised(call) -> Exception | None:
+    """The exception `call()` raised, or None: a stage keeps it for its test to match."""
+    try:
+        call()
+    except Exception as e:
+        return e
+    return None
 
-    # A 2-step captioner writes arbitrary text; give every sample a caption, then take
-    # one away: a sample without its synthetic caption stops the blend, named.
-    paths = sorted((project_dir / "data" / "recaptioned").glob("*.parquet"))
+
+def _reraise(error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
+# --- the stages ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """One project, Dagster instance (on disk: the UI check reads it), resources and MLflow
+    store for the module, with MLFLOW_TRACKING_URI and any patches set until it ends."""
+    root = tmp_path_factory.mktemp("training_assets")
+    project_dir = make_project(root / "project")
+    tracking = f"sqlite:///{project_dir / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking)
+        yield SimpleNamespace(
+            project_dir=project_dir,
+            tracking=tracking,
+            resources=build_resources(str(project_dir)),
+            instance=on_disk_instance(root / "dagster_home"),
+            client=MlflowClient(tracking),
+            monkeypatch=mp,
+        )
+
+
+def _materialize(lin, selection, **kwargs):
+    return dg.materialize(
+        ASSETS, selection=selection, resources=lin.resources, instance=lin.instance, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def upstream(lineage):
+    """raw_alt_text_dataset, captioner and recaptioned_dataset, as `make run` runs them."""
+    return SimpleNamespace(
+        raw=materialize_raw(ASSETS, lineage.resources, lineage.instance),
+        captioner=_materialize(lineage, ["captioner"]),
+        recaptioned=_materialize(
+            lineage,
+            ["recaptioned_dataset"],
+            tags={
+                "dagster/asset_partition_range_start": "00000",
+                "dagster/asset_partition_range_end": "00002",
+            },
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def blend_refusals(lineage, upstream):
+    """mixed_sampler refused twice: a sample without its synthetic caption, a bad ratio.
+
+    A 2-step captioner writes arbitrary text; every sample is given a caption, then one
+    taken away for the first refusal and given back after it."""
+    paths = sorted((lineage.project_dir / "data" / "recaptioned").glob("*.parquet"))
     for path in paths:
         df = pd.read_parquet(path)
         df["descriptive_caption"] = "A picture of " + df["alt_text"] + "."
@@ -72,143 +126,267 @@ def test_pipes_training_reports_back_and_registers_a_challenger(project_dir, mon
     complete = df["descriptive_caption"].copy()
     df.loc[df["key"] == missing_key, "descriptive_caption"] = "  "
     df.to_parquet(paths[0])
-    with pytest.raises(Exception, match=f"1 of .* lack a descriptive .*{missing_key}"):
-        dg.materialize(ASSETS, selection=["mixed_sampler"], resources=resources, instance=instance)
+    missing_caption = _raised(lambda: _materialize(lineage, ["mixed_sampler"]))
     df["descriptive_caption"] = complete
     df.to_parquet(paths[0])
 
-    # A bad blend fails in mixed_sampler, before any training starts.
-    with pytest.raises(Exception, match=r"synthetic_ratio must be in \[0, 1\], got 1.5"):
-        dg.materialize(
-            ASSETS,
-            selection=["mixed_sampler"],
-            resources=resources,
-            instance=instance,
+    bad_ratio = _raised(
+        lambda: _materialize(
+            lineage,
+            ["mixed_sampler"],
             run_config={"ops": {"mixed_sampler": {"config": {"synthetic_ratio": 1.5}}}},
         )
-
-    res = dg.materialize(
-        ASSETS,
-        selection=["mixed_sampler", "autoencoder", "diffusion_model"],
-        resources=resources,
-        instance=instance,
     )
-    assert res.success
-    sampler = res.asset_materializations_for_node("mixed_sampler")[0].metadata
-    assert 0.5 < sampler["realized_synthetic_ratio"].value <= 1.0
-    assert "| epoch |" in sampler["per_epoch"].value
-    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
-    assert "colour_kept" in checks["autoencoder_keeps_colours"].metadata
+    return SimpleNamespace(
+        missing_key=missing_key, missing_caption=missing_caption, bad_ratio=bad_ratio
+    )
 
+
+@pytest.fixture(scope="module")
+def trained(lineage, blend_refusals):
+    """mixed_sampler, autoencoder and diffusion_model (the training process via Pipes)."""
+    res = _materialize(lineage, ["mixed_sampler", "autoencoder", "diffusion_model"])
     md = res.asset_materializations_for_node("diffusion_model")[0].metadata
-    # Reported by the training process through Pipes:
-    assert md["steps"].value == 6
-    assert 0.0 <= md["colour_following"].value <= 1.0
     run_id = md["mlflow_run_id"].value
-    # Added by the asset after the process ended:
-    assert md["registered_model"].data["alias"] == "challenger"
-    assert "data:image/png;base64," in md["validation_grid"].value
-    assert "| 6 |" in md["colour_following_curve"].value
-    logs = [e.message for e in instance.all_logs(res.run_id) if e.message]
-    assert any("step 6/6" in m for m in logs)  # progress lines streamed into the run
-
-    client = MlflowClient(tracking)
-    version = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger")
-    assert version.run_id == run_id
-    assert version.tags["dvc.mixed_sampler"] == md["data_versions"].data["mixed_sampler"]
-    assert version.tags["dvc.recaptioned_dataset"].endswith(".dir")
-    params = client.get_run(run_id).data.params
-    assert params["sampler.synthetic_ratio"] == "0.95"
-    assert "data.mixed_sampler" in params
-
-    # A retrain on unchanged data resumes the same MLflow run, now with newer code: its
-    # params stay as first logged (MLflow refuses changes), the new version is a tag.
-    monkeypatch.setattr(diffusion_mod, "code_version", lambda root: "newer-code")
-    again = dg.materialize(
-        ASSETS, selection=["diffusion_model"], resources=resources, instance=instance
+    client = lineage.client
+    return SimpleNamespace(
+        res=res,
+        sampler=res.asset_materializations_for_node("mixed_sampler")[0].metadata,
+        checks={c.check_name: c for c in res.get_asset_check_evaluations()},
+        md=md,
+        run_id=run_id,
+        logs=[e.message for e in lineage.instance.all_logs(res.run_id) if e.message],
+        version=client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger"),
+        params=client.get_run(run_id).data.params,
     )
-    assert (
-        again.asset_materializations_for_node("diffusion_model")[0].metadata["mlflow_run_id"].value
-        == run_id
-    )
-    resumed = client.get_run(run_id)
-    assert resumed.data.params["code_version"] == params["code_version"]
-    assert resumed.data.tags["resumed_with.code_version"] == "newer-code"
-    version = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger")
 
-    # The eval report of that model and its evaluators. A judge trained for 3 steps is
-    # far below its 0.98 bar: its check says so and the gate promotes nothing.
-    res = dg.materialize(
-        ASSETS,
-        selection=["world_judge", "reference_clip", "eval_report"],
-        resources=resources,
-        instance=instance,
-    )
-    assert res.success
-    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
-    assert not checks["world_judge_accurate"].passed
-    assert not checks["not_worse_than_champion"].passed
-    md = res.asset_materializations_for_node("eval_report")[0].metadata
-    assert md["promoted_to_champion"].value is False
-    assert "world judge is below its bar" in md["gate"].data["reason"]
-    assert "| colour_binding |" in md["prompt_following"].value
-    report = project_dir / "data" / "eval_report"
-    html = (report / "index.html").read_text()
-    assert "grids/colour_binding-descriptive.png" in html and "not promoted" in html
-    metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["prompts"] == 7 and metrics["images_per_prompt"] == 2
-    assert set(metrics["forms"]) == {"short", "descriptive"}
-    per_prompt = json.loads((report / "per_prompt.json").read_text())
-    assert len(per_prompt["scores"]) == 7 and per_prompt["fingerprint"]["images_per_prompt"] == 2
-    run = client.get_run(run_id)
-    assert "eval/descriptive/overall" in run.data.metrics
-    assert run.data.tags["eval.promoted_to_champion"] == "false"
-    artifacts = {a.path for a in client.list_artifacts(run_id, "eval_report")}
-    assert {"eval_report/index.html", "eval_report/gate.json"} <= artifacts
-    assert json.loads((project_dir / "metrics" / "eval_report.json").read_text())["short"]
 
-    # With a judge that meets its (here lowered) bar, the first challenger meets no
-    # champion and is promoted; evaluated again, it is not compared with itself.
-    params = yaml.safe_load((project_dir / "params.yaml").read_text())
+@pytest.fixture(scope="module")
+def retrained(lineage, trained):
+    """diffusion_model again on unchanged data, with newer code (patched for the module)."""
+    lineage.monkeypatch.setattr(diffusion_mod, "code_version", lambda root: "newer-code")
+    again = _materialize(lineage, ["diffusion_model"])
+    client = lineage.client
+    return SimpleNamespace(
+        md=again.asset_materializations_for_node("diffusion_model")[0].metadata,
+        run=client.get_run(trained.run_id),
+        version=client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "challenger"),
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluated(lineage, trained, retrained):
+    """world_judge, reference_clip and eval_report of the retrained challenger. A judge
+    trained for 3 steps is far below its 0.98 bar: its check says so, the gate promotes
+    nothing. The report's files are read now: the promotion below rewrites them."""
+    res = _materialize(lineage, ["world_judge", "reference_clip", "eval_report"])
+    report = lineage.project_dir / "data" / "eval_report"
+    client = lineage.client
+    return SimpleNamespace(
+        res=res,
+        checks={c.check_name: c for c in res.get_asset_check_evaluations()},
+        md=res.asset_materializations_for_node("eval_report")[0].metadata,
+        html=(report / "index.html").read_text(),
+        metrics=json.loads((report / "metrics.json").read_text()),
+        per_prompt=json.loads((report / "per_prompt.json").read_text()),
+        dvc_metrics=json.loads((lineage.project_dir / "metrics" / "eval_report.json").read_text()),
+        run=client.get_run(trained.run_id),
+        artifacts={a.path for a in client.list_artifacts(trained.run_id, "eval_report")},
+    )
+
+
+@pytest.fixture(scope="module")
+def promoted(lineage, evaluated):
+    """The judge's bar lowered so that it is met: eval_report with the gate open, twice."""
+    params_file = lineage.project_dir / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
     params["world_judge"]["min_accuracy"] = 0.0
-    (project_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    res = dg.materialize(
-        ASSETS, selection=["world_judge", "eval_report"], resources=resources, instance=instance
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    first = _materialize(lineage, ["world_judge", "eval_report"])
+    champion = lineage.client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
+    again = _materialize(lineage, ["eval_report"])
+    return SimpleNamespace(
+        first_gate=first.asset_materializations_for_node("eval_report")[0].metadata["gate"].data,
+        champion=champion,
+        again_gate=again.asset_materializations_for_node("eval_report")[0].metadata["gate"].data,
     )
-    gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
-    assert gate["promote"] and gate["reason"] == "no champion yet"
-    champion = client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
-    assert champion.version == version.version
-    res = dg.materialize(ASSETS, selection=["eval_report"], resources=resources, instance=instance)
-    gate = res.asset_materializations_for_node("eval_report")[0].metadata["gate"].data
-    assert gate["promote"] and "champion already" in gate["reason"]
 
-    # The caption ablation, quick: two variants, same steps and seeds, child runs under
-    # one parent, compared in a table.
-    job = dg.Definitions(jobs=[caption_ablation], resources=resources).get_job_def(
+
+@pytest.fixture(scope="module")
+def ablation(lineage, promoted):
+    """The caption ablation, quick: two variants, same steps and seeds."""
+    job = dg.Definitions(jobs=[caption_ablation], resources=lineage.resources).get_job_def(
         "caption_ablation"
     )
     config = {"variants": ["alt_text", "descriptive_95"], "max_steps": 4, "eval_every": 2,
               "eval_prompts": 8, "prompts_per_category": 1, "images_per_prompt": 1}  # fmt: skip
     res = job.execute_in_process(
-        run_config={"ops": {"ablation_variants": {"config": config}}}, instance=instance
+        run_config={"ops": {"ablation_variants": {"config": config}}}, instance=lineage.instance
     )
-    assert res.success
-    summary = json.loads((project_dir / "data" / "ablation" / "summary.json").read_text())
+    out = lineage.project_dir / "data" / "ablation"
+    summary = json.loads((out / "summary.json").read_text())
+    client = lineage.client
+    children = [client.get_run(r["run_id"]) for r in summary]
+    parent_id = children[0].data.tags["mlflow.parentRunId"]
+    return SimpleNamespace(
+        res=res,
+        summary=summary,
+        table=(out / "summary.md").read_text(),
+        children=children,
+        parent_id=parent_id,
+        parent=client.get_run(parent_id),
+    )
+
+
+# --- upstream and the blend -----------------------------------------------------------------
+
+
+def test_raw_data_captioner_and_recaptions_materialize_for_the_training(upstream):
+    assert upstream.raw.success
+    assert upstream.captioner.success
+    assert upstream.recaptioned.success
+
+
+def test_a_sample_without_its_synthetic_caption_stops_the_blend_naming_it(blend_refusals):
+    key = blend_refusals.missing_key
+    with pytest.raises(Exception, match=f"1 of .* lack a descriptive .*{key}"):
+        _reraise(blend_refusals.missing_caption)
+
+
+def test_a_bad_synthetic_ratio_fails_in_mixed_sampler_before_any_training(blend_refusals):
+    with pytest.raises(Exception, match=r"synthetic_ratio must be in \[0, 1\], got 1.5"):
+        _reraise(blend_refusals.bad_ratio)
+
+
+# --- the training -------------------------------------------------------------------------
+
+
+def test_blend_autoencoder_and_training_materialize(trained):
+    assert trained.res.success
+
+
+def test_mixed_sampler_reports_the_realized_synthetic_ratio_per_epoch(trained):
+    assert 0.5 < trained.sampler["realized_synthetic_ratio"].value <= 1.0
+    assert "| epoch |" in trained.sampler["per_epoch"].value
+
+
+def test_autoencoder_check_reports_the_colours_it_keeps(trained):
+    assert "colour_kept" in trained.checks["autoencoder_keeps_colours"].metadata
+
+
+def test_training_process_reports_steps_and_colour_following_through_pipes(trained):
+    assert trained.md["steps"].value == 6
+    assert 0.0 <= trained.md["colour_following"].value <= 1.0
+    assert any("step 6/6" in m for m in trained.logs)  # progress lines streamed into the run
+
+
+def test_asset_registers_a_challenger_with_validation_grid_and_curve(trained):
+    # Added by the asset after the training process ended:
+    assert trained.md["registered_model"].data["alias"] == "challenger"
+    assert "data:image/png;base64," in trained.md["validation_grid"].value
+    assert "| 6 |" in trained.md["colour_following_curve"].value
+
+
+def test_challenger_version_records_its_run_and_data_versions(trained):
+    assert trained.version.run_id == trained.run_id
+    mixed = trained.md["data_versions"].data["mixed_sampler"]
+    assert trained.version.tags["dvc.mixed_sampler"] == mixed
+    assert trained.version.tags["dvc.recaptioned_dataset"].endswith(".dir")
+
+
+def test_mlflow_run_logs_the_blend_and_its_data_versions_as_params(trained):
+    assert trained.params["sampler.synthetic_ratio"] == "0.95"
+    assert "data.mixed_sampler" in trained.params
+
+
+def test_a_retrain_on_unchanged_data_resumes_the_same_mlflow_run_tagging_newer_code(
+    trained, retrained
+):
+    # Its params stay as first logged (MLflow refuses changes); the new version is a tag.
+    assert retrained.md["mlflow_run_id"].value == trained.run_id
+    assert retrained.run.data.params["code_version"] == trained.params["code_version"]
+    assert retrained.run.data.tags["resumed_with.code_version"] == "newer-code"
+
+
+# --- the eval report and the promotion gate -------------------------------------------------
+
+
+def test_eval_report_and_its_evaluators_materialize(evaluated):
+    assert evaluated.res.success
+
+
+def test_a_judge_below_its_bar_fails_its_check_and_the_gate_promotes_nothing(evaluated):
+    assert not evaluated.checks["world_judge_accurate"].passed
+    assert not evaluated.checks["not_worse_than_champion"].passed
+    assert evaluated.md["promoted_to_champion"].value is False
+    assert "world judge is below its bar" in evaluated.md["gate"].data["reason"]
+
+
+def test_eval_report_metadata_holds_the_prompt_following_table(evaluated):
+    assert "| colour_binding |" in evaluated.md["prompt_following"].value
+
+
+def test_eval_report_html_shows_the_grids_and_the_gate_decision(evaluated):
+    html = evaluated.html
+    assert "grids/colour_binding-descriptive.png" in html and "not promoted" in html
+
+
+def test_eval_report_writes_its_metrics_and_per_prompt_scores(evaluated):
+    metrics = evaluated.metrics
+    assert metrics["prompts"] == 7 and metrics["images_per_prompt"] == 2
+    assert set(metrics["forms"]) == {"short", "descriptive"}
+    per_prompt = evaluated.per_prompt
+    assert len(per_prompt["scores"]) == 7 and per_prompt["fingerprint"]["images_per_prompt"] == 2
+    assert evaluated.dvc_metrics["short"]
+
+
+def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):
+    assert "eval/descriptive/overall" in evaluated.run.data.metrics
+    assert evaluated.run.data.tags["eval.promoted_to_champion"] == "false"
+    assert {"eval_report/index.html", "eval_report/gate.json"} <= evaluated.artifacts
+
+
+def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):
+    gate = promoted.first_gate
+    assert gate["promote"] and gate["reason"] == "no champion yet"
+    assert promoted.champion.version == retrained.version.version
+
+
+def test_a_champion_evaluated_again_is_not_compared_with_itself(promoted):
+    gate = promoted.again_gate
+    assert gate["promote"] and "champion already" in gate["reason"]
+
+
+# --- the caption ablation -------------------------------------------------------------------
+
+
+def test_caption_ablation_trains_each_variant_for_the_same_steps(ablation):
+    assert ablation.res.success
+    summary = ablation.summary
     assert [r["name"] for r in summary] == ["alt_text", "descriptive_95"]
     assert summary[0]["realized_ratio"] == 0.0 and summary[1]["realized_ratio"] > 0.5
     assert all(r["steps"] == 4 and [c["step"] for c in r["curve"]] == [2, 4] for r in summary)
     assert all("clip_score" in c for r in summary for c in r["curve"])
-    table = (project_dir / "data" / "ablation" / "summary.md").read_text()
+
+
+def test_caption_ablation_compares_the_variants_in_a_table(ablation):
+    table = ablation.table
     assert "| alt_text | 0.00" in table and "| descriptive_95 | 0.95 descriptive" in table
-    parent = client.get_run(summary[0]["run_id"]).data.tags["mlflow.parentRunId"]
-    assert client.get_run(summary[1]["run_id"]).data.tags["mlflow.parentRunId"] == parent
-    assert "descriptive_95/descriptive/overall" in client.get_run(parent).data.metrics
-    statuses = {client.get_run(r).info.status for r in (parent, *(s["run_id"] for s in summary))}
+
+
+def test_caption_ablation_runs_are_children_of_one_finished_parent(ablation):
+    assert ablation.children[1].data.tags["mlflow.parentRunId"] == ablation.parent_id
+    assert "descriptive_95/descriptive/overall" in ablation.parent.data.metrics
+    statuses = {r.info.status for r in (ablation.parent, *ablation.children)}
     assert statuses == {"FINISHED"}
 
-    # The UI as a user sees it: this instance in dagster-webserver, the report in Chromium.
-    check_ui(instance, project_dir)
+
+# --- the UI -----------------------------------------------------------------------------------
+
+
+def test_ui_shows_the_lineage_and_the_eval_report(lineage, ablation):
+    # This instance in dagster-webserver, the report in Chromium.
+    check_ui(lineage.instance, lineage.project_dir)
 
 
 def test_training_process_detects_pipes_by_dagsters_own_variable():

@@ -152,7 +152,7 @@ def test_finished_phases_are_skipped_on_rerun(tiny_captioner, tiny_raw):
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="generation mode"):
         GenerationConfig(mode="sampling")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="captioner.learning_rate: unknown key"):
         tiny_captioner_config(learning_rate=1.0)
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import yaml
 
 from models.captioning.recaption import make_backend, recaption
@@ -18,12 +19,15 @@ def _params(tmp_path, max_new_tokens: int):
     path.write_text(
         yaml.safe_dump(
             {
+                # The decoding is the captioner's (corpus/params.py SHARED_PARAMS).
+                "captioner": {
+                    "generation": {"mode": "greedy", "max_new_tokens": max_new_tokens},
+                },
                 "recaptioned_dataset": {
                     "backend": "prefix",
                     "batch_size": 16,
                     "short_max_new_tokens": 4,
-                    "generation": {"mode": "greedy", "max_new_tokens": max_new_tokens},
-                }
+                },
             }
         )
     )
@@ -53,6 +57,7 @@ def test_recaptioned_shards_hold_every_key_once(tiny_raw, tiny_captioner, tmp_pa
     assert recaption(beam, tiny_raw, out) == {s: "captioned" for s in status}
 
 
+@pytest.mark.slow  # recaptioning killed and rerun as processes
 def test_killed_recaptioning_resumes_without_duplicates_or_holes(
     tiny_raw, tiny_captioner, tmp_path
 ):

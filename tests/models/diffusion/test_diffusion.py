@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -92,6 +93,7 @@ def run_training(config_file: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # training processes, one killed
 def test_sigkill_then_rerun_resumes_to_the_same_step_in_the_same_run(
     tiny_training_inputs, tmp_path
 ):
@@ -257,10 +259,11 @@ def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
     assert not discard_stale_run(cfg, sampler)  # a first run
     (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
     (tmp_path / "mlflow_run.json").write_text('{"run_id": "abc"}')
-    cfg.eval.prompts = 5  # evaluation settings do not change what is trained
+    # evaluation settings do not change what is trained
+    cfg = replace(cfg, eval=replace(cfg.eval, prompts=5))
     assert not discard_stale_run(cfg, sampler)
     assert (tmp_path / "checkpoints" / "step-0000010").exists()
-    cfg.diffusion.lr = 5e-4
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, lr=5e-4))
     assert discard_stale_run(cfg, sampler)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow_run.json").exists()
     assert discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}})  # another blend
