@@ -32,7 +32,7 @@ def caption_grid(
         sheet.paste(img.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x, y))
         wrapped = textwrap.wrap(cap or "(empty)", width_chars)
         if len(wrapped) > lines:
-            wrapped = wrapped[: lines - 1] + [wrapped[lines - 1][: width_chars - 3] + "..."]
+            wrapped = [*wrapped[: lines - 1], wrapped[lines - 1][: width_chars - 3] + "..."]
         draw.multiline_text((x + 3, y + tile + 2), "\n".join(wrapped), fill=(0, 0, 0), font=font)
     return sheet
 

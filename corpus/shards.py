@@ -96,7 +96,8 @@ def iter_tar_samples(path: Path, unit: str) -> Iterator[Sample]:
     """Group a tar's members into samples by key, as webdataset does (members of one
     key are contiguous). Broken members become samples with `problem` set."""
     try:
-        tf = tarfile.open(path, "r:*")
+        # Closed by `with tf:` below; only the open itself may fail here.
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Sample(
             key=None,

@@ -56,14 +56,16 @@ def parse_variant(name: str) -> tuple[float, str]:
 
 
 class AblationConfig(dg.Config):
-    variants: list[str] = list(VARIANTS)
+    # dg.Config is a pydantic model: it copies mutable defaults per instance.
+    variants: list[str] = list(VARIANTS)  # noqa: RUF012
     max_steps: int = 600
     eval_every: int = 200
     eval_prompts: int = 64  # colour prompts per point of the training curve
     prompts_per_category: int = 8  # of the suite, for each variant's final eval
     images_per_prompt: int = 2
     seed: int = 0
-    overrides: dict = {}  # more diffusion_model settings for every variant (e.g. unet)
+    # More diffusion_model settings for every variant (e.g. unet).
+    overrides: dict = {}  # noqa: RUF012
 
 
 @dg.op(out=dg.DynamicOut(dict), required_resource_keys={"project", "mlflow"})

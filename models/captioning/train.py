@@ -216,7 +216,7 @@ def _shuffled_loader(
 
 def _caption_ids(tokenizer, texts: list[str], max_len: int = 127) -> list[list[int]]:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t[: max_len - 1] + [tokenizer.eos_token_id] for t in ids]
+    return [[*t[: max_len - 1], tokenizer.eos_token_id] for t in ids]
 
 
 class CaptionerTraining:

@@ -59,7 +59,7 @@ def visual_features(visual: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     if getattr(visual, "output_tokens", False):
         pooled, tokens = visual(x)
         b, n, c = tokens.shape
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         return pooled, tokens.transpose(1, 2).reshape(b, c, side, side)
     out = visual.forward_intermediates(x, indices=1)
     return out["image_features"], out["image_intermediates"][-1]
@@ -83,7 +83,7 @@ class ClipTextTokenizer:
         n = self.context_length
         out = torch.full((len(texts), n), self.hf.pad_token_id, dtype=torch.long)
         for i, ids in enumerate(self.hf(texts, add_special_tokens=False)["input_ids"]):
-            ids = ids[: n - 1] + [self.hf.eos_token_id]  # cut at the context, as CLIP does
+            ids = [*ids[: n - 1], self.hf.eos_token_id]  # cut at the context, as CLIP does
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 

@@ -86,7 +86,7 @@ class RecapflowPipeline(DiffusionPipeline):
         n, eos = self.config.context_length, self.tokenizer.eos_token_id
         out = torch.full((len(texts), n), self._pad_id(), dtype=torch.long)
         for i, ids in enumerate(self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            ids = ids[: n - 1] + [eos]
+            ids = [*ids[: n - 1], eos]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 

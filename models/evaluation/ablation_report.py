@@ -11,7 +11,7 @@ from corpus.atomic import write_atomic
 from models.evaluation.colour_following import CHANCE
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def ablation_table(results: list[dict]) -> str:

@@ -10,8 +10,8 @@ import matplotlib
 from models.evaluation.colour_following import CHANCE
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def write_plots(metrics: dict, records: list[dict], out: Path) -> list[Path]:

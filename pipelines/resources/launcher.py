@@ -28,7 +28,7 @@ class TrainingLauncher(dg.ConfigurableResource):
     image: str | None = None  # docker / k8s: an image with this repo installed
     gpus: int = 1  # docker / k8s: GPUs requested for the container / pod
     namespace: str = "default"  # k8s
-    env: dict[str, str] = {}
+    env: dict[str, str] = {}  # noqa: RUF012 (a pydantic field: copied per instance)
 
     def _command(self, module: str) -> list[str]:
         python = self.python if self.kind == "subprocess" else "python"

@@ -132,7 +132,7 @@ def test_sampler_folder_records_every_epoch(tmp_path):
     assert [e["epoch"] for e in summary["epochs"]] == [0, 1, 2]
     m = read_manifest(out, 2)
     assert len(m) == 250 and m["key"].is_unique and m["key"].min() == "000000050"
-    with pytest.raises(MixConfigError, match="raise mixed_sampler.epochs to at least 4"):
+    with pytest.raises(MixConfigError, match=r"raise mixed_sampler\.epochs to at least 4"):
         read_manifest(out, 3)
     # A rebuild with fewer epochs leaves no stale manifest behind.
     build_mixed_sampler(rec, out, MixConfig(epochs=1))

@@ -178,7 +178,7 @@ def test_shared_values_are_stated_once_and_read_by_each_consumer(committed):
 
 def test_a_shared_value_stated_again_is_refused(committed):
     params = {**committed, "world_judge": {**committed["world_judge"], "resolution": 48}}
-    with pytest.raises(ValueError, match="world_judge.resolution: stated once in params.yaml"):
+    with pytest.raises(ValueError, match=r"world_judge\.resolution: stated once in params\.yaml"):
         section_params(params, "world_judge")
 
 

@@ -66,18 +66,18 @@ def test_counting_is_exact_and_position_reads_the_grid():
     )  # fmt: skip
     assert judge_prompt(
         left, Scene((obj("circle", "red", 2, 0), obj("square", "red", 0, 2)), "white")
-    )["passed"]  # noqa: E501
+    )["passed"]
     assert not judge_prompt(
         left, Scene((obj("circle", "red", 0, 2), obj("square", "red", 0, 0)), "white")
-    )["passed"]  # noqa: E501
+    )["passed"]
     # Same column: neither left nor right.
     assert not judge_prompt(
         left, Scene((obj("circle", "red", 0, 1), obj("square", "red", 2, 1)), "white")
-    )["passed"]  # noqa: E501
+    )["passed"]
 
     word = Prompt(
         "w", "word", 'the word "CAT"', "", (Condition("word", word="CAT"),), Scene((), "white")
-    )  # noqa: E501
+    )
     assert judge_prompt(word, Scene((), "white", "CAT", 1, 1))["passed"]
     assert not judge_prompt(word, Scene((), "white", "DOG", 1, 1))["passed"]
     assert not judge_prompt(word, Scene((), "white"))["passed"]
@@ -100,5 +100,5 @@ def test_committed_suite_is_what_the_generator_writes():
 
 
 def test_missing_suite_says_how_to_write_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m corpus.prompt_suite"):
+    with pytest.raises(FileNotFoundError, match=r"python -m corpus\.prompt_suite"):
         load_suite(tmp_path / "nope.json")

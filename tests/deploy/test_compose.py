@@ -132,7 +132,7 @@ def test_published_ports_bind_to_loopback_by_default(env_source):
             if isinstance(port, dict):
                 assert port.get("host_ip") == "127.0.0.1", (name, port)
             else:
-                ip, host, container = str(port).split(":")
+                ip, _host, _container = str(port).split(":")
                 assert ip == "127.0.0.1", (name, port)
     ports = {n: [str(p).split(":", 1)[1] for p in ps] for n, ps in published.items()}
     assert ports == {

@@ -178,8 +178,17 @@ def test_dagster_materializes_on_postgres_storage(
         where, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True
     ).stdout.strip()  # the shard partitions, registered in Postgres
     proc = subprocess.run(
-        [*dagster_cli, "asset", "materialize", "-m", "pipelines.definitions"]
-        + ["--select", "raw_alt_text_dataset", "--partition-range", shard_range],
+        [
+            *dagster_cli,
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "raw_alt_text_dataset",
+            "--partition-range",
+            shard_range,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

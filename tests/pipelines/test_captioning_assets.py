@@ -36,11 +36,11 @@ def test_lineage_to_recaptioned_partitions(project_dir, monkeypatch):
     cap = res.asset_materializations_for_node("captioner")[0].metadata
     assert "| object |" in cap["caption_quality"].value
     assert "data:image/png;base64," in cap["sample_captions"].value
-    check = [
+    check = next(
         c
         for c in res.get_asset_check_evaluations()
         if c.check_name == "captions_better_than_alt_text"
-    ][0]
+    )
     assert "object_recall_dsc" in check.metadata  # pass/fail depends on training; 2 steps here
 
     # One partition alone, then the rest as a single-run range: each shard once.

@@ -86,8 +86,19 @@ def test_string_selection_works_from_the_cli(project_dir):
     ).stdout.strip()
     assert shard_range == "00000...00002"
     proc = subprocess.run(
-        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "pipelines.definitions"]
-        + ["--select", "raw_alt_text_dataset", "--partition-range", shard_range],
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "raw_alt_text_dataset",
+            "--partition-range",
+            shard_range,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

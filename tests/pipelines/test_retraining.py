@@ -17,7 +17,7 @@ def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path)
     assert params["operations"]["retrain_cron"] == retraining.retrain_schedule.cron_schedule
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"operations": {"retrain_cron": "5 4 * * *"}})
-    )  # noqa: E501
+    )
     assert retraining.retrain_cron(str(tmp_path)) == "5 4 * * *"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({}))
     assert retraining.retrain_cron(str(tmp_path)) == retraining.DEFAULT_CRON
@@ -60,7 +60,7 @@ def test_failed_runs_are_recorded_with_a_link(tmp_path, monkeypatch):
     instance = dg.DagsterInstance.ephemeral()
     result = broken_job.execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
-    failure = [e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE"][0]
+    failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
     context = dg.build_run_status_sensor_context(
         sensor_name="record_failed_runs",
         dagster_instance=instance,

@@ -123,5 +123,5 @@ def test_a_typo_in_the_training_config_fails_the_asset_before_launching(tmp_path
 
     # The same check as the caption_ablation job calls it, on a wrong type this time.
     section = load_params(REPO / "params.yaml")["diffusion_model"]
-    with pytest.raises(ValueError, match="diffusion_model.batch_size: expected int, got str"):
+    with pytest.raises(ValueError, match=r"diffusion_model\.batch_size: expected int, got str"):
         diffusion_mod.checked_training_config({**section, "batch_size": "64"})

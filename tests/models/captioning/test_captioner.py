@@ -152,7 +152,7 @@ def test_finished_phases_are_skipped_on_rerun(tiny_captioner, tiny_raw):
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="generation mode"):
         GenerationConfig(mode="sampling")
-    with pytest.raises(ValueError, match="captioner.learning_rate: unknown key"):
+    with pytest.raises(ValueError, match=r"captioner\.learning_rate: unknown key"):
         tiny_captioner_config(learning_rate=1.0)
 
 
@@ -407,7 +407,7 @@ def test_mirrored_training_pairs_flip_the_image_and_swap_left_and_right():
     texts = ["A red circle in the top left.", 'A blue star in the center. It says "ZOO".']
     out_images, out_texts = with_mirrors(images, texts)
     # The captioned word would be mirrored too: that image gets no mirrored copy.
-    assert out_texts == texts + ["A red circle in the top right."]
+    assert out_texts == [*texts, "A red circle in the top right."]
     assert torch.equal(out_images[:2], images)
     assert torch.equal(out_images[2], images[0].flip(-1))
 

@@ -42,14 +42,37 @@ PROMPTS = ["a red circle on a gray background", "two blue stars left of a green 
 CONTEXT = 32
 SEED, STEPS, GUIDANCE = 3, 3, 6.0
 # What the exported pipeline.py may import: no recapflow package.
-ALLOWED_IMPORTS = set("json shutil pathlib numpy PIL torch diffusers transformers".split())
+ALLOWED_IMPORTS = {
+    "json",
+    "shutil",
+    "pathlib",
+    "numpy",
+    "PIL",
+    "torch",
+    "diffusers",
+    "transformers",
+}
 
 
 def _recapflow_export(root: Path) -> None:
     """A random tiny model written the way `diffusion_model`'s export step writes it
     (models/diffusion/train.py `_finish`), from recapflow's own builders and configs."""
     torch.manual_seed(0)
-    words = "a red blue green circle star square on left of two gray background".split()
+    words = [
+        "a",
+        "red",
+        "blue",
+        "green",
+        "circle",
+        "star",
+        "square",
+        "on",
+        "left",
+        "of",
+        "two",
+        "gray",
+        "background",
+    ]
     tok = train_bpe_tokenizer([" ".join(words[i:] + words[:i]) for i in range(12)] * 4, 300)
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A <eos>", special_tokens=[("<eos>", tok.eos_token_id)]

@@ -144,7 +144,7 @@ def test_too_few_recorded_epochs_fail_before_training(tiny_training_inputs, tmp_
     cfg = DiffusionTrainConfig.from_dict(
         tiny_config(tiny_training_inputs, tmp_path, diffusion={"max_steps": 10_000})
     )
-    with pytest.raises(ValueError, match="raise mixed_sampler.epochs to"):
+    with pytest.raises(ValueError, match=r"raise mixed_sampler\.epochs to"):
         train_diffusion(cfg)
     assert not (tmp_path / "work" / "checkpoints").exists()
 

@@ -84,7 +84,7 @@ def test_judge_reads_hand_made_scenes_and_catches_known_errors(judge_dir):
         "",
         (Condition("count", shape="triangle", n=3),),
         HAND_MADE[2],
-    )  # noqa: E501
+    )
     assert judge_prompt(three, read[2])["passed"]
     two = Scene(tuple(o("triangle", "green", 2, c, "small") for c in range(2)), "gray")
     assert not judge_prompt(three, judge.predict(render_scenes([two], 32))[0])["passed"]
@@ -103,7 +103,7 @@ def test_judge_reads_larger_images_at_its_own_resolution(judge_dir):
     big = render_scenes(HAND_MADE[:1], 64)
     assert (
         judge.predict(big)[0].objects == judge.predict(render_scenes(HAND_MADE[:1], 32))[0].objects
-    )  # noqa: E501
+    )
 
 
 def test_missing_judge_says_how_to_make_one(tmp_path):
@@ -161,7 +161,7 @@ def test_report_escapes_caption_text(tmp_path):
     ]
     page = write_html_report(
         tmp_path, metrics, records, {"promote": False, "reason": "<x>"}
-    ).read_text()  # noqa: E501
+    ).read_text()
     assert "<script>" not in page and "<b>m</b>" not in page and "<i>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; a red circle" in page
 
@@ -190,7 +190,7 @@ def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):
     with pytest.raises(MissingWeightsError, match="No model hub is reachable"):
         train_reference_clip(
             ReferenceClipConfig(pretrained=str(tmp_path / "absent.bin")), tmp_path / "x"
-        )  # noqa: E501
+        )
 
 
 def test_hps_v2_loads_a_local_checkpoint_or_says_how_to_provide_one(tmp_path):
