@@ -155,6 +155,125 @@ def judge_prompt(prompt: Prompt, scene: Scene) -> dict:
     return {"passed": all(h for _, h in held), "conditions": held}
 
 
+# --- partial progress: attributes and reasons for failing -------------------------------
+
+ATTRIBUTES = ("shape", "colour", "size", "count", "relation", "background", "word")
+# In this order; an image's primary reason is the first of its reasons in this order.
+REASONS = (
+    "no_object",
+    "wrong_shape",
+    "wrong_colour",
+    "wrong_count",
+    "wrong_place",
+    "extra_object",
+    "wrong_word",
+)
+
+
+def _stated_objects(prompt: Prompt, form: str) -> list[tuple[str, str | None, str | None]]:
+    """(shape, colour, size) of each object the prompt's text asks for, without repeats.
+    Short form: the objects of its conditions (colour only where a condition gives one,
+    no size). Descriptive form: the reference scene's objects, every attribute stated."""
+    if form == "descriptive":
+        return list(dict.fromkeys((o.shape, o.color, o.size) for o in prompt.scene.objects))
+    specs = []
+    for c in prompt.conditions:
+        if c.kind in ("object", "count", "relation"):
+            specs.append((c.shape, c.colour, None))
+        if c.kind == "relation":
+            specs.append((c.other_shape, c.other_colour, None))
+    return list(dict.fromkeys(specs))
+
+
+def _condition_reason(c: Condition, scene: Scene) -> str:
+    """Why condition `c`, which fails in `scene`, fails."""
+    objs = scene.objects
+    if c.kind == "word":
+        return "wrong_word"
+    if not objs:
+        return "no_object"
+    wanted = [(c.shape, c.colour)]
+    if c.kind == "relation":
+        wanted.append((c.other_shape, c.other_colour))
+    if not all(any(o.shape == s for o in objs) for s, _ in wanted):
+        return "wrong_shape"
+    if not all(any(_matches(o, s, col) for o in objs) for s, col in wanted):
+        return "wrong_colour"
+    return "wrong_count" if c.kind == "count" else "wrong_place"
+
+
+def diagnose(prompt: Prompt, scene: Scene, form: str) -> dict:
+    """How far the judged `scene` got towards `prompt` in `form`, beyond pass or fail.
+
+    "attributes": for each kind of ATTRIBUTES, one bool per instance that could be
+    judged in this image (an empty list: not judged here), each judged only given that
+    what it is an attribute of exists. The stated objects are the conditions' objects in
+    the short form and the reference scene's objects in the descriptive form (which
+    states every object's shape, colour and size, and the background).
+      shape: per stated object, judged when the scene has any object; holds when one
+        has the stated shape.
+      colour: per stated object with a colour, judged when an object of its shape
+        exists; holds when one of them has the colour.
+      size: descriptive form only; per stated object, judged when an object of its
+        shape and colour exists; holds when one of them has the size.
+      count: per "count" condition, judged when an object of its shape exists; holds
+        when exactly n do.
+      relation: per "relation" condition, judged when two distinct objects match its
+        two sides (shape and colour); holds when the condition does.
+      background: descriptive form only; always judged; holds when it is the
+        reference scene's.
+      word: per "word" condition, always judged; holds when the word is that word.
+    Size and background are not conditions: they never make an image fail.
+
+    "reasons": for a failed image, the reasons of REASONS, in that order, each once.
+    Each failed condition gives one: a "word" condition wrong_word; any other
+    no_object when the scene has no object at all, else wrong_shape when a shape it
+    names is absent, else wrong_colour when an object of that shape exists but none in
+    the colour, else wrong_count ("count") or wrong_place ("relation": both objects exist
+    but do not stand so). extra_object is added when the scene has more objects than the
+    reference scene. A passed image has no reasons. "primary": the first reason or None.
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown prompt form {form!r}; expected one of {FORMS}")
+    objs = scene.objects
+    attrs: dict[str, list[bool]] = {k: [] for k in ATTRIBUTES}
+    for shape, colour, size in _stated_objects(prompt, form):
+        if objs:
+            attrs["shape"].append(any(o.shape == shape for o in objs))
+        same_shape = [o for o in objs if o.shape == shape]
+        if colour is not None and same_shape:
+            attrs["colour"].append(any(o.color == colour for o in same_shape))
+        same = [o for o in same_shape if o.color == colour]
+        if size is not None and same:
+            attrs["size"].append(any(o.size == size for o in same))
+    for c in prompt.conditions:
+        if c.kind == "count" and any(o.shape == c.shape for o in objs):
+            attrs["count"].append(condition_holds(c, scene))
+        if c.kind == "relation" and any(
+            _matches(a, c.shape, c.colour) and _matches(b, c.other_shape, c.other_colour)
+            for i, a in enumerate(objs)
+            for j, b in enumerate(objs)
+            if i != j
+        ):
+            attrs["relation"].append(condition_holds(c, scene))
+        if c.kind == "word":
+            attrs["word"].append(scene.word == c.word)
+    if form == "descriptive":
+        attrs["background"].append(scene.background == prompt.scene.background)
+
+    failed = [c for c in prompt.conditions if not condition_holds(c, scene)]
+    found = {_condition_reason(c, scene) for c in failed}
+    if failed and len(objs) > len(prompt.scene.objects):
+        found.add("extra_object")
+    reasons = [r for r in REASONS if r in found]
+    return {
+        "passed": not failed,
+        "attributes": attrs,
+        "reasons": reasons,
+        "primary": reasons[0] if reasons else None,
+    }
+
+
 # --- the suite --------------------------------------------------------------------------
 
 

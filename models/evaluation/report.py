@@ -3,6 +3,8 @@
 Every prompt of the suite, in its short and its descriptive form, is sampled
 `images_per_prompt` times with fixed seeds. The world judge reads each image back into
 a scene; an image passes only when every condition of its prompt holds (GenEval's rule).
+Partial progress goes next to it: each attribute's accuracy given that its object exists,
+and why the failed images failed (`corpus.prompt_suite.diagnose`).
 Accuracy per category and form, the mean over categories (GenEval's overall), a
 bootstrap interval over prompts, and CLIP score against each form (the two panels of the
 report's Figure 4) go to `metrics.json`; grids per category, plots and an HTML page
@@ -31,7 +33,16 @@ from PIL import Image, ImageDraw
 from corpus.atomic import replace_dir, write_text_atomic
 from corpus.config import build_config
 from corpus.preview import caption_grid
-from corpus.prompt_suite import CATEGORIES, DEFAULT_SUITE, FORMS, judge_prompt, load_suite
+from corpus.prompt_suite import (
+    ATTRIBUTES,
+    CATEGORIES,
+    DEFAULT_SUITE,
+    FORMS,
+    REASONS,
+    diagnose,
+    judge_prompt,
+    load_suite,
+)
 from models.diffusion.text_to_image import load_text_to_image
 from models.evaluation.preference_scores import hps_v2_scores
 from models.evaluation.promotion_gate import bootstrap_ci
@@ -123,11 +134,12 @@ def evaluate_model(
         scores = clip.score(images, texts)
         truncated = clip.truncated([p.text(form) for p in prompts])
         hps = hps_v2_scores(cfg.hpsv2, cfg.hpsv2_model, images, texts)
-        passed = []
+        passed, diagnoses = [], []
         for i, (scene, score) in enumerate(zip(scenes, scores, strict=True)):
             p = prompts[i // cfg.images_per_prompt]
             verdict = judge_prompt(p, scene)
             passed.append(verdict["passed"])
+            diagnoses.append(diagnose(p, scene, form))
             records.append(
                 {
                     "prompt_id": p.id,
@@ -137,6 +149,7 @@ def evaluate_model(
                     "prompt": texts[i],
                     "passed": verdict["passed"],
                     "conditions": verdict["conditions"],
+                    "failure_reasons": diagnoses[-1]["reasons"],
                     "clip_score": float(score),
                     "judged_scene": scene.to_dict(),
                 }
@@ -159,6 +172,7 @@ def evaluate_model(
             "clip_score_std": float(scores.std()),
             "clip_truncated_prompts": int(sum(truncated)),
             "hps_v2": hps.get("mean"),
+            **summarise_diagnoses(diagnoses),
         }
         for c in cats:
             idx = [i for i, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
@@ -210,6 +224,35 @@ def evaluate_model(
     return metrics
 
 
+def summarise_diagnoses(diagnoses: list[dict]) -> dict:
+    """Partial progress over one form's images (`corpus.prompt_suite.diagnose`).
+
+    attribute_accuracy: per attribute kind judged at least once, held / judged over all
+    judged instances; attribute_judged: how many instances were judged, per kind (0: the
+    form does not state it). failure_reasons: among failed images, the share that has
+    each reason (multi-label) and the share whose primary reason it is (these add up to
+    1 when any image failed).
+    """
+    held = {k: 0 for k in ATTRIBUTES}
+    judged = {k: 0 for k in ATTRIBUTES}
+    for d in diagnoses:
+        for k, results in d["attributes"].items():
+            held[k] += sum(results)
+            judged[k] += len(results)
+    failed = [d for d in diagnoses if not d["passed"]]
+    n = max(len(failed), 1)
+    return {
+        "attribute_accuracy": {k: held[k] / judged[k] for k in ATTRIBUTES if judged[k]},
+        "attribute_judged": judged,
+        "failure_reasons": {
+            "images": len(diagnoses),
+            "failed": len(failed),
+            "share_with_reason": {r: sum(r in d["reasons"] for d in failed) / n for r in REASONS},
+            "share_primary": {r: sum(d["primary"] == r for d in failed) / n for r in REASONS},
+        },
+    }
+
+
 def fingerprint(cfg: EvalReportConfig, suite_version: str) -> dict:
     """What must match for two models' per-prompt scores to be compared by the gate: the
     suite, the judge's weights and the sampling settings."""
@@ -231,12 +274,21 @@ def fingerprint(cfg: EvalReportConfig, suite_version: str) -> dict:
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """eval/<form>/<category> accuracies and eval/<form>/clip_score, for MLflow and DVC."""
+    """eval/<form>/<category> accuracies, eval/<form>/clip_score, and the partial-progress
+    measures eval/<form>/attribute/<kind>, eval/<form>/failure/<reason> (share of failed
+    images with it) and eval/<form>/failure_primary/<reason>, for MLflow and DVC."""
     flat = {}
     for form, m in metrics["forms"].items():
         for c, v in m["prompt_following"].items():
             flat[f"eval/{form}/{c}"] = v
         flat[f"eval/{form}/clip_score"] = m["clip_score"]
+        for k, v in m.get("attribute_accuracy", {}).items():
+            flat[f"eval/{form}/attribute/{k}"] = v
+        reasons = m.get("failure_reasons", {})
+        for r, v in reasons.get("share_with_reason", {}).items():
+            flat[f"eval/{form}/failure/{r}"] = v
+        for r, v in reasons.get("share_primary", {}).items():
+            flat[f"eval/{form}/failure_primary/{r}"] = v
     return flat
 
 
@@ -279,6 +331,8 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
             form: {
                 "prompt_following": m["prompt_following"],
                 "clip_score": m["clip_score"],
+                "attribute_accuracy": m["attribute_accuracy"],
+                "failure_reasons": m["failure_reasons"],
             }
             for form, m in metrics["forms"].items()
         },

@@ -34,6 +34,52 @@ def _table(header: list[str], rows: list[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _partial_progress(metrics: dict, forms: list[str]) -> list[str]:
+    """Attribute accuracy given that the object exists, and why images fail, per form."""
+    forms = [f for f in forms if "attribute_accuracy" in metrics["forms"][f]]
+    if not forms:
+        return []
+    ms = [metrics["forms"][f] for f in forms]
+    kinds = list(ms[0]["attribute_judged"])
+    rows = []
+    for k in kinds:
+        cells = "".join(
+            (_n(m["attribute_accuracy"][k]) if k in m["attribute_accuracy"] else "<td>-</td>")
+            + f"<td class='n'>{_e(m['attribute_judged'][k])}</td>"
+            for m in ms
+        )
+        rows.append(f"<tr><td>{_e(k)}</td>{cells}</tr>")
+    header = ["attribute"] + [h for f in forms for h in (f"{f}: accuracy", f"{f}: judged")]
+    out = [
+        "<h2>Attribute accuracy given that the object exists</h2>",
+        "<p>Each attribute is scored only where what it belongs to is there (colour where "
+        "an object of the prompted shape exists, count where one of the shape exists, "
+        "relation where both objects exist); size and background only where the prompt "
+        "states them (descriptive form). -: not judged.</p>",
+        _table(header, rows),
+    ]
+    rows = []
+    for r in ms[0]["failure_reasons"]["share_with_reason"]:
+        cells = "".join(
+            _n(m["failure_reasons"]["share_with_reason"][r])
+            + _n(m["failure_reasons"]["share_primary"][r])
+            for m in ms
+        )
+        rows.append(f"<tr><td>{_e(r)}</td>{cells}</tr>")
+    failed = ", ".join(
+        f"{_e(f)} {_e(m['failure_reasons']['failed'])} of {_e(m['failure_reasons']['images'])}"
+        for f, m in zip(forms, ms, strict=True)
+    )
+    header = ["reason"] + [h for f in forms for h in (f"{f}: any", f"{f}: primary")]
+    out += [
+        "<h2>Why images fail</h2>",
+        f"<p>Share of failed images ({failed}) with each reason (an image can have several) "
+        "and whose first reason, in this order, it is.</p>",
+        _table(header, rows),
+    ]
+    return out
+
+
 def write_html_report(
     folder: Path, metrics: dict, records: list[dict], gate: dict | None = None
 ) -> Path:
@@ -95,6 +141,7 @@ def write_html_report(
         for c in cats
     ]
     parts += ["<h2>Prompt following by category</h2>", _table(["category", *forms], rows)]
+    parts += _partial_progress(metrics, forms)
     parts.append("<p><img src='plots/prompt_following.png' alt='prompt following'></p>")
     parts.append("<p><img src='plots/clip_score.png' alt='CLIP score'>")
     if (folder / "plots" / "training_curve.png").exists():

@@ -7,12 +7,15 @@ import json
 import pytest
 
 from corpus.prompt_suite import (
+    ATTRIBUTES,
     CATEGORIES,
     DEFAULT_SUITE,
     FORMS,
+    REASONS,
     Condition,
     Prompt,
     build_suite,
+    diagnose,
     judge_prompt,
     load_suite,
 )
@@ -102,3 +105,110 @@ def test_committed_suite_is_what_the_generator_writes():
 def test_missing_suite_says_how_to_write_one(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m corpus\.prompt_suite"):
         load_suite(tmp_path / "nope.json")
+
+
+# --- partial progress: attribute scores and reasons on scenes with known errors ----------
+
+TWO = Prompt(
+    "2", "two_objects", "a circle and a square", "",
+    (Condition("object", shape="circle"), Condition("object", shape="square")),
+    Scene((obj("circle", "red", 0, 0, "small"), obj("square", "blue", 1, 1)), "white"),
+)  # fmt: skip
+RED_CIRCLE = Prompt(
+    "c", "colour", "a red circle", "", (Condition("object", shape="circle", colour="red"),),
+    Scene((obj("circle", "red", 1, 1),), "gray"),
+)  # fmt: skip
+THREE = Prompt(
+    "n", "counting", "three stars", "", (Condition("count", shape="star", n=3),),
+    Scene(tuple(obj("star", "red", 0, c, "small") for c in range(3)), "white"),
+)  # fmt: skip
+LEFT = Prompt(
+    "p", "position", "a circle left of a square", "",
+    (Condition("relation", shape="circle", relation="left of", other_shape="square"),),
+    Scene((obj("circle", "red", 0, 0), obj("square", "blue", 0, 2, "small")), "white"),
+)  # fmt: skip
+WORD = Prompt(
+    "w", "word", 'the word "CAT"', "", (Condition("word", word="CAT"),),
+    Scene((obj("star", "yellow", 0, 0),), "black", "CAT", 2, 2),
+)  # fmt: skip
+
+
+def judged(d: dict) -> dict:
+    """The judged attribute kinds of a diagnosis (kinds not judged left out)."""
+    return {k: v for k, v in d["attributes"].items() if v}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "scene", "form", "attributes", "reasons"),
+    [
+        # A missing object (the other one is there): its shape is judged and absent.
+        (TWO, Scene((obj("circle", "red", 0, 0),), "white"), "short",
+         {"shape": [True, False]}, ["wrong_shape"]),
+        # No object at all: no attribute can be judged.
+        (TWO, Scene((), "white"), "short", {}, ["no_object"]),
+        # An extra object on a failed image; the square is missing.
+        (TWO, Scene((obj("circle", "red", 0, 0), obj("star", "red", 1, 1),
+                     obj("star", "red", 2, 2)), "white"), "short",
+         {"shape": [True, False]}, ["wrong_shape", "extra_object"]),
+        # An extra object on an image that passes is no reason: it has none.
+        (TWO, Scene((obj("circle", "red", 0, 0), obj("square", "red", 1, 1),
+                     obj("star", "red", 2, 2)), "white"), "short",
+         {"shape": [True, True]}, []),
+        # The wrong shape in the right colour: colour is not judged (no circle exists).
+        (RED_CIRCLE, Scene((obj("square", "red", 1, 1),), "gray"), "short",
+         {"shape": [False]}, ["wrong_shape"]),
+        # The right shape in the wrong colour.
+        (RED_CIRCLE, Scene((obj("circle", "blue", 1, 1),), "gray"), "short",
+         {"shape": [True], "colour": [False]}, ["wrong_colour"]),
+        # A wrong count, too few and too many (too many is also an extra object).
+        (THREE, Scene((obj("star", "red", 0, 0), obj("star", "red", 0, 1)), "white"),
+         "short", {"shape": [True], "count": [False]}, ["wrong_count"]),
+        (THREE, Scene(tuple(obj("star", "red", r, c) for r, c in ((0, 0), (0, 1), (0, 2), (1, 0))),
+                      "white"), "short",
+         {"shape": [True], "count": [False]}, ["wrong_count", "extra_object"]),
+        # A swapped relation: both objects exist, the place is wrong.
+        (LEFT, Scene((obj("circle", "red", 0, 2), obj("square", "blue", 0, 0)), "white"),
+         "short", {"shape": [True, True], "relation": [False]}, ["wrong_place"]),
+        # The relation is not judged while one of its objects is missing.
+        (LEFT, Scene((obj("circle", "red", 0, 0),), "white"), "short",
+         {"shape": [True, False]}, ["wrong_shape"]),
+        # A wrong word; the short form states no object, so shape is not judged.
+        (WORD, Scene((obj("star", "yellow", 0, 0),), "black", "DOG", 2, 2), "short",
+         {"word": [False]}, ["wrong_word"]),
+        (WORD, Scene((), "black"), "short", {"word": [False]}, ["wrong_word"]),
+        # Descriptive form: it states the reference scene's colours, sizes and background.
+        # Wrong background and a wrong size fail no condition: the image passes.
+        (LEFT, Scene((obj("circle", "red", 1, 0, "small"), obj("square", "blue", 1, 1,
+                      "small")), "gray"), "descriptive",
+         {"shape": [True, True], "colour": [True, True], "size": [False, True],
+          "relation": [True], "background": [False]}, []),
+        # Three stars in the wrong colour: size cannot be judged (no red star exists).
+        (THREE, Scene(tuple(obj("star", "blue", 1, c, "small") for c in range(3)), "white"),
+         "descriptive", {"shape": [True], "colour": [False], "count": [True],
+                         "background": [True]}, []),
+        # The descriptive word prompt also states its object.
+        (WORD, Scene((obj("star", "yellow", 0, 0, "small"),), "black", "DOG", 2, 2),
+         "descriptive", {"shape": [True], "colour": [True], "size": [False],
+                         "background": [True], "word": [False]}, ["wrong_word"]),
+    ],
+)  # fmt: skip
+def test_diagnose_scores_attributes_given_the_object_and_names_why_images_fail(
+    prompt, scene, form, attributes, reasons
+):
+    d = diagnose(prompt, scene, form)
+    assert judged(d) == attributes
+    assert set(d["attributes"]) == set(ATTRIBUTES)
+    assert d["reasons"] == reasons and set(reasons) <= set(REASONS)
+    assert d["primary"] == (reasons[0] if reasons else None)
+    assert d["passed"] == judge_prompt(prompt, scene)["passed"] == (not reasons)
+
+
+def test_reference_scenes_hold_every_attribute_in_both_forms():
+    for p in load_suite():
+        for form in FORMS:
+            d = diagnose(p, p.scene, form)
+            assert d["reasons"] == [] and d["primary"] is None, (p.id, form)
+            assert all(all(v) for v in d["attributes"].values()), (p.id, form)
+            assert bool(d["attributes"]["background"]) == (form == "descriptive")
+    with pytest.raises(ValueError, match="unknown prompt form"):
+        diagnose(TWO, TWO.scene, "long")

@@ -338,6 +338,14 @@ def test_eval_report_writes_its_metrics_and_per_prompt_scores(evaluated):
     per_prompt = evaluated.per_prompt
     assert len(per_prompt["scores"]) == 7 and per_prompt["fingerprint"]["images_per_prompt"] == 2
     assert evaluated.dvc_metrics["short"]
+    # Partial progress per form: attribute scores in [0, 1]; every failed image has a
+    # reason, so the primary-reason shares add up to 1 when any image failed.
+    for form, m in metrics["forms"].items():
+        assert all(0.0 <= v <= 1.0 for v in m["attribute_accuracy"].values()), form
+        fr = m["failure_reasons"]
+        assert sum(fr["share_primary"].values()) == pytest.approx(1.0 if fr["failed"] else 0.0)
+        assert evaluated.dvc_metrics[form]["failure_reasons"] == fr
+    assert "size" not in metrics["forms"]["short"]["attribute_accuracy"]
 
 
 def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):

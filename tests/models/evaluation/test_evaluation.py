@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from corpus.prompt_suite import Condition, Prompt, judge_prompt
+from corpus.prompt_suite import ATTRIBUTES, REASONS, Condition, Prompt, diagnose, judge_prompt
 from corpus.world import Scene, SceneObject
 from models.common.clip import MissingWeightsError, create_clip
 from models.evaluation.promotion_gate import promotion_decision
@@ -21,6 +21,7 @@ from models.evaluation.reference_clip import (
     load_reference_clip,
     train_reference_clip,
 )
+from models.evaluation.report import flat_metrics, summarise_diagnoses
 from models.evaluation.report_html import write_html_report
 from models.evaluation.world_judge import (
     JudgeConfig,
@@ -130,6 +131,69 @@ def test_gate_promotes_within_noise_and_refuses_beyond_it():
         promotion_decision({"p0": 1.0}, {"q0": 1.0})
 
 
+def check_partial_progress(m: dict) -> None:
+    """The partial-progress keys of one form: scores in [0, 1], every failed image with a
+    reason, primary-reason shares adding up to 1 over the failed images."""
+    assert set(m["attribute_judged"]) == set(ATTRIBUTES)
+    assert set(m["attribute_accuracy"]) == {k for k, n in m["attribute_judged"].items() if n}
+    assert all(0.0 <= v <= 1.0 for v in m["attribute_accuracy"].values())
+    fr = m["failure_reasons"]
+    assert list(fr["share_with_reason"]) == list(fr["share_primary"]) == list(REASONS)
+    assert all(0.0 <= v <= 1.0 for v in [*fr["share_with_reason"].values(),
+                                         *fr["share_primary"].values()])  # fmt: skip
+    assert 0 <= fr["failed"] <= fr["images"]
+    assert sum(fr["share_primary"].values()) == pytest.approx(1.0 if fr["failed"] else 0.0)
+    for r in REASONS:  # a primary reason is one of the image's reasons
+        assert fr["share_primary"][r] <= fr["share_with_reason"][r] + 1e-12
+
+
+def test_attribute_scores_and_failure_breakdown_on_scenes_with_known_errors(tmp_path):
+    binding = Prompt(
+        "b", "colour_binding", "a red circle and a blue square", "",
+        (Condition("object", shape="circle", colour="red"),
+         Condition("object", shape="square", colour="blue")),
+        HAND_MADE[0],
+    )  # fmt: skip
+    scenes = [
+        HAND_MADE[0],  # passes
+        Scene((o("circle", "blue", 0, 0), o("square", "red", 2, 2)), "white"),  # colours swapped
+        Scene((o("circle", "red", 0, 0),), "white"),  # the square missing
+        Scene((), "white"),  # nothing
+        Scene((o("circle", "red", 0, 0), o("star", "blue", 1, 1), o("cross", "red", 0, 2)),
+              "black"),  # a star for the square, and one object too many
+    ]  # fmt: skip
+    diagnoses = [diagnose(binding, s, "descriptive") for s in scenes]
+    summary = summarise_diagnoses(diagnoses)
+    check_partial_progress(summary)
+    # shape: 2 + 1 + 1 + 0 held of 2 + 2 + 2 + 0 + 2 judged (nothing judged on the empty one);
+    # colour, given the shape: 2 + 0 + 1 + 1 of 2 + 2 + 1 + 1; size, given shape and colour:
+    # 2 + 1 + 1 of 2 + 1 + 1; background: 4 of 5.
+    assert summary["attribute_accuracy"] == {
+        "shape": 6 / 8, "colour": 4 / 6, "size": 1.0, "background": 4 / 5
+    }  # fmt: skip
+    assert summary["attribute_judged"] == {
+        "shape": 8, "colour": 6, "size": 4, "count": 0, "relation": 0, "background": 5,
+        "word": 0,
+    }  # fmt: skip
+    fr = summary["failure_reasons"]
+    assert fr["images"] == 5 and fr["failed"] == 4
+    assert fr["share_with_reason"] == {
+        **dict.fromkeys(REASONS, 0.0),
+        "no_object": 0.25, "wrong_shape": 0.5, "wrong_colour": 0.25, "extra_object": 0.25,
+    }  # fmt: skip
+    assert fr["share_primary"] == {
+        **dict.fromkeys(REASONS, 0.0), "no_object": 0.25, "wrong_shape": 0.5, "wrong_colour": 0.25
+    }  # fmt: skip
+
+    flat = flat_metrics({"forms": {"descriptive": {
+        "prompt_following": {"overall": 0.2}, "clip_score": 20.0, **summary
+    }}})  # fmt: skip
+    assert flat["eval/descriptive/attribute/shape"] == 0.75
+    assert flat["eval/descriptive/failure/extra_object"] == 0.25
+    assert flat["eval/descriptive/failure_primary/wrong_shape"] == 0.5
+    assert "eval/descriptive/attribute/count" not in flat  # never judged
+
+
 def test_report_escapes_caption_text(tmp_path):
     evil = '<script>alert("x")</script> a red circle'
     metrics = {
@@ -144,6 +208,14 @@ def test_report_escapes_caption_text(tmp_path):
                 "prompt_following_ci": [0.0, 0.0],
                 "clip_score": 12.0,
                 "clip_truncated_prompts": 0,
+                "attribute_accuracy": {"shape": 0.5},
+                "attribute_judged": {"shape": 2, "<b>size</b>": 0},
+                "failure_reasons": {
+                    "images": 2,
+                    "failed": 1,
+                    "share_with_reason": {"<u>no_object</u>": 1.0},
+                    "share_primary": {"<u>no_object</u>": 1.0},
+                },
             }
         },
         "judge_accuracy": {"shape": 1.0},
@@ -164,6 +236,8 @@ def test_report_escapes_caption_text(tmp_path):
     ).read_text()
     assert "<script>" not in page and "<b>m</b>" not in page and "<i>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; a red circle" in page
+    assert "<u>" not in page and "&lt;u&gt;no_object&lt;/u&gt;" in page
+    assert "Attribute accuracy given that the object exists" in page and "Why images fail" in page
 
 
 def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):
