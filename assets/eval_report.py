@@ -89,6 +89,25 @@ def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict, judge: di
     return decision
 
 
+def partial_progress_table(metrics: dict) -> str:
+    """Attribute accuracy given that the object exists, and the primary reason failed
+    images failed, one column per prompt form (Markdown for the asset's metadata)."""
+    forms = list(metrics["forms"])
+    head = "| | " + " | ".join(forms) + " |\n|---|" + "---:|" * len(forms)
+    rows = [head]
+    attributes = {k for m in metrics["forms"].values() for k in m["attribute_accuracy"]}
+    for k in sorted(attributes):
+        cells = [metrics["forms"][f]["attribute_accuracy"].get(k) for f in forms]
+        rows.append(
+            f"| {k} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
+        )
+    reasons = next(iter(metrics["forms"].values()))["failure_reasons"]["share_primary"]
+    for r in reasons:
+        cells = [metrics["forms"][f]["failure_reasons"]["share_primary"][r] for f in forms]
+        rows.append(f"| failed: {r} (primary) | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(rows)
+
+
 @dg.asset(
     name=STAGE,
     deps=["diffusion_model", "world_judge", "reference_clip"],
@@ -135,6 +154,7 @@ def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         "path": dg.MetadataValue.path(str(out)),
         "dvc_md5": dvc_hash,
         "prompt_following": dg.MetadataValue.md(category_table(metrics)),
+        "partial_progress": dg.MetadataValue.md(partial_progress_table(metrics)),
         "gate": dg.MetadataValue.json(gate_decision),
         "promoted_to_champion": bool(gate_decision.get("promote")),
         "plot": preview_metadata(

@@ -326,6 +326,12 @@ def test_eval_report_metadata_holds_the_prompt_following_table(evaluated):
     assert "| colour_binding |" in evaluated.md["prompt_following"].value
 
 
+def test_eval_report_metadata_shows_partial_progress_per_form(evaluated):
+    table = evaluated.md["partial_progress"].value
+    assert table.startswith("| | short | descriptive |")
+    assert "| shape |" in table and "| failed: no_object (primary) |" in table
+
+
 def test_eval_report_html_shows_the_grids_and_the_gate_decision(evaluated):
     html = evaluated.html
     assert "grids/colour_binding-descriptive.png" in html and "not promoted" in html
