@@ -57,6 +57,14 @@ HAND_MADE = [
     Scene((o("hexagon", "purple", 0, 1), o("cross", "orange", 1, 0, "small")), "beige"),
 ]
 
+# "a red circle and a blue square", met by HAND_MADE[0].
+BINDING = Prompt(
+    "b", "colour_binding", "a red circle and a blue square", "",
+    (Condition("object", shape="circle", colour="red"),
+     Condition("object", shape="square", colour="blue")),
+    HAND_MADE[0],
+)  # fmt: skip
+
 
 def test_judge_reads_hand_made_scenes_and_catches_known_errors(judge_dir):
     judge = load_judge(judge_dir)
@@ -64,12 +72,7 @@ def test_judge_reads_hand_made_scenes_and_catches_known_errors(judge_dir):
     acc = judge_accuracy(HAND_MADE, read)
     assert acc["shape"] == acc["colour"] == acc["position"] == acc["count"] == 1.0, read
 
-    binding = Prompt(
-        "b", "colour_binding", "a red circle and a blue square", "",
-        (Condition("object", shape="circle", colour="red"),
-         Condition("object", shape="square", colour="blue")),
-        HAND_MADE[0],
-    )  # fmt: skip
+    binding = BINDING
     assert judge_prompt(binding, read[0])["passed"]
     # Known errors, drawn on purpose: colours swapped, one object missing.
     errors = [
@@ -148,12 +151,7 @@ def check_partial_progress(m: dict) -> None:
 
 
 def test_attribute_scores_and_failure_breakdown_on_scenes_with_known_errors(tmp_path):
-    binding = Prompt(
-        "b", "colour_binding", "a red circle and a blue square", "",
-        (Condition("object", shape="circle", colour="red"),
-         Condition("object", shape="square", colour="blue")),
-        HAND_MADE[0],
-    )  # fmt: skip
+    binding = BINDING
     scenes = [
         HAND_MADE[0],  # passes
         Scene((o("circle", "blue", 0, 0), o("square", "red", 2, 2)), "white"),  # colours swapped
