@@ -55,7 +55,15 @@ TINY_STAGE_PARAMS = {
     },
     "recaptioned_dataset": {"backend": "prefix", "batch_size": 32, "short_max_new_tokens": 4},
     "mixed_sampler": {"synthetic_ratio": 0.95, "caption_kind": "descriptive", "epochs": 4},
-    "autoencoder": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "eval_images": 8},
+    # resolution is stated here, once, as in params.yaml: world_judge and reference_clip
+    # read it, and DVC refuses a stage whose listed parameter is missing.
+    "autoencoder": {
+        "resolution": 32,
+        "max_steps": 3,
+        "batch_size": 16,
+        "warmup_steps": 1,
+        "eval_images": 8,
+    },
     "diffusion_model": {
         "batch_size": 16,
         "checkpoint_every": 4,
