@@ -64,15 +64,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _reads_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _wrong(value: Any, tp: Any, where: str) -> ConfigError:
     hint = ""
-    if isinstance(value, str) and tp is float:
-        try:
-            float(value)
-            # PyYAML reads YAML 1.1: a float needs a dot, so `1e-3` is the string "1e-3".
-            hint = " (YAML reads a number without a dot, like 1e-3, as text: write 1.0e-3)"
-        except ValueError:
-            pass
+    # PyYAML reads YAML 1.1: a float needs a dot, so `1e-3` is the string "1e-3".
+    if isinstance(value, str) and tp is float and _reads_as_float(value):
+        hint = " (YAML reads a number without a dot, like 1e-3, as text: write 1.0e-3)"
     return ConfigError(
         f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
     )
