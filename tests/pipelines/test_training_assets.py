@@ -329,7 +329,8 @@ def test_eval_report_metadata_holds_the_prompt_following_table(evaluated):
 def test_eval_report_metadata_shows_partial_progress_per_form(evaluated):
     table = evaluated.md["partial_progress"].value
     assert table.startswith("| | short | descriptive |")
-    assert "| shape |" in table and "| failed: no_object (primary) |" in table
+    # Background is judged in the descriptive form only (the short form does not state it).
+    assert "| background | - | " in table and "| failed: no_object (primary) |" in table
 
 
 def test_eval_report_html_shows_the_grids_and_the_gate_decision(evaluated):
