@@ -25,6 +25,20 @@ def _accuracy_table(accuracy: dict[str, float], threshold: float) -> dg.Metadata
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def _robustness_table(metrics: dict) -> dg.MetadataValue:
+    """Accuracy per kind on the held-out renders, clean and perturbed."""
+    columns = {"clean": metrics["accuracy"], **metrics["robustness"]}
+    lines = [
+        "| attribute | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    lines += [
+        f"| {k} | " + " | ".join(f"{c[k]:.3f}" for c in columns.values()) + " |"
+        for k in ATTRIBUTE_KINDS
+    ]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "mlflow", "dvc"},
@@ -53,6 +67,7 @@ def world_judge(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "path": dg.MetadataValue.path(str(out)),
             "dvc_md5": dvc_hash,
             "held_out_accuracy": _accuracy_table(metrics["accuracy"], cfg.min_accuracy),
+            "robustness": _robustness_table(metrics),
             "min_accuracy": min(metrics["accuracy"].values()),
             "eval_images": metrics["eval_images"],
             "train_seconds": metrics["seconds"]["train"],

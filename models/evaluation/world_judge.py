@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
+from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
 from corpus.atomic import write_atomic, write_text_atomic
@@ -70,6 +72,11 @@ class JudgeConfig:
     # Renders are clean; generated images are not. Gaussian pixel noise up to this std
     # (images in [-1, 1]) keeps the judge from keying on perfectly flat colour.
     noise_std: float = 0.08
+    # Renders put every object exactly at its cell's centre with hard edges; generated
+    # objects sit a pixel or two off and have soft edges. Each training image is moved by
+    # up to max_shift pixels or blurred by a sigma up to max_blur (`augment`).
+    max_shift: int = 2
+    max_blur: float = 1.0
     word_prob: float = 0.5  # words are rarer in the corpus; the judge must read them
     # Disjoint from the corpus seeds (params.yaml raw_alt_text_dataset.seed, small ints)
     # and from the prompt suite's.
@@ -254,6 +261,59 @@ def judge_accuracy(truth: list[Scene], judged: list[Scene]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
+def blur(images_uint8: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of `sigma` pixels (what a decoder's soft edges look like)."""
+    k = 2 * math.ceil(2 * sigma) + 1
+    return gaussian_blur(images_uint8.float(), [k, k], [sigma, sigma]).round().to(torch.uint8)
+
+
+def shift(images_uint8: torch.Tensor, max_px: int, seed: int) -> torch.Tensor:
+    """Each image moved by its own offset of up to `max_px` pixels in x and y, the edge
+    pixels (the background) filling in behind."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(-max_px, max_px + 1, (len(images_uint8), 2), generator=g).tolist()
+    m = max_px
+    padded = F.pad(images_uint8.float(), (m, m, m, m), mode="replicate")
+    h, w = images_uint8.shape[-2:]
+    crops = [
+        p[:, m - dy : m - dy + h, m - dx : m - dx + w]
+        for p, (dy, dx) in zip(padded, d, strict=True)
+    ]
+    return torch.stack(crops).to(torch.uint8)
+
+
+def augment(images_uint8: torch.Tensor, cfg: JudgeConfig, g: torch.Generator) -> torch.Tensor:
+    """The first half of a batch shifted, the middle half blurred (one sigma per batch),
+    so a quarter is both and the last quarter clean."""
+    n = len(images_uint8)
+    x = images_uint8.clone()
+    if cfg.max_shift:
+        x[: n // 2] = shift(
+            x[: n // 2], cfg.max_shift, int(torch.randint(2**31, (1,), generator=g))
+        )
+    if cfg.max_blur:
+        sigma = 0.3 + float(torch.rand(1, generator=g)) * (cfg.max_blur - 0.3)
+        x[n // 4 : 3 * n // 4] = blur(x[n // 4 : 3 * n // 4], sigma)
+    return x
+
+
+# The judge reads generated images, which are never clean renders: it is measured on
+# renders degraded the ways a decoder degrades them, besides the clean ones.
+PERTURBATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "blur_0.5px": lambda x: blur(x, 0.5),
+    "blur_1px": lambda x: blur(x, 1.0),
+    "shift_2px": lambda x: shift(x, 2, seed=0),
+}
+
+
+def robustness(judge: WorldJudge, scenes: list[Scene], images_uint8: torch.Tensor) -> dict:
+    """Accuracy per attribute kind on each perturbation of the same renders."""
+    return {
+        name: judge_accuracy(scenes, judge.predict(perturb(images_uint8)))
+        for name, perturb in PERTURBATIONS.items()
+    }
+
+
 def failing_kinds(metrics: dict) -> dict[str, float]:
     """Attribute kinds a trained judge (its metrics.json) reads below its own bar."""
     return {k: v for k, v in metrics["accuracy"].items() if v < metrics["min_accuracy"]}
@@ -291,7 +351,7 @@ def train_judge(
     bar = tqdm(range(cfg.max_steps), desc="world_judge", disable=not progress)
     for step in bar:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-        x = to_input(images[idx])
+        x = to_input(augment(images[idx], cfg, g))
         if cfg.noise_std > 0:
             std = torch.rand(len(x), 1, 1, 1, generator=g) * cfg.noise_std
             x = x + std * torch.randn(x.shape, generator=g)
@@ -307,9 +367,11 @@ def train_judge(
     t_train = time.time() - t0 - t_data
 
     judge = WorldJudge(net, cfg)
-    accuracy = judge_accuracy(eval_s, judge.predict(render_scenes(eval_s, cfg.resolution)))
+    eval_images = render_scenes(eval_s, cfg.resolution)
+    accuracy = judge_accuracy(eval_s, judge.predict(eval_images))
     metrics = {
         "accuracy": accuracy,
+        "robustness": robustness(judge, eval_s, eval_images),
         "min_accuracy": cfg.min_accuracy,
         "eval_images": cfg.eval_images,
         "final_loss": loss.item(),
@@ -319,6 +381,8 @@ def train_judge(
     save_judge(judge, out, metrics)
     if log:
         log({f"judge_accuracy_{k}": v for k, v in accuracy.items()}, cfg.max_steps)
+        for name, acc in metrics["robustness"].items():
+            log({f"judge_{name}_{k}": v for k, v in acc.items()}, cfg.max_steps)
     return metrics
 
 

@@ -33,6 +33,22 @@ def tiny_captioner_config(**overrides) -> CaptionerTrainConfig:
 
 
 @pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory) -> Path:
+    """A judge trained for 300 steps (about 100 s on 2 cores): enough to read clean
+    renders; the default config (params.yaml) trains longer and is held to 0.98."""
+    from models.evaluation.world_judge import JudgeConfig, train_judge
+
+    out = tmp_path_factory.mktemp("judge")
+    cfg = JudgeConfig(train_images=8000, eval_images=400, max_steps=300, batch_size=128)
+    metrics = train_judge(cfg, out, progress=False)
+    assert set(metrics["accuracy"]) == {
+        "shape", "colour", "size", "position", "count", "word", "background"
+    }  # fmt: skip
+    assert set(metrics["robustness"]) == {"blur_0.5px", "blur_1px", "shift_2px"}
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw") / "raw"
     params = small_raw_params(num_images=240, shard_size=40, human_fraction=0.5, eval_fraction=0.1)
