@@ -12,14 +12,14 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
-from models.diffusion.autoencoder import AutoencoderConfig, train_autoencoder
+from models.diffusion.autoencoder import AutoencoderConfig, scene_check, train_autoencoder
 
 STAGE = "autoencoder"
 
 
 @dg.asset(
     name=STAGE,
-    deps=["raw_alt_text_dataset"],
+    deps=["raw_alt_text_dataset", "world_judge"],
     group_name="training",
     kinds={"pytorch", "mlflow", "dvc"},
     required_resource_keys={"project", "dvc", "mlflow"},
@@ -40,9 +40,13 @@ def autoencoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             experiment_name=mlflow_res.experiment,
             run_id=run.info.run_id,
         )
-        metrics = train_autoencoder(cfg, project.data_path("raw"), out, logger)
+        metrics = train_autoencoder(
+            cfg, project.data_path("raw"), out, logger, judge=project.data_path("world_judge")
+        )
+        kept = metrics["scene_kept"]["reconstructed"]
         mlflow.log_metrics(
             {k: metrics[k] for k in ("colour_kept", "psnr_db", "mean_abs_error", "train_seconds")}
+            | {f"scene_kept_{k}": v for k, v in kept.items()}
         )
         grid = Image.open(out / "reconstructions.png")
         mlflow.log_image(grid, "reconstructions.png")
@@ -53,6 +57,7 @@ def autoencoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "path": dg.MetadataValue.path(str(out)),
             "dvc_md5": dvc_hash,
             "colour_kept": metrics["colour_kept"],
+            "scene_kept": dg.MetadataValue.md(scene_table(metrics["scene_kept"])),
             "psnr_db": metrics["psnr_db"],
             "mean_abs_error": metrics["mean_abs_error"],
             "latent_shape": str(tuple(metrics["latent_shape"])),
@@ -64,6 +69,40 @@ def autoencoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             **run_meta,
         },
         data_version=dg.DataVersion(dvc_hash),
+    )
+
+
+def scene_table(kept: dict) -> str:
+    """Markdown: the judge's accuracy per kind on renders and on their reconstructions."""
+    rows = [
+        f"| {k} | {kept['rendered'][k]:.3f} | {kept['reconstructed'][k]:.3f} |"
+        for k in kept["reconstructed"]
+    ]
+    return "\n".join(
+        [f"| kind ({kept['images']} scenes) | rendered | reconstructed |", "|---|---|---|", *rows]
+    )
+
+
+@dg.asset_check(asset=STAGE, required_resource_keys={"project"})
+def autoencoder_keeps_scenes(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """The world judge reads reconstructions of fresh renders as it reads the renders:
+    shape, colour, size, position and count each at least `min_scene_kept` (an
+    autoencoder that turns small shapes into blobs fails here, whatever its PSNR)."""
+    project = context.resources.project
+    metrics = json.loads(project.data_path(STAGE, "metrics.json").read_text())
+    lost = scene_check(metrics)
+    bar = metrics["config"]["min_scene_kept"]
+    return dg.AssetCheckResult(
+        passed=not lost,
+        metadata={
+            "scene_kept": dg.MetadataValue.md(scene_table(metrics["scene_kept"])),
+            "threshold": bar,
+        },
+        description=(
+            f"reconstructions lose {', '.join(f'{k} ({v:.3f})' for k, v in lost.items())}"
+            if lost
+            else f"every kind read at >= {bar} on reconstructions"
+        ),
     )
 
 

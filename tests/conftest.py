@@ -63,6 +63,7 @@ TINY_STAGE_PARAMS = {
         "batch_size": 16,
         "warmup_steps": 1,
         "eval_images": 8,
+        "scene_images": 64,
     },
     "diffusion_model": {
         "batch_size": 16,
@@ -76,7 +77,14 @@ TINY_STAGE_PARAMS = {
             }
         },
         "diffusion": {"max_steps": 6, "warmup_steps": 1},
-        "eval": {"prompts": 8, "final_prompts": 8, "every": 3, "steps": 2, "grid_prompts": 8},
+        "eval": {
+            "prompts": 8,
+            "final_prompts": 8,
+            "every": 3,
+            "steps": 2,
+            "grid_prompts": 8,
+            "text_probes": 80,
+        },
     },
     "world_judge": {"train_images": 256, "eval_images": 32, "max_steps": 3, "batch_size": 32},
     "reference_clip": {"train_images": 64, "eval_images": 16, "max_steps": 2, "batch_size": 16},

@@ -34,6 +34,13 @@ from corpus.params import load_section
 from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
 from models.common.data import load_images
+from models.evaluation.world_judge import (
+    WorldJudge,
+    judge_accuracy,
+    load_judge,
+    render_scenes,
+    sample_scenes,
+)
 
 
 class MissingAutoencoderError(FileNotFoundError):
@@ -43,6 +50,7 @@ class MissingAutoencoderError(FileNotFoundError):
 @dataclass(frozen=True)
 class AutoencoderConfig:
     config: str = "recapflow-tiny-vae"  # a config in models/configs (tiny) ...
+    overrides: dict | None = None  # ... with its fields changed from params.yaml ...
     pretrained: str | None = None  # ... or a diffusers AutoencoderKL path / hub id (full)
     subfolder: str | None = None  # e.g. "vae" inside a full pipeline folder
     resolution: int = 32
@@ -57,6 +65,10 @@ class AutoencoderConfig:
     foreground_weight: float = 10.0
     eval_images: int = 256
     min_colour_kept: float = 0.95  # the asset check's threshold
+    # The scene check: the world judge reads reconstructions of fresh renders; each kind
+    # in SCENE_KINDS must stay at least this accurate (word is reported, not required).
+    scene_images: int = 1000
+    min_scene_kept: float = 0.97
     seed: int = 0
 
     @classmethod
@@ -81,6 +93,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
     if cfg.pretrained:
         return load_autoencoder(cfg.pretrained, cfg.subfolder)
     config = json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text())
+    config.update(cfg.overrides or {})
     return AutoencoderKL.from_config(config)
 
 
@@ -165,6 +178,31 @@ def latent_scaling_factor(vae: AutoencoderKL, images_uint8: torch.Tensor) -> flo
     return float(1.0 / z.std().item())
 
 
+SCENE_KINDS = ("shape", "colour", "size", "position", "count")
+SCENE_SEED = 3_000_029  # disjoint from the corpus, the judge's and the prompt suite's seeds
+
+
+def scene_kept(vae: AutoencoderKL, judge: WorldJudge, n: int, resolution: int) -> dict:
+    """The world judge's accuracy per attribute kind on reconstructions of `n` fresh
+    renders, next to its accuracy on the renders themselves (what the autoencoder loses
+    is the difference)."""
+    scenes = sample_scenes(n, SCENE_SEED, word_prob=0.5)
+    renders = render_scenes(scenes, resolution)
+    recon = reconstruct(vae, renders)
+    return {
+        "reconstructed": judge_accuracy(scenes, judge.predict(recon)),
+        "rendered": judge_accuracy(scenes, judge.predict(renders)),
+        "images": n,
+    }
+
+
+def scene_check(metrics: dict) -> dict[str, float]:
+    """Kinds of SCENE_KINDS the reconstructions lose (accuracy below the threshold)."""
+    kept = metrics["scene_kept"]["reconstructed"]
+    bar = metrics["config"]["min_scene_kept"]
+    return {k: kept[k] for k in SCENE_KINDS if kept[k] < bar}
+
+
 def _split_images(raw: Path, split: str, size: int, limit: int | None = None) -> torch.Tensor:
     index = pd.read_parquet(raw / "index.parquet", columns=["key", "shard", "split"])
     rows = index[index["split"] == split].sort_values("key")
@@ -178,10 +216,11 @@ def train_autoencoder(
     raw: Path,
     out: Path,
     logger: L.pytorch.loggers.Logger | None = None,
+    judge: Path | None = None,
 ) -> dict:
-    """Train (tiny) or load (full) the autoencoder, measure it on held-out images and
-    save it with `save_pretrained` (safetensors); returns the metrics written to
-    `out/metrics.json`."""
+    """Train (tiny) or load (full) the autoencoder, measure it on held-out images (and,
+    given a world judge folder, on the scenes it keeps) and save it with
+    `save_pretrained` (safetensors); returns the metrics written to `out/metrics.json`."""
     L.seed_everything(cfg.seed, verbose=False)
     vae = build_autoencoder(cfg)
     t0 = time.perf_counter()
@@ -216,6 +255,8 @@ def train_autoencoder(
         "train_seconds": train_seconds,
         "config": asdict(cfg),
     }
+    if judge is not None:
+        metrics["scene_kept"] = scene_kept(vae, load_judge(judge), cfg.scene_images, cfg.resolution)
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -229,9 +270,10 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, default=Path("data/autoencoder"))
+    ap.add_argument("--judge", type=Path, default=None, help="world judge folder (scene check)")
     args = ap.parse_args()
     cfg = AutoencoderConfig.from_dict(load_section(args.params, "autoencoder"))
-    print(json.dumps(train_autoencoder(cfg, args.raw, args.out), indent=2))
+    print(json.dumps(train_autoencoder(cfg, args.raw, args.out, judge=args.judge), indent=2))
 
 
 if __name__ == "__main__":

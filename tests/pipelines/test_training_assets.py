@@ -42,6 +42,7 @@ ASSETS = [
     sampler_mod.mixed_sampler,
     autoencoder_mod.autoencoder,
     autoencoder_mod.autoencoder_keeps_colours,
+    autoencoder_mod.autoencoder_keeps_scenes,
     diffusion_mod.diffusion_model,
     evaluators_mod.world_judge,
     evaluators_mod.world_judge_accurate,
@@ -144,8 +145,9 @@ def blend_refusals(lineage, upstream):
 
 @pytest.fixture(scope="module")
 def trained(lineage, blend_refusals):
-    """mixed_sampler, autoencoder and diffusion_model (the training process via Pipes)."""
-    res = _materialize(lineage, ["mixed_sampler", "autoencoder", "diffusion_model"])
+    """mixed_sampler, world_judge (the autoencoder's scene check reads it), autoencoder and
+    diffusion_model (the training process via Pipes)."""
+    res = _materialize(lineage, ["mixed_sampler", "world_judge", "autoencoder", "diffusion_model"])
     md = res.asset_materializations_for_node("diffusion_model")[0].metadata
     run_id = md["mlflow_run_id"].value
     client = lineage.client
@@ -272,6 +274,15 @@ def test_mixed_sampler_reports_the_realized_synthetic_ratio_per_epoch(trained):
 
 def test_autoencoder_check_reports_the_colours_it_keeps(trained):
     assert "colour_kept" in trained.checks["autoencoder_keeps_colours"].metadata
+
+
+def test_autoencoder_scene_check_shows_the_judge_on_renders_and_reconstructions(trained):
+    # A few-step test autoencoder returns blobs: the check fails and says what it lost.
+    check = trained.checks["autoencoder_keeps_scenes"]
+    assert not check.passed
+    assert "reconstructions lose" in check.description and "shape" in check.description
+    table = check.metadata["scene_kept"].value
+    assert "| shape |" in table and "reconstructed" in table
 
 
 def test_training_process_reports_steps_and_colour_following_through_pipes(trained):
