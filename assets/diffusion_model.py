@@ -49,6 +49,22 @@ def curve_table(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def probe_metadata(probes: dict | None) -> dict:
+    """The text encoder's linear probes as one table: kinds by read-out place."""
+    if not probes:
+        return {}
+    places = {"pooled": probes["pooled"], **probes["tokens"]}
+    kinds = list(dict.fromkeys(k for acc in places.values() for k in acc))
+    lines = ["| kind | " + " | ".join(places) + " |", "|---|" + "---:|" * len(places)]
+    lines += [
+        f"| {k} | "
+        + " | ".join(f"{acc[k]:.3f}" if acc.get(k) is not None else "" for acc in places.values())
+        + " |"
+        for k in kinds
+    ]
+    return {"text_encoder_probes": dg.MetadataValue.md("\n".join(lines))}
+
+
 def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
     """The `models.diffusion.train` config of a run: params.yaml's section, the
     lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes).
@@ -137,6 +153,7 @@ def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "validation_grid": preview_metadata(grid, "EMA samples of single-object prompts"),
             "colour_following_curve": dg.MetadataValue.md(curve_table(metrics["curve"])),
             "train_seconds_by_part": dg.MetadataValue.json(metrics["seconds"]),
+            **probe_metadata(metrics.get("text_probes")),
             **run_meta,
         },
         data_version=dg.DataVersion(dvc_hash),

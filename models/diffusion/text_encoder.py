@@ -43,23 +43,38 @@ class MissingTextEncoderError(FileNotFoundError):
     pass
 
 
+OBJECTIVES = ("contrastive", "masked")
+
+
 @dataclass(frozen=True)
 class TextPretrainConfig:
     max_steps: int = 300
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 30
+    texts: int = 60_000  # objective "masked": texts of the world's language it reads
+    mask_ratio: float = 0.25
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    config: str = "recapflow-tiny-text-encoder"  # tiny: a CLIPTextConfig in models/configs
+    # tiny: "contrastive" trains a CLIP text tower (config) against an image tower on the
+    # corpus's pairs; "masked" a T5 encoder on text alone (models/diffusion/masked_text.py)
+    objective: str = "contrastive"
+    config: str = "recapflow-tiny-text-encoder"  # a CLIPTextConfig / T5Config in models/configs
     pretrained: str | None = None  # full: folder or hub id of a CLIP text model or T5
     subfolder: str | None = None  # e.g. "text_encoder" inside a pipeline folder
     tokenizer_subfolder: str | None = None
     context_length: int = 64
     vocab_size: int = 1024
     pretrain: TextPretrainConfig = field(default_factory=TextPretrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"diffusion_model.text_encoder.objective: {self.objective!r} is not one of "
+                f"{list(OBJECTIVES)}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> TextEncoderConfig:
@@ -223,6 +238,20 @@ class _PairDataset(torch.utils.data.Dataset):
         return {"image": self.images[i], "ids": self.ids[i]}
 
 
+def eos_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained on `texts` that ends every text with <eos>."""
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", tokenizer.eos_token_id)]
+    )
+    return tokenizer
+
+
+def tiny_config(cfg: TextEncoderConfig) -> dict:
+    """The fields of the tiny encoder's config file in models/configs."""
+    return json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text())
+
+
 def pretrain_text_encoder(
     cfg: TextEncoderConfig,
     images: torch.Tensor,
@@ -236,12 +265,9 @@ def pretrain_text_encoder(
     `save_pretrained`, so it loads back through `load_text_encoder` like a hub model."""
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    tokenizer = train_bpe_tokenizer([t for t in texts if t], cfg.vocab_size)
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A <eos>", special_tokens=[("<eos>", tokenizer.eos_token_id)]
-    )
+    tokenizer = eos_tokenizer([t for t in texts if t], cfg.vocab_size)
     config = CLIPTextConfig(
-        **json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text()),
+        **tiny_config(cfg),
         vocab_size=len(tokenizer),
         max_position_embeddings=cfg.context_length,
         pad_token_id=tokenizer.pad_token_id,

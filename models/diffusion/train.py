@@ -49,6 +49,7 @@ from models.common.optimizer_steps import OptimizerStepCallback
 from models.common.pipes_report import Reporter, open_reporter
 from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.diffusers_pipeline import export_diffusers_pipeline
+from models.diffusion.masked_text import pretrain_masked_text_encoder
 from models.diffusion.model import (
     DiffusionConfig,
     LatentDiffusion,
@@ -63,6 +64,7 @@ from models.diffusion.text_encoder import (
     load_text_encoder,
     pretrain_text_encoder,
 )
+from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.colour_following import colour_prompts, score_colours
 
 VARIANTS = ("synthetic", "alt_text", "dropped")  # index in the text cache
@@ -82,6 +84,9 @@ class TrainEvalConfig:
     guidance_scale: float = 6.0
     sampler: str = "ddim"
     grid_prompts: int = 16
+    # Captions of fresh scenes for the text encoder's linear probes
+    # (models/diffusion/text_probes.py), run once per encoder; 0 skips them.
+    text_probes: int = 4000
     # A reference CLIP folder (the reference_clip asset): each point of the curve then
     # also has the CLIP score of its samples against their prompts (the report's Fig. 4/5).
     reference_clip: str | None = None
@@ -323,6 +328,7 @@ class TrainContext:
     curve_file: Path
     curve: list[dict] = field(default_factory=list)
     reference_clip: Any = None  # models.evaluation.reference_clip.ReferenceClip
+    text_probes: dict | None = None
 
     def evaluate(self, module: LatentDiffusion, step: int, n_prompts: int) -> dict:
         e = self.cfg.eval
@@ -406,9 +412,14 @@ def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> 
 
 
 def text_encoder_tag(tcfg: TextEncoderConfig, texts: list[str], seed: int) -> str:
-    """What the tiny text encoder's pretraining depends on: its settings, the captions
-    themselves (a new captioner's captions retrain it) and the training recipe."""
-    captions_md5 = hashlib.md5("\n".join(texts).encode()).hexdigest()
+    """What the tiny text encoder's pretraining depends on: its settings, the training
+    recipe and, when it learns from the corpus (contrastive), the captions themselves
+    (a new captioner's captions retrain it)."""
+    captions_md5 = (
+        hashlib.md5("\n".join(texts).encode()).hexdigest()
+        if tcfg.objective == "contrastive"
+        else None
+    )
     return _digest([asdict(tcfg), captions_md5, seed, RECIPE])
 
 
@@ -421,11 +432,37 @@ def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncode
     folder = cfg.work_dir / "text_encoder"
     done = folder / "done.json"
     if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
-        reporter.info("pretraining the text encoder contrastively on the corpus")
-        metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
+        if tcfg.objective == "masked":
+            reporter.info("pretraining the text encoder on the world's text (masked tokens)")
+            metrics = pretrain_masked_text_encoder(tcfg, folder, logger, cfg.seed)
+        else:
+            reporter.info("pretraining the text encoder contrastively on the corpus")
+            metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
         write_text_atomic(done, json.dumps({"tag": tag, "metrics": metrics}))
         reporter.info(f"text encoder: {metrics}")
     return load_text_encoder(folder, tcfg.context_length)
+
+
+def _text_probes(cfg, text_encoder, tag, logger, reporter) -> dict | None:
+    """The encoder's linear probes, computed once per encoder (kept in the work folder)
+    and logged to MLflow as text_probe/<where>/<kind>."""
+    n = cfg.eval.text_probes
+    if not n:
+        return None
+    cache = cfg.work_dir / "text_probes.json"
+    key = _digest([tag, cfg.text_encoder.pretrained, n])
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["probes"]
+    probes = probe_text_encoder(text_encoder, n)
+    write_text_atomic(cache, json.dumps({"key": key, "probes": probes}))
+    flat = {f"text_probe/pooled/{k}": v for k, v in probes["pooled"].items()}
+    for where, acc in probes["tokens"].items():
+        flat.update({f"text_probe/{where}/{k}": v for k, v in acc.items()})
+    flat = {k: v for k, v in flat.items() if v is not None}  # None: nothing to probe
+    reporter.info("text encoder probes: " + ", ".join(f"{k} {v:.3f}" for k, v in flat.items()))
+    if logger:
+        logger.log_metrics(flat)
+    return probes
 
 
 def _precision(cfg: DiffusionTrainConfig) -> str:
@@ -515,6 +552,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     t = time.perf_counter()
     text_encoder = _text_encoder(cfg, reporter, texts, encoder_tag, logger, images)
     timings["text_encoder_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probes = _text_probes(cfg, text_encoder, encoder_tag, logger, reporter)
+    timings["text_probes_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     latents = _latents(cfg, vae, keys, images, work)
@@ -547,6 +587,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         cfg.accumulate_grad_batches,
     )
     ctx = TrainContext(cfg, vae, text_encoder, logger, style, work / "curve.json")
+    ctx.text_probes = probes
     if cfg.eval.reference_clip:
         from models.evaluation.reference_clip import load_reference_clip
 
@@ -621,6 +662,7 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
         "curve": ctx.curve,
         "prompt_style": ctx.style,
         "synthetic_captions_truncated": truncated,
+        "text_probes": ctx.text_probes,
         "sampler": sampler["config"],
         "seconds": {**timings, "total_s": time.perf_counter() - t_start},
         "mlflow_run_id": ctx.logger.run_id if ctx.logger else None,

@@ -74,7 +74,14 @@ def tiny_config(inputs: dict[str, Path], out: Path, **overrides) -> dict:
         "text_encoder": {"pretrain": {"max_steps": 3, "batch_size": 16}, "context_length": 32},
         "unet": {"overrides": TINY_UNET},
         "diffusion": {"max_steps": 12, "warmup_steps": 2},
-        "eval": {"prompts": 8, "final_prompts": 8, "every": 6, "steps": 2, "grid_prompts": 8},
+        "eval": {
+            "prompts": 8,
+            "final_prompts": 8,
+            "every": 6,
+            "steps": 2,
+            "grid_prompts": 8,
+            "text_probes": 80,
+        },
         "mlflow_tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
     }
     d.update(overrides)
@@ -124,9 +131,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_step_in_the_same_run(
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert metrics["steps"] == 60
     assert metrics["mlflow_run_id"] == run_id  # the same MLflow run continues
+    # The text encoder's linear probes, kept once per encoder: the same after the resume.
+    assert set(metrics["text_probes"]) >= {"pooled", "tokens", "captions"}
+    assert metrics["text_probes"]["captions"] == 80
     client = mlflow.MlflowClient(cfg["mlflow_tracking_uri"])
     losses = client.get_metric_history(run_id, "train/loss")
     assert max(m.step for m in losses) >= 50
+    assert client.get_metric_history(run_id, "text_probe/noun/shape")
     curve_steps = [p["step"] for p in metrics["curve"]]
     assert curve_steps == sorted(set(curve_steps)) and curve_steps[-1] == 60
     # The export is a diffusers-style folder whose weights are safetensors.
