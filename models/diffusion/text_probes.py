@@ -108,11 +108,9 @@ def _features(encoder: FrozenTextEncoder, data: ProbeData):
         by_caption.setdefault(i, []).append((noun, end))
     ctx = encoder.context_length
 
-    def token(caption: str, end: int) -> int:
-        # The token holding the character before `end`: the last of the text before it
-        # (our tokenizers put no BOS first); past the context, the last one there.
-        n = len(encoder.tokenizer(caption[:end], add_special_tokens=False)["input_ids"])
-        return min(n, ctx) - 1
+    def tokens_before(caption: str, end: int) -> int:
+        # Our tokenizers put no BOS first: the character before `end` is in token n - 1.
+        return len(encoder.tokenizer(caption[:end], add_special_tokens=False)["input_ids"])
 
     for start in range(0, len(data.captions), 256):
         chunk = data.captions[start : start + 256]
@@ -120,10 +118,11 @@ def _features(encoder: FrozenTextEncoder, data: ProbeData):
         pooled.append(p.float().cpu())
         for j, caption in enumerate(chunk):
             for noun, end in by_caption.get(start + j, []):
-                last = len(encoder.tokenizer(caption[:end], add_special_tokens=False)["input_ids"])
-                seen.append(last <= ctx - 1)  # the EOS takes the last place
-                picked["noun"].append(states[j, token(caption, noun)].float().cpu())
-                picked["phrase_end"].append(states[j, token(caption, end)].float().cpu())
+                n_noun, n_end = tokens_before(caption, noun), tokens_before(caption, end)
+                seen.append(n_end <= ctx - 1)  # the EOS takes the last place
+                # Past the context: the last token there (counted as not seen).
+                picked["noun"].append(states[j, min(n_noun, ctx) - 1].float().cpu())
+                picked["phrase_end"].append(states[j, min(n_end, ctx) - 1].float().cpu())
     return torch.cat(pooled), {k: torch.stack(v) for k, v in picked.items()}, np.array(seen)
 
 
