@@ -22,6 +22,7 @@ from pipelines.resources.launcher import TrainingLauncher
 from pipelines.resources.mlflow import MlflowResource
 from pipelines.resources.project import ProjectResource, default_project_dir
 from pipelines.retraining import record_failed_runs, retrain, retrain_schedule
+from pipelines.slots import free_dead_slots_sensor
 
 
 def build_resources(project_dir: str | None = None) -> dict:
@@ -60,6 +61,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=[caption_ablation, retrain],
     schedules=[retrain_schedule],
-    sensors=[record_failed_runs, landing_shards, retrain_on_new_data],
+    sensors=[record_failed_runs, landing_shards, retrain_on_new_data, free_dead_slots_sensor],
     resources=build_resources(),
 )
