@@ -37,6 +37,17 @@ defs = dg.Definitions(assets=[long_training, next_training])
 DAGSTER = str(Path(sys.executable).parent / "dagster")
 
 
+@pytest.fixture
+def processes():
+    """Started `dagster` processes, killed with their step workers whatever the outcome."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _materialize(home: Path, defs: Path, asset: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     return subprocess.Popen(
@@ -58,7 +69,7 @@ def _wait_for(condition, seconds: float, what: str):
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
-def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path):
+def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path, processes):
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(
@@ -84,6 +95,7 @@ def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path):
         return claims if started else None
 
     first = _materialize(home, defs, "long_training")
+    processes.append(first)
     claims = _wait_for(started_step, 120, "long_training to start holding the gpu slot")
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
@@ -92,6 +104,7 @@ def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path):
     # What Dagster leaves: the dead step still holds the only slot, so the next one waits.
     assert [c.run_id for c in storage.get_concurrency_info("gpu").claimed_slots] == [killed_run]
     blocked = _materialize(home, defs, "next_training")
+    processes.append(blocked)
     with pytest.raises(subprocess.TimeoutExpired):
         blocked.wait(timeout=45)
     os.killpg(blocked.pid, signal.SIGKILL)
@@ -107,10 +120,11 @@ def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path):
     info = storage.get_concurrency_info("gpu")
     assert info.claimed_slots == [] and info.pending_steps == []
     nxt = _materialize(home, defs, "next_training")
+    processes.append(nxt)
     assert nxt.wait(timeout=180) == 0
 
 
-def test_a_running_step_keeps_its_slot(tmp_path):
+def test_a_running_step_keeps_its_slot(tmp_path, processes):
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(
