@@ -163,10 +163,18 @@ class MixedLatents(torch.utils.data.Dataset):
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields (epoch, rows) batches in a permutation fixed by (seed, epoch). At the start
     of an epoch it skips the batches the run already trained on (from the trainer's step
-    count), so a resumed run sees exactly the batches an uninterrupted one would."""
+    count), so a resumed run sees exactly the batches an uninterrupted one would.
 
-    def __init__(self, n: int, batch_size: int, seed: int, consumed_batches):
+    Under data parallelism each of `world` processes takes every world-th row of the same
+    global batch, so the model sees the batches of one process whatever the world size."""
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, consumed_batches, rank: int = 0, world: int = 1
+    ):
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not split over {world} processes")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
         self.consumed_batches = consumed_batches  # callable -> batches trained so far
         self.epoch = 0
 
@@ -181,7 +189,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         perm = torch.randperm(self.n, generator=g).tolist()
         start = min(max(0, self.consumed_batches() - self.epoch * len(self)), len(self))
         for b in range(start, len(self)):
-            yield self.epoch, perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield (
+                self.epoch,
+                perm[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.world],
+            )
 
 
 class MixedLatentDataModule(L.LightningDataModule):
@@ -199,7 +210,12 @@ class MixedLatentDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         sampler = ResumableBatchSampler(
-            len(self.dataset), self.batch_size, self.seed, self.consumed_batches
+            len(self.dataset),
+            self.batch_size,
+            self.seed,
+            self.consumed_batches,
+            rank=self.trainer.global_rank,
+            world=self.trainer.world_size,
         )
         return torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=None)
 
@@ -220,6 +236,8 @@ class CheckpointedDiffusion(LatentDiffusion):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         weights = {f"model.{k}": v.contiguous() for k, v in checkpoint.pop("state_dict").items()}
+        if not self.trainer.is_global_zero:  # the processes hold the same weights
+            return
         ema = self.ema.state_dict()
         for i, p in enumerate(ema.pop("shadow_params")):
             weights[f"ema.{i}"] = p.detach().contiguous()
@@ -254,16 +272,22 @@ class StepCheckpoint(OptimizerStepCallback):
         self.root.mkdir(parents=True, exist_ok=True)
 
     def save(self, trainer: L.Trainer, module: CheckpointedDiffusion) -> None:
+        """Called by every process (saving is collective under data parallelism); the first
+        one writes. Another cannot see `final` appear before it calls save_checkpoint too:
+        the writer renames only after the barrier inside it."""
         step = trainer.global_step
         final = self.root / f"step-{step:07d}"
         if final.exists():
             return
-        tmp = self.root / f".tmp-step-{step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".tmp-step-{step:07d}"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         module.weights_dir = tmp
         # weights_only=False: the full training state (optimizer, loops), not weights only.
         trainer.save_checkpoint(tmp / "trainer_state.ckpt", weights_only=False)
+        if not trainer.is_global_zero:
+            return
         os.replace(tmp, final)
         write_text_atomic(self.root / "latest", final.name)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
@@ -295,7 +319,7 @@ class ColourFollowingCallback(OptimizerStepCallback):
     def after_optimizer_step(self, trainer, module) -> None:
         step = trainer.global_step
         every = self.ctx.cfg.eval.every
-        if step % every == 0 and step > 0:
+        if step % every == 0 and step > 0 and trainer.is_global_zero:
             self.ctx.evaluate(module, step, self.ctx.cfg.eval.prompts)
 
 
@@ -488,6 +512,8 @@ def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None
     return logger
 
 
+WORKER_CONFIG_ENV = "RECAPFLOW_DIFFUSION_CONFIG"
+
 # Settings that do not change what is trained: a rerun with other values still resumes.
 _RESUME_NEUTRAL = ("out", "work", "eval", "num_threads", "checkpoint_every", "keep_checkpoints")
 
@@ -618,8 +644,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         ],
         log_every_n_steps=10,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # ResumableBatchSampler splits batches itself
         max_epochs=-1,
     )
+    if trainer.is_global_zero:  # read by the processes Lightning starts for devices > 1
+        write_text_atomic(work / "worker_config.json", json.dumps(asdict(cfg), default=str))
+        os.environ[WORKER_CONFIG_ENV] = str(work / "worker_config.json")
     t = time.perf_counter()
     trainer.fit(
         module,
@@ -628,6 +658,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         weights_only=True,
     )
     timings["unet_s"] = time.perf_counter() - t
+    if not trainer.is_global_zero:  # the first process evaluates and writes the model
+        return {"steps": trainer.global_step, "rank": trainer.global_rank}
     return _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, truncated)
 
 
@@ -719,6 +751,12 @@ def main() -> None:
     ap.add_argument("--autoencoder", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))):
+        # A data-parallel process started by Lightning (it reruns this command): the
+        # configuration is the first process's, which alone reports to Dagster.
+        config = json.loads(Path(os.environ[WORKER_CONFIG_ENV]).read_text())
+        print(json.dumps(train_diffusion(DiffusionTrainConfig.from_dict(config))))
+        return
     with open_reporter() as reporter:
         if reporter.extras.get("config"):
             cfg = DiffusionTrainConfig.from_dict(reporter.extras["config"])

@@ -88,7 +88,7 @@ def tiny_config(inputs: dict[str, Path], out: Path, **overrides) -> dict:
     return d
 
 
-def run_training(config_file: Path) -> subprocess.Popen:
+def run_training(config_file: Path, new_session: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "models.diffusion.train", "--config", str(config_file)],
@@ -97,6 +97,7 @@ def run_training(config_file: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,  # its own process group: with the workers it starts
     )
 
 
@@ -293,3 +294,49 @@ def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
     recaptioned = ["a red circle in the top right", "a blue square"]
     assert text_encoder_tag(tcfg, recaptioned, 0) != text_encoder_tag(tcfg, captions, 0)
     assert text_encoder_tag(tcfg, captions, 1) != text_encoder_tag(tcfg, captions, 0)
+
+
+@pytest.mark.slow  # two data-parallel training processes, killed, then resumed
+def test_ddp_on_two_cpu_processes_checkpoints_once_and_resumes_to_the_same_step(
+    tiny_training_inputs, tmp_path
+):
+    # Lightning's DDP over gloo on this CPU: the command reruns itself as the second process.
+    cfg = tiny_config(
+        tiny_training_inputs,
+        tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        diffusion={"max_steps": 40, "warmup_steps": 2},
+    )
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(cfg))
+    ckpts = tmp_path / "work" / "checkpoints"
+    proc = run_training(config_file, new_session=True)
+    deadline = time.monotonic() + 600
+    while not (ckpts / "latest").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # both processes
+    proc.wait()
+    killed_at = (ckpts / "latest").read_text().strip()
+    assert int(killed_at[5:]) < 40
+
+    proc = run_training(config_file, new_session=True)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    assert f"resuming from {ckpts / killed_at}" in out
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["steps"] == 40
+    # One checkpoint per save, whole, written by one process: no second copy, no temp left.
+    saved = sorted(p.name for p in ckpts.iterdir())
+    assert saved == ["latest", "step-0000035", "step-0000040"], saved
+    for step in ("step-0000035", "step-0000040"):
+        assert sorted(p.name for p in (ckpts / step).iterdir()) == [
+            "model.safetensors",
+            "trainer_state.ckpt",
+        ]
+    state = torch.load(ckpts / "step-0000040" / "trainer_state.ckpt", weights_only=True)
+    assert state["global_step"] == 40
