@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,33 @@ SCHEMA = pa.schema(
         ("generation_config", pa.string()),
     ]
 )
+
+
+# A temp file names its writer: partitions recaptioned side by side (several processes,
+# or machines sharing the folder) must not delete each other's files in flight.
+_WRITER = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete the temp shard files of writers on this machine that are no longer alive
+    (a killed run); a live writer's, or another machine's, are left alone."""
+    removed = []
+    for tmp in out_dir.glob(".*.parquet.tmp-*"):
+        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shard_rejections(path: Path) -> dict[str, str]:
@@ -102,7 +130,7 @@ def recaption_shard(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{shard}.parquet"
-    tmp = out_dir / f".{shard}.parquet.tmp-{os.getpid()}"
+    tmp = out_dir / f".{shard}.parquet.tmp-{_WRITER}"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
@@ -123,8 +151,7 @@ def recaption(
     )
     if shards is None:
         shards = sorted(indexed)
-    for stale in Path(out_dir).glob(".*.parquet.tmp-*"):  # left by a killed run
-        stale.unlink()
+    remove_stale_temps(Path(out_dir))
     status = {}
     for shard in tqdm(shards, desc="recaption shards", unit="shard"):
         if shard not in indexed:
