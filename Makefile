@@ -42,7 +42,8 @@ $(DVC_VENV)/.installed: constraints.txt
 	@touch $@
 
 # Pools cap concurrent steps per pool: one training at a time in `gpu`, one writer of
-# data/raw and data/recaptioned in `corpus_write` (landed shards arrive together).
+# data/raw in `corpus_write` (landed shards arrive together), one recaptioning in
+# `recaption` (`dagster instance concurrency set recaption N` on a bigger machine).
 $(DAGSTER_HOME)/dagster.yaml: Makefile
 	@mkdir -p $(DAGSTER_HOME)
 	@printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $@
@@ -51,14 +52,20 @@ DAGSTER := $(VENV)/bin/dagster asset materialize -m pipelines.definitions
 # Steps of the last run one at a time: each trains with every core, so side by side on a
 # small CPU they slow each other down many times over (docs/log/).
 RUN_CONCURRENCY ?= 1
+# Steps whose code, parameters and inputs are unchanged since dvc.lock are reused
+# (assets/reuse.py); REBUILD=all, or a comma list of assets, builds them anyway.
+REBUILD ?=
+RUN_STARTED := $(shell date +%s)
 
+run: export RECAPFLOW_REBUILD = $(REBUILD)
 run: install
+	$(PY) -m pipelines.slots  # pool slots left claimed by a killed earlier run
 	$(DAGSTER) --select raw_alt_text_dataset --partition-range "$$($(PY) -m pipelines.where --register-partitions)"
 	$(DAGSTER) --select captioner
 	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
 	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,eval_report' \
 		--config-json '{"execution": {"config": {"multiprocess": {"max_concurrent": $(RUN_CONCURRENCY)}}}}'
-	@$(PY) -m pipelines.where
+	@$(PY) -m pipelines.where --since $(RUN_STARTED)
 
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)

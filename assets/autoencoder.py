@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
+from assets.reuse import build_or_reuse
 from models.diffusion.autoencoder import AutoencoderConfig, scene_check, train_autoencoder
 
 STAGE = "autoencoder"
@@ -26,6 +27,10 @@ STAGE = "autoencoder"
     description=__doc__,
 )
 def autoencoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, STAGE, lambda: _build_autoencoder(context))
+
+
+def _build_autoencoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
         context.resources.project,
         context.resources.dvc,

@@ -12,6 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
+from assets.reuse import build_or_reuse
 from corpus.caption_metrics import quality_table_markdown
 from corpus.preview import caption_grid
 from models.captioning.train import CaptionerTrainConfig, train_captioner
@@ -31,6 +32,10 @@ GATED_KINDS = ("object", "colour")
     description=__doc__,
 )
 def captioner(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, STAGE, lambda: _build_captioner(context))
+
+
+def _build_captioner(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
         context.resources.project,
         context.resources.dvc,

@@ -16,6 +16,7 @@ import mlflow
 from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
+from assets.reuse import build_or_reuse
 from models.diffusion.train import DiffusionTrainConfig
 from models.registry.model_registry import register_text_to_image
 
@@ -98,16 +99,22 @@ def checked_training_config(config: dict) -> dict:
     description=__doc__,
 )
 def diffusion_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    project, mlflow_res = context.resources.project, context.resources.mlflow
+    # A configuration that cannot train fails here, reused or not, before any launch.
+    config = checked_training_config(
+        training_config(
+            project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
+        )
+    )
+    return build_or_reuse(context, STAGE, lambda: _build_diffusion_model(context, config))
+
+
+def _build_diffusion_model(context: dg.AssetExecutionContext, config: dict) -> dg.MaterializeResult:
     project, dvc, mlflow_res, launcher = (
         context.resources.project,
         context.resources.dvc,
         context.resources.mlflow,
         context.resources.launcher,
-    )
-    config = checked_training_config(
-        training_config(
-            project, mlflow_res, project.data_path("mixed_sampler"), project.data_path(STAGE)
-        )
     )
     data_versions = {
         "recaptioned_dataset": dvc.out_hashes("recaptioned_dataset")["data/recaptioned"],

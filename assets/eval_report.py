@@ -15,6 +15,7 @@ from PIL import Image
 
 from assets.diffusion_model import REGISTERED_NAME
 from assets.metadata import preview_metadata
+from assets.reuse import build_or_reuse
 from models.evaluation.promotion_gate import promotion_decision
 from models.evaluation.report import EvalReportConfig, evaluate_model
 from models.evaluation.world_judge import failing_kinds
@@ -118,6 +119,10 @@ def partial_progress_table(metrics: dict) -> str:
     description=__doc__,
 )
 def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, STAGE, lambda: _build_eval_report(context))
+
+
+def _build_eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
         context.resources.project,
         context.resources.dvc,

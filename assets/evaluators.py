@@ -12,6 +12,7 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 
 from assets.metadata import flatten
+from assets.reuse import build_or_reuse
 from models.evaluation.reference_clip import ReferenceClipConfig, train_reference_clip
 from models.evaluation.world_judge import ATTRIBUTE_KINDS, JudgeConfig, failing_kinds, train_judge
 
@@ -48,6 +49,10 @@ def _robustness_table(metrics: dict) -> dg.MetadataValue:
     "background, trained on ground-truth renders (models/evaluation/world_judge.py).",
 )
 def world_judge(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, "world_judge", lambda: _build_world_judge(context))
+
+
+def _build_world_judge(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
         context.resources.project,
         context.resources.dvc,
@@ -101,6 +106,10 @@ def world_judge_accurate(context: dg.AssetCheckExecutionContext) -> dg.AssetChec
     "descriptive captions, or pretrained ViT-B/32 for full (models/evaluation/reference_clip.py).",
 )
 def reference_clip(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, "reference_clip", lambda: _build_reference_clip(context))
+
+
+def _build_reference_clip(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (
         context.resources.project,
         context.resources.dvc,

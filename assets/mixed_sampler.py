@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.metadata import count_table
+from assets.reuse import build_or_reuse
 from assets.run_config import stage_config
 from corpus.caption_mix import MixConfig, build_mixed_sampler, read_manifest
 
@@ -56,8 +57,13 @@ def _ratio_table(summary: dict) -> str:
 def mixed_sampler(
     context: dg.AssetExecutionContext, config: MixedSamplerConfig
 ) -> dg.MaterializeResult:
+    # A run config that changes a recorded parameter is refused before anything is reused.
+    cfg = stage_config(context.resources.project, STAGE, config, MixConfig.from_dict)
+    return build_or_reuse(context, STAGE, lambda: _build_mixed_sampler(context, cfg))
+
+
+def _build_mixed_sampler(context: dg.AssetExecutionContext, cfg: MixConfig) -> dg.MaterializeResult:
     project, dvc = context.resources.project, context.resources.dvc
-    cfg = stage_config(project, STAGE, config, MixConfig.from_dict)
     out = project.data_path(STAGE)
     summary = build_mixed_sampler(project.data_path("recaptioned"), out, cfg)
     dvc_hash = dvc.commit(STAGE)["data/mixed_sampler"]

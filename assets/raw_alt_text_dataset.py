@@ -20,6 +20,7 @@ from assets.metadata import (
     preview_metadata,
 )
 from assets.partitions import raw_shards
+from assets.reuse import build_or_reuse
 from corpus.params import RawDatasetParams
 from corpus.raw_dataset import build_raw_dataset
 from corpus.shards import read_preview, shard_keys
@@ -66,6 +67,13 @@ def register_shards(instance: dg.DagsterInstance, project) -> list[str]:
     description=__doc__,
 )
 def raw_alt_text_dataset(
+    context: dg.AssetExecutionContext, config: RawAltTextDatasetConfig
+) -> dg.MaterializeResult:
+    # Per shard, what is already ingested is skipped inside; the step is only timed here.
+    return build_or_reuse(context, STAGE, lambda: _build(context, config), reuse=False)
+
+
+def _build(
     context: dg.AssetExecutionContext, config: RawAltTextDatasetConfig
 ) -> dg.MaterializeResult:
     project, dvc, mlflow_res = (

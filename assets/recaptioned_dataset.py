@@ -7,6 +7,7 @@ import pandas as pd
 
 from assets.metadata import file_md5, md_escape
 from assets.partitions import raw_shards
+from assets.reuse import build_or_reuse
 from models.captioning.recaption import (
     SCHEMA,
     RecaptionConfig,
@@ -33,9 +34,10 @@ def _samples_table(df: pd.DataFrame, n: int = 6) -> str:
     name=STAGE,
     deps=["raw_alt_text_dataset", "captioner"],
     partitions_def=raw_shards,
-    # Partition runs (one per landed shard) rewrite the shared index and DVC stage:
-    # one writer at a time (the pool's limit is 1, dagster.yaml).
-    pool="corpus_write",
+    # Partition runs may go side by side: each writes only its shards' files (temp + rename,
+    # the temp named by its writer) and DVC's commit waits for its lock. How many at once
+    # is this pool's limit (1 by default: on one CPU machine they would share its cores).
+    pool="recaption",
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="captioning",
     kinds={"pytorch", "parquet", "dvc"},
@@ -43,6 +45,11 @@ def _samples_table(df: pd.DataFrame, n: int = 6) -> str:
     description=__doc__,
 )
 def recaptioned_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    # Shards already captioned by this captioner are skipped inside; the step is only timed.
+    return build_or_reuse(context, STAGE, lambda: _build(context), reuse=False)
+
+
+def _build(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc = context.resources.project, context.resources.dvc
     cfg = RecaptionConfig.from_dict(project.params(STAGE))
     out = project.data_path("recaptioned")

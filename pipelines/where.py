@@ -3,7 +3,9 @@
 `--partition-range` prints the first...last raw shard partition instead (for
 `dagster asset materialize --partition-range`); `--register-partitions` first adds the
 shards that the configured source and the landing folder define now; `--retrain-tags`
-prints the run tags of a `retrain` over every shard (`dagster job execute --tags`)."""
+prints the run tags of a `retrain` over every shard (`dagster job execute --tags`);
+`--since T` adds the wall time of each step materialized after the Unix time T, built or
+reused (assets/reuse.py), as `make run` ends."""
 
 from __future__ import annotations
 
@@ -30,6 +32,54 @@ def partition_range(register: bool = False) -> str:
     if not keys:
         raise SystemExit("no raw shard partitions yet: materialize raw_alt_text_dataset first")
     return f"{keys[0]}...{keys[-1]}"
+
+
+LINEAGE = (
+    "raw_alt_text_dataset",
+    "captioner",
+    "recaptioned_dataset",
+    "world_judge",
+    "reference_clip",
+    "autoencoder",
+    "mixed_sampler",
+    "diffusion_model",
+    "eval_report",
+)
+
+
+def step_times(instance, since: float) -> list[tuple[str, float, str]]:
+    """(asset, wall seconds, how) for each lineage step materialized after `since`. A
+    partitioned step writes one materialization per partition with the same metadata: one
+    per run is counted."""
+    import dagster as dg
+
+    rows = []
+    for name in LINEAGE:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), after_timestamp=since), limit=10_000
+        ).records
+        per_run: dict[str, tuple[float, bool]] = {}
+        for r in records:
+            meta = r.asset_materialization.metadata
+            if "wall_seconds" in meta:
+                per_run[r.run_id] = (meta["wall_seconds"].value, meta["reused"].value)
+        if per_run:
+            seconds = sum(s for s, _ in per_run.values())
+            how = "reused" if all(u for _, u in per_run.values()) else "built"
+            rows.append((name, seconds, how))
+    return rows
+
+
+def step_table(rows: list[tuple[str, float, str]], wall: float) -> str:
+    lines = ["", "step times of this run", f"  {'step':<22} {'wall':>9}  ", "  " + "-" * 40]
+    lines += [f"  {name:<22} {_clock(s):>9}  {how}" for name, s, how in rows]
+    lines.append(f"  {'(all, start to end)':<22} {_clock(wall):>9}")
+    return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s"
 
 
 def summary(root: Path) -> str:
@@ -110,6 +160,7 @@ def main() -> None:
     ap.add_argument("--partition-range", action="store_true")
     ap.add_argument("--register-partitions", action="store_true")
     ap.add_argument("--retrain-tags", action="store_true")
+    ap.add_argument("--since", type=float, default=None)
     args = ap.parse_args()
     if args.retrain_tags:
         import dagster as dg
@@ -124,6 +175,13 @@ def main() -> None:
         print(partition_range(register=args.register_partitions))
     else:
         print(summary(Path(default_project_dir())))
+        if args.since is not None:
+            import time
+
+            import dagster as dg
+
+            rows = step_times(dg.DagsterInstance.get(), args.since)
+            print(step_table(rows, time.time() - args.since))
 
 
 if __name__ == "__main__":

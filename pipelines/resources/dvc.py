@@ -6,6 +6,7 @@ string asset selection when both share one environment.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -54,6 +55,12 @@ class DvcResource(dg.ConfigurableResource):
         returns {output path: DVC md5}."""
         self.run("commit", "--force", stage)
         return self.out_hashes(stage)
+
+    def changes(self, stage: str) -> list:
+        """What changed in `stage` since dvc.lock recorded it (its deps, params or outputs;
+        `dvc status`): empty when the stage's outputs are exactly what its recorded code,
+        parameters and inputs made."""
+        return json.loads(self.run("status", "--json", stage) or "{}").get(stage, [])
 
     def out_hashes(self, stage: str) -> dict[str, str]:
         lock_path = Path(self.repo_dir) / "dvc.lock"

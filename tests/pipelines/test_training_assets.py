@@ -28,6 +28,7 @@ from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
+from assets.reuse import REBUILD_TAG
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
 from tests.conftest import make_project, materialize_raw
@@ -167,7 +168,7 @@ def trained(lineage, blend_refusals):
 def retrained(lineage, trained):
     """diffusion_model again on unchanged data, with newer code (patched for the module)."""
     lineage.monkeypatch.setattr(diffusion_mod, "code_version", lambda root: "newer-code")
-    again = _materialize(lineage, ["diffusion_model"])
+    again = _materialize(lineage, ["diffusion_model"], tags={REBUILD_TAG: "diffusion_model"})
     client = lineage.client
     return SimpleNamespace(
         md=again.asset_materializations_for_node("diffusion_model")[0].metadata,
@@ -206,7 +207,7 @@ def promoted(lineage, evaluated):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     first = _materialize(lineage, ["world_judge", "eval_report"])
     champion = lineage.client.get_model_version_by_alias(diffusion_mod.REGISTERED_NAME, "champion")
-    again = _materialize(lineage, ["eval_report"])
+    again = _materialize(lineage, ["eval_report"], tags={REBUILD_TAG: "eval_report"})
     return SimpleNamespace(
         first_gate=first.asset_materializations_for_node("eval_report")[0].metadata["gate"].data,
         champion=champion,
@@ -238,6 +239,29 @@ def ablation(lineage, promoted):
         parent_id=parent_id,
         parent=client.get_run(parent_id),
     )
+
+
+STEPS = ["world_judge", "reference_clip", "autoencoder", "mixed_sampler", "diffusion_model",
+         "eval_report"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reuse(lineage, ablation):
+    """Every step after the recaptions, three times: to settle what the stages before left
+    changed; again with nothing changed; then with mixed_sampler.synthetic_ratio edited
+    in params.yaml. Last in the module: it changes the blend."""
+    _materialize(lineage, STEPS)
+    same = _materialize(lineage, STEPS)
+    params_file = lineage.project_dir / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["mixed_sampler"]["synthetic_ratio"] = 0.5
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    edited = _materialize(lineage, STEPS)
+
+    def metadata(res):
+        return {n: res.asset_materializations_for_node(n)[0].metadata for n in STEPS}
+
+    return SimpleNamespace(same=metadata(same), edited=metadata(edited))
 
 
 # --- upstream and the blend -----------------------------------------------------------------
@@ -381,6 +405,27 @@ def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained
 def test_a_champion_evaluated_again_is_not_compared_with_itself(promoted):
     gate = promoted.again_gate
     assert gate["promote"] and "champion already" in gate["reason"]
+
+
+# --- reuse: nothing is rebuilt that did not change ----------------------------------------
+
+
+def test_a_second_run_with_nothing_changed_reuses_every_step(reuse):
+    assert {n: md["reused"].value for n, md in reuse.same.items()} == dict.fromkeys(STEPS, True)
+    assert all(md["wall_seconds"].value >= 0 for md in reuse.same.values())
+    # The reused materialization still shows what was built: the model, its run, its grid.
+    assert "mlflow_run_id" in reuse.same["diffusion_model"]
+    assert "validation_grid" in reuse.same["diffusion_model"]
+
+
+def test_editing_the_synthetic_ratio_rebuilds_only_the_sampler_and_what_follows(reuse):
+    rebuilt = {n for n, md in reuse.edited.items() if not md["reused"].value}
+    assert rebuilt == {"mixed_sampler", "diffusion_model", "eval_report"}
+    assert reuse.edited["mixed_sampler"]["dvc_md5"] != reuse.same["mixed_sampler"]["dvc_md5"]
+
+
+def test_the_rebuild_tag_builds_an_unchanged_step_again(retrained):
+    assert retrained.md["reused"].value is False
 
 
 # --- the caption ablation -------------------------------------------------------------------
