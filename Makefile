@@ -79,6 +79,7 @@ mlflow: install
 bench: install
 	$(PY) -m benchmarks.raw_dataset_throughput
 	$(PY) -m benchmarks.captioning_throughput
+	$(PY) -m benchmarks.recaption_throughput
 	$(PY) -m benchmarks.diffusion_throughput
 
 # The retrain job by hand (what retrain_schedule and retrain_on_new_data launch): every raw

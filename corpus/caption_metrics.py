@@ -105,6 +105,9 @@ class Claims:
     colors: list[tuple[str, str]] = field(default_factory=list)
     sizes: list[tuple[str, str | None, str]] = field(default_factory=list)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The count of each coloured mention of a (colour, shape) pair, None where a mention
+    # states none: what `counts` is summed from (`claimed_counts`).
+    mentions: dict[tuple[str, str], list[int | None]] = field(default_factory=dict)
     # (size, colour, shape, cell) of every placed noun phrase: what a phrase says of one cell.
     placed: list[tuple[str | None, str | None, str, str]] = field(default_factory=list)
     relations: list[Relation] = field(default_factory=list)
@@ -120,17 +123,26 @@ class Claims:
 # --- parsing -------------------------------------------------------------------------
 
 
+_NOT_LETTERS = re.compile(r"[^A-Za-z]+")
+_AS_SPACE = str.maketrans("_-", "  ")
+
+
 def _split_words(caption: str) -> tuple[list[str], str]:
     """Rendered words stated, and the caption with quoted text blanked out."""
-    quoted = [a or b for a, b in _QUOTED.findall(caption)]
-    rest = _QUOTED.sub(" | ", caption)
-    caps = [t for t in re.split(r"[^A-Za-z]+", rest) if t.isupper() and t in WORDS]
+    # The checks before each pattern skip work that cannot find anything (a beam search
+    # parses thousands of partial sentences).
+    quoted, rest = [], caption
+    if '"' in caption or "“" in caption:
+        quoted = [a or b for a, b in _QUOTED.findall(caption)]
+        rest = _QUOTED.sub(" | ", caption)
+    caps = []
+    if not rest.islower():
+        caps = [t for t in _NOT_LETTERS.split(rest) if t.isupper() and t in WORDS]
     return [q.strip() for q in quoted] + caps, rest
 
 
 def _normalise(text: str) -> str:
-    text = re.sub(r"[_\-]", " ", text.lower())
-    return re.sub(r"\s+", " ", text).strip()
+    return " ".join(text.lower().translate(_AS_SPACE).split())
 
 
 def _cell_at(tokens: list[str], i: int) -> tuple[str, int] | None:
@@ -190,11 +202,18 @@ def _noun_phrases(tokens: list[str]) -> list[_Phrase]:
     return [p for p in phrases if p is not None]
 
 
-def _counts(phrases: list[_Phrase]) -> dict[tuple[str, str], int]:
+def _mentions(phrases: list[_Phrase]) -> dict[tuple[str, str], list[int | None]]:
     mentions: dict[tuple[str, str], list[int | None]] = {}
     for p in phrases:
         if p.color is not None:
             mentions.setdefault((p.color, p.shape), []).append(p.count)
+    return mentions
+
+
+def claimed_counts(mentions: dict[tuple[str, str], list[int | None]]) -> dict[tuple[str, str], int]:
+    """The count claimed for each (colour, shape): the sum over its mentions, when every
+    mention states one. Mentions of several texts (the sentences of a caption) may be
+    joined first: this is how a caption's counts add up across its sentences."""
     counts = {}
     for pair, ns in mentions.items():
         known = [n for n in ns if n is not None]
@@ -244,8 +263,12 @@ def extract_claims(caption: str) -> Claims:
     text = _normalise(rest)
     tokens = _TOKEN.findall(text)
     phrases = _noun_phrases(tokens)
-    claims = Claims(words=words, counts=_counts(phrases), relations=_relations(text))
-    claims.background = _BACKGROUND.findall(text)
+    mentions = _mentions(phrases)
+    relations = _relations(text) if " is " in text or " are " in text else []
+    claims = Claims(
+        words=words, counts=claimed_counts(mentions), mentions=mentions, relations=relations
+    )
+    claims.background = _BACKGROUND.findall(text) if "background" in text else []
     for p in phrases:
         claims.shapes.append(p.shape)
         if p.color is not None:
@@ -363,9 +386,57 @@ def score_caption(caption: str, scene: Scene) -> dict:
 def false_claims_by_kind(caption: str, scene: Scene) -> dict[str, int]:
     """How many of the caption's claims of each kind the scene contradicts: `score_caption`
     without the facts, for checking captions while they are written."""
+    return false_claims(extract_claims(caption), SceneTruth.of(scene))
+
+
+@dataclass(frozen=True)
+class SceneTruth:
+    """What makes each kind of claim true in one scene, as sets to look claims up in: the
+    truth rules of `_judges`, computed once per scene for checks that judge many texts
+    against it (a beam search judges thousands)."""
+
+    shapes: frozenset[str]
+    pairs: Counter
+    placed: frozenset[tuple[str | None, str, str]]  # (colour or None, shape, cell)
+    sized: frozenset[tuple[str, str | None, str]]  # (size, colour or None, shape)
+    objects: tuple[SceneObject, ...]
+    word: str | None
+    background: str
+
+    @classmethod
+    def of(cls, scene: Scene) -> SceneTruth:
+        objs = scene.objects
+        return cls(
+            shapes=frozenset(o.shape for o in objs),
+            pairs=Counter((o.color, o.shape) for o in objs),
+            placed=frozenset((c, o.shape, o.cell) for o in objs for c in (o.color, None)),
+            sized=frozenset((o.size, c, o.shape) for o in objs for c in (o.color, None)),
+            objects=objs,
+            word=scene.word,
+            background=scene.background,
+        )
+
+    def relation_holds(self, r: Relation) -> bool:
+        return any(
+            _is(a, r[0]) and _is(b, r[2]) and _holds(a, r[1], b)
+            for a in self.objects
+            for b in self.objects
+            if a is not b
+        )
+
+
+def false_claims(claims: Claims, truth: SceneTruth) -> dict[str, int]:
+    """`false_claims_by_kind` of claims already parsed, against a scene's truth."""
+    pairs = truth.pairs
     return {
-        k: sum(not is_true(c) for c in claims)
-        for k, (claims, _, is_true, _) in _judges(extract_claims(caption), scene).items()
+        "object": sum(s not in truth.shapes for s in claims.shapes),
+        "colour": sum(p not in pairs for p in claims.colors),
+        "count": sum(pairs[p] != n for p, n in claims.counts.items()),
+        "position": sum(p not in truth.placed for p in claims.positions),
+        "relation": sum(not truth.relation_holds(r) for r in claims.relations),
+        "word": sum(w != truth.word for w in claims.words),
+        "size": sum(z not in truth.sized for z in claims.sizes),
+        "background": sum(b != truth.background for b in claims.background),
     }
 
 

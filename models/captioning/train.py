@@ -441,9 +441,10 @@ def read_scenes(raw_dir: Path, keys: list[str], shards: list[str]) -> list[Scene
 
 
 def caption_images(
-    model: PrefixCaptioner, images: torch.Tensor, gen: GenerationConfig, batch_size: int = 256
+    model: PrefixCaptioner, images: torch.Tensor, gen: GenerationConfig, batch_size: int = 32
 ) -> list[str]:
-    """Batched captioning of uint8 images."""
+    """Batched captioning of uint8 images (32 at a time, as recaptioned_dataset decodes:
+    with 8 beams, larger batches spend their time moving the KV cache)."""
     out: list[str] = []
     model.eval()
     for i in range(0, len(images), batch_size):

@@ -21,7 +21,14 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from corpus.caption_metrics import KINDS, false_claims_by_kind
+from corpus.caption_metrics import (
+    KINDS,
+    Claims,
+    SceneTruth,
+    claimed_counts,
+    extract_claims,
+    false_claims,
+)
 from corpus.world import CELL_NAMES, Scene
 
 PENALTY = 1000.0
@@ -55,36 +62,86 @@ class ClauseCheck(LogitsProcessor):
 
     Rows of `input_ids` are (image, beam) pairs, image-major, as transformers' beam search
     lays them out; with `inputs_embeds` they hold the generated tokens only.
+
+    The work per step is kept to what the step changed. A row's text is its parent row's
+    text (the same ids but the last, decoded at the step before) plus its last token's text.
+    A caption's claims of every kind but count are claims of one sentence each (a noun
+    phrase, its cell, a relation, a quoted word: the parser never reads across a "."), so
+    the false ones of a text are those of its finished sentences, parsed once per
+    (image, finished text) as beams share them, plus those of the sentence being written.
+    Counts add mentions across sentences and are judged on finished sentences only, also
+    once per (image, finished text).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, scenes: list[Scene], num_beams: int):
         self.tokenizer, self.scenes, self.num_beams = tokenizer, scenes, num_beams
-        # (image, text) -> false claims per kind: beams share their prefixes step after step.
-        self._parsed: dict[tuple[int, str], dict[str, int]] = {}
+        every_token = [[i] for i in range(len(tokenizer))]
+        pieces = tokenizer.batch_decode(every_token, skip_special_tokens=True)
+        # A byte of a multi-byte character decodes only together with its neighbours.
+        self._pieces = [None if "\ufffd" in p else p for p in pieces]
+        self._texts: dict[tuple[int, ...], str] = {(): ""}  # the last step's ids -> text
+        self._claims: dict[str, Claims] = {}  # text -> what it states, whatever the image
+        self._judged: dict[tuple[int, str], dict[str, int]] = {}  # false claims by kind
+        self._truths = [SceneTruth.of(sc) for sc in scenes]
+
+    def _parse(self, text: str) -> Claims:
+        if text not in self._claims:
+            self._claims[text] = extract_claims(text)
+        return self._claims[text]
 
     def _false_by_kind(self, image: int, text: str) -> dict[str, int]:
-        if (image, text) not in self._parsed:
-            self._parsed[image, text] = false_claims_by_kind(text, self.scenes[image])
-        return self._parsed[image, text]
+        if (image, text) not in self._judged:
+            self._judged[image, text] = false_claims(self._parse(text), self._truths[image])
+        return self._judged[image, text]
+
+    def _clause_false(self, image: int, text: str) -> int:
+        """False claims of the clause kinds in `text`: its finished sentences', then its
+        last sentence's."""
+        cut = text.rfind(".") + 1
+        finished = self._false_by_kind(image, text[:cut]) if cut else None
+        last = self._false_by_kind(image, text[cut:])
+        return sum(last[k] + (finished[k] if finished else 0) for k in _CLAUSE_KINDS)
 
     def _false(self, image: int, text: str) -> int:
         """False claims in what `text` has settled: every kind but background (no head
         predicts it) and counts, which are judged in finished sentences only."""
         text = settled(text)
-        false = self._false_by_kind(image, text)
-        done = self._false_by_kind(image, text[: text.rfind(".") + 1])
-        return sum(false[k] for k in _CLAUSE_KINDS) + done["count"]
+        done = text[: text.rfind(".") + 1]
+        return self._clause_false(image, text) + self._false_by_kind(image, done)["count"]
 
     def _false_ended(self, image: int, text: str) -> int:
-        """False claims in all of `text`, as a finished caption."""
-        false = self._false_by_kind(image, text)
-        return sum(false[k] for k in _ENDED_KINDS)
+        """False claims in all of `text`, as a finished caption: its counts add the mentions
+        of its finished sentences and of its last one."""
+        cut = text.rfind(".") + 1
+        mentions = {k: list(v) for k, v in self._parse(text[:cut]).mentions.items()}
+        for pair, ns in self._parse(text[cut:]).mentions.items():
+            mentions.setdefault(pair, []).extend(ns)
+        pairs = self._truths[image].pairs
+        false_counts = sum(pairs[p] != n for p, n in claimed_counts(mentions).items())
+        return self._clause_false(image, text) + false_counts
+
+    def _decode(self, rows: list[list[int]]) -> tuple[list[str], list[str]]:
+        """(text, parent's text) per row, each as `batch_decode` would give it."""
+        texts, parents, seen = [], [], {}
+        for ids in rows:
+            key = tuple(ids)
+            parent = self._texts.get(key[:-1])
+            if parent is None:  # not decoded at the last step (e.g. the first call)
+                parent = self.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+            piece = self._pieces[ids[-1]]
+            text = parent + piece if piece is not None else None
+            if text is None or (parent and "\ufffd" in parent):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            seen[key] = text
+            texts.append(text)
+            parents.append(parent)
+        self._texts = seen
+        return texts, parents
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] == 0:
             return scores
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        parents = self.tokenizer.batch_decode(input_ids[:, :-1], skip_special_tokens=True)
+        texts, parents = self._decode(input_ids.tolist())
         eos = self.tokenizer.eos_token_id
         # Ending is judged only where the search could pick it: among a row's 2 x beams
         # best tokens, as many as beam search looks at.

@@ -207,3 +207,26 @@ def test_quality_table_markdown():
     assert position.split(" | ")[1] == "-"  # NaN precision: alt-text places nothing
     assert "| 1.000 | 1.000 |" in position
     assert "nan" not in table
+
+
+def test_false_claims_by_kind_agree_with_the_tallies_of_score_caption():
+    """The fast judge of a beam search (per-scene truth sets) and the scorer (facts and
+    claims) count the same false claims, on true, false, noisy and cut captions."""
+    from corpus.caption_metrics import false_claims_by_kind
+    from corpus.scene_text import NOISE_KINDS
+
+    rng = random.Random(7)
+    scenes = [sample_scene(rng, WorldConfig()) for _ in range(60)]
+    captions = []
+    for sc in scenes:
+        text = descriptive_caption(sc, rng)
+        captions += [text, short_caption(sc), alt_text(sc, rng.choice(NOISE_KINDS), rng)]
+        captions += [text[: rng.randrange(len(text))] for _ in range(3)]
+    false_seen = 0
+    for caption in captions:
+        for scene in rng.sample(scenes, 4):
+            tallies = score_caption(caption, scene)
+            want = {k: tallies[k]["n_claims"] - tallies[k]["n_true"] for k in KINDS}
+            assert false_claims_by_kind(caption, scene) == want, caption
+            false_seen += sum(want.values())
+    assert false_seen > 1000  # most pairs are another scene's caption

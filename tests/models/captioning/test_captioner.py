@@ -363,6 +363,63 @@ def test_clause_check_charges_each_false_claim_once_as_it_is_written(tiny_captio
     assert charged("a blue circle in the top left") == (0, 1)  # the last word, if it ends
 
 
+def _reference_clause_check(tok, scenes, num_beams, input_ids, scores):
+    """The check as it was first written: every text decoded and parsed from its start."""
+    from corpus.caption_metrics import false_claims_by_kind
+    from models.captioning.verified_search import _CLAUSE_KINDS, _ENDED_KINDS, PENALTY, settled
+
+    def false(image, text):
+        text = settled(text)
+        f = false_claims_by_kind(text, scenes[image])
+        done = false_claims_by_kind(text[: text.rfind(".") + 1], scenes[image])
+        return sum(f[k] for k in _CLAUSE_KINDS) + done["count"]
+
+    texts = tok.batch_decode(input_ids, skip_special_tokens=True)
+    parents = tok.batch_decode(input_ids[:, :-1], skip_special_tokens=True)
+    eos = tok.eos_token_id
+    k = min(2 * num_beams, scores.shape[-1])
+    may_end = (scores[:, eos] >= scores.topk(k, dim=-1).values[:, -1]).tolist()
+    for row, (text, parent) in enumerate(zip(texts, parents, strict=True)):
+        image, text, parent = row // num_beams, text.strip(), parent.strip()
+        settled_false = false(image, text)
+        added = settled_false - false(image, parent)
+        if added > 0:
+            scores[row] -= PENALTY * added
+        if may_end[row]:
+            ended = false_claims_by_kind(text, scenes[image])
+            unsettled = sum(ended[k] for k in _ENDED_KINDS) - settled_false
+            if unsettled > 0:
+                scores[row, eos] -= PENALTY * unsettled
+    return scores
+
+
+def test_clause_check_charges_as_parsing_every_text_from_its_start_would(tiny_captioner):
+    """The check carries each beam's text and parses only the sentence being written;
+    fed beams of true and false captions (another scene's) whose rows swap between steps,
+    as beam search reorders them, it charges exactly what re-parsing everything charges."""
+    from models.captioning.verified_search import ClauseCheck
+
+    tok = PrefixCaptioner.load(tiny_captioner / "dsc").tokenizer
+    rng = random.Random(0)
+    cfg = WorldConfig()
+    scenes = [sample_scene(rng, cfg) for _ in range(24)]
+    captions = [descriptive_caption(sc, rng) for sc in scenes]
+    captions += ['It says "DOG" in the center. A small red star in the center left, two']
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in captions]
+    beams, images = 4, 6
+    check = ClauseCheck(tok, scenes[:images], beams)
+    rows = [rng.randrange(len(ids)) for _ in range(beams * images)]
+    for t in range(1, 60):
+        # Each row continues some row of the last step, as beam search reorders beams.
+        rows = [rows[rng.randrange(len(rows))] if rng.random() < 0.3 else r for r in rows]
+        batch = torch.tensor([(ids[r] + [tok.eos_token_id] * 60)[:t] for r in rows])
+        scores = torch.randn(len(rows), len(tok))
+        scores[:, tok.eos_token_id] = 5.0  # ending is always among the best: checked too
+        got = check(batch, scores.clone())
+        want = _reference_clause_check(tok, scenes[:images], beams, batch, scores.clone())
+        assert torch.equal(got, want), f"step {t}"
+
+
 def test_clause_checked_beam_search_needs_beams_and_concept_heads(tiny_captioner, tiny_raw):
     import pandas as pd
 
