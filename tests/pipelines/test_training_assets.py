@@ -12,6 +12,10 @@ the first failure does not hide the rest.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
@@ -31,7 +35,7 @@ from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
-from tests.conftest import make_project, materialize_raw
+from tests.conftest import DVC, REPO, dvc_env, make_project, materialize_raw
 from tests.ui.browser import check_ui, on_disk_instance
 
 pytestmark = pytest.mark.slow
@@ -109,6 +113,49 @@ def upstream(lineage):
                 "dagster/asset_partition_range_end": "00002",
             },
         ),
+    )
+
+
+@pytest.fixture(scope="module")
+def partitions_side_by_side(lineage, upstream):
+    """Two shards recaptioned again by two `dagster asset materialize --partition` processes
+    started together on the module's instance, as a backfill launches one run per shard."""
+    out = lineage.project_dir / "data" / "recaptioned"
+    shards = ["00000", "00001"]
+    for shard in shards:
+        (out / f"{shard}.parquet").unlink()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(Path(lineage.instance.root_directory)),
+        "RECAPFLOW_PROJECT_DIR": str(lineage.project_dir),
+    }
+    dagster = str(Path(sys.executable).parent / "dagster")
+    cmd = [dagster, "asset", "materialize", "-m", "pipelines.definitions",
+           "--select", "recaptioned_dataset", "--partition"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*cmd, shard],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for shard in shards
+    ]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    runs = lineage.instance.get_run_records(limit=2)
+    status = subprocess.run(
+        [str(DVC), "status", "--json", "recaptioned_dataset"],
+        cwd=lineage.project_dir, env=dvc_env(lineage.project_dir),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return SimpleNamespace(
+        codes=[p.returncode for p in procs],
+        outputs=outputs,
+        runs=runs,
+        out=out,
+        dvc_status=json.loads(status.stdout or "{}"),
     )
 
 
@@ -271,6 +318,19 @@ def test_raw_data_captioner_and_recaptions_materialize_for_the_training(upstream
     assert upstream.raw.success
     assert upstream.captioner.success
     assert upstream.recaptioned.success
+
+
+def test_two_partition_runs_side_by_side_write_every_key_once(lineage, partitions_side_by_side):
+    side = partitions_side_by_side
+    assert side.codes == [0, 0], side.outputs
+    # The two runs overlapped in time: one started before the other ended.
+    first, second = sorted(side.runs, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time
+    index = pd.read_parquet(lineage.project_dir / "data" / "raw" / "index.parquet")
+    df = pd.concat([pd.read_parquet(p) for p in sorted(side.out.glob("*.parquet"))])
+    assert df["key"].is_unique and sorted(df["key"]) == sorted(index["key"])
+    assert not list(side.out.glob(".*"))  # no temp file left
+    assert side.dvc_status == {}  # the last commit recorded both shards
 
 
 def test_a_sample_without_its_synthetic_caption_stops_the_blend_naming_it(blend_refusals):
