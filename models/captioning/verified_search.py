@@ -82,6 +82,9 @@ class ClauseCheck(LogitsProcessor):
         self._texts: dict[tuple[int, ...], str] = {(): ""}  # the last step's ids -> text
         self._claims: dict[str, Claims] = {}  # text -> what it states, whatever the image
         self._judged: dict[tuple[int, str], dict[str, int]] = {}  # false claims by kind
+        self._clauses: dict[tuple[int, str], int] = {}  # false clause-kind claims
+        # `_false` per (image, text): each row's text is its next row's parent.
+        self._settled: dict[tuple[int, str], int] = {}
         self._truths = [SceneTruth.of(sc) for sc in scenes]
 
     def _parse(self, text: str) -> Claims:
@@ -94,20 +97,30 @@ class ClauseCheck(LogitsProcessor):
             self._judged[image, text] = false_claims(self._parse(text), self._truths[image])
         return self._judged[image, text]
 
+    def _clause_total(self, image: int, text: str) -> int:
+        """False claims of the clause kinds in `text`, parsed whole (one sentence, or
+        finished sentences)."""
+        if (image, text) not in self._clauses:
+            false = self._false_by_kind(image, text)
+            self._clauses[image, text] = sum(false[k] for k in _CLAUSE_KINDS)
+        return self._clauses[image, text]
+
     def _clause_false(self, image: int, text: str) -> int:
         """False claims of the clause kinds in `text`: its finished sentences', then its
         last sentence's."""
         cut = text.rfind(".") + 1
-        finished = self._false_by_kind(image, text[:cut]) if cut else None
-        last = self._false_by_kind(image, text[cut:])
-        return sum(last[k] + (finished[k] if finished else 0) for k in _CLAUSE_KINDS)
+        finished = self._clause_total(image, text[:cut]) if cut else 0
+        return finished + self._clause_total(image, text[cut:])
 
     def _false(self, image: int, text: str) -> int:
         """False claims in what `text` has settled: every kind but background (no head
         predicts it) and counts, which are judged in finished sentences only."""
-        text = settled(text)
-        done = text[: text.rfind(".") + 1]
-        return self._clause_false(image, text) + self._false_by_kind(image, done)["count"]
+        if (image, text) not in self._settled:
+            part = settled(text)
+            done = part[: part.rfind(".") + 1]
+            count = self._false_by_kind(image, done)["count"]
+            self._settled[image, text] = self._clause_false(image, part) + count
+        return self._settled[image, text]
 
     def _false_ended(self, image: int, text: str) -> int:
         """False claims in all of `text`, as a finished caption: its counts add the mentions
