@@ -71,7 +71,12 @@ def step_times(instance, since: float) -> list[tuple[str, float, str]]:
 
 
 def step_table(rows: list[tuple[str, float, str]], wall: float) -> str:
-    lines = ["", "step times of this run", f"  {'step':<22} {'wall':>9}  ", "  " + "-" * 40]
+    lines = [
+        "",
+        "step times of this run",
+        f"  {'step':<22} {'wall':>9}  built or reused",
+        "  " + "-" * 48,
+    ]
     lines += [f"  {name:<22} {_clock(s):>9}  {how}" for name, s, how in rows]
     lines.append(f"  {'(all, start to end)':<22} {_clock(wall):>9}")
     return "\n".join(lines)
