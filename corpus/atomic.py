@@ -31,3 +31,14 @@ def replace_dir(tmp: Path, out: Path) -> None:
         import shutil
 
         shutil.rmtree(old)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists on this machine (a writer that may still finish)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -20,11 +20,12 @@ deploy/dagster.yaml) marks dead run workers failed and frees the slots of ended 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import dagster as dg
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+from corpus.atomic import pid_alive
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,6 @@ class FreedSlot:
     run_id: str
     step_key: str
     reason: str
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _run_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
@@ -95,7 +86,7 @@ def _why_dead(instance: dg.DagsterInstance, run_id: str) -> str | None:
     if not is_local(instance):
         return None
     pids = _run_pids(instance, run_id)
-    if not pids or any(_alive(p) for p in pids):
+    if not pids or any(pid_alive(p) for p in pids):
         return None  # not started yet, or still working
     return f"no process of the run is alive (pids {sorted(pids)})"
 

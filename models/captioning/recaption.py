@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from corpus.atomic import pid_alive
 from corpus.config import build_config
 from models.captioning.backends import CaptionBackend, HFImageToTextBackend, PrefixCaptionerBackend
 from models.captioning.captioner import GenerationConfig
@@ -56,20 +57,10 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
     removed = []
     for tmp in out_dir.glob(".*.parquet.tmp-*"):
         host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shard_rejections(path: Path) -> dict[str, str]:

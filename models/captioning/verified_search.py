@@ -34,7 +34,6 @@ from corpus.world import CELL_NAMES, Scene
 PENALTY = 1000.0
 _CLAUSE_ENDS = (",", ".")  # a clause is over: its last word cannot grow
 _CLAUSE_KINDS = tuple(k for k in KINDS if k not in ("background", "count"))
-_ENDED_KINDS = (*_CLAUSE_KINDS, "count")
 # Cell names that a longer one continues ("center" -> "center left"): not settled yet.
 _GROWING_CELLS = tuple(
     c for c in CELL_NAMES.values() if any(o.startswith(c + " ") for o in CELL_NAMES.values())

@@ -38,6 +38,19 @@ DAGSTER = str(Path(sys.executable).parent / "dagster")
 
 
 @pytest.fixture
+def dagster_home(tmp_path):
+    """(DAGSTER_HOME with pools of one slot, the definitions file, its instance)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
+    )
+    defs = tmp_path / "defs.py"
+    defs.write_text(DEFS)
+    return home, defs, dg.DagsterInstance.from_config(str(home))
+
+
+@pytest.fixture
 def processes():
     """Started `dagster` processes, killed with their step workers whatever the outcome."""
     started: list[subprocess.Popen] = []
@@ -69,15 +82,8 @@ def _wait_for(condition, seconds: float, what: str):
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
-def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path, processes):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
-    )
-    defs = tmp_path / "defs.py"
-    defs.write_text(DEFS)
-    instance = dg.DagsterInstance.from_config(str(home))
+def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(dagster_home, processes):
+    home, defs, instance = dagster_home
     storage = instance.event_log_storage
 
     def started_step():
@@ -124,28 +130,17 @@ def test_a_killed_step_frees_its_pool_slot_and_the_next_step_runs(tmp_path, proc
     assert nxt.wait(timeout=180) == 0
 
 
-def test_a_running_step_keeps_its_slot(tmp_path, processes):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
-    )
-    defs = tmp_path / "defs.py"
-    defs.write_text(DEFS)
-    instance = dg.DagsterInstance.from_config(str(home))
+def test_a_running_step_keeps_its_slot(dagster_home, processes):
+    home, defs, instance = dagster_home
     storage = instance.event_log_storage
-    proc = _materialize(home, defs, "long_training")
-    try:
-        _wait_for(
-            lambda: (
-                "gpu" in storage.get_concurrency_keys()
-                and storage.get_concurrency_info("gpu").claimed_slots
-            ),
-            120,
-            "the gpu slot to be claimed",
-        )
-        assert free_dead_slots(instance) == []
-        assert len(storage.get_concurrency_info("gpu").claimed_slots) == 1
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    processes.append(_materialize(home, defs, "long_training"))
+    _wait_for(
+        lambda: (
+            "gpu" in storage.get_concurrency_keys()
+            and storage.get_concurrency_info("gpu").claimed_slots
+        ),
+        120,
+        "the gpu slot to be claimed",
+    )
+    assert free_dead_slots(instance) == []
+    assert len(storage.get_concurrency_info("gpu").claimed_slots) == 1

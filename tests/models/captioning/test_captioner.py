@@ -366,7 +366,9 @@ def test_clause_check_charges_each_false_claim_once_as_it_is_written(tiny_captio
 def _reference_clause_check(tok, scenes, num_beams, input_ids, scores):
     """The check as it was first written: every text decoded and parsed from its start."""
     from corpus.caption_metrics import false_claims_by_kind
-    from models.captioning.verified_search import _CLAUSE_KINDS, _ENDED_KINDS, PENALTY, settled
+    from models.captioning.verified_search import _CLAUSE_KINDS, PENALTY, settled
+
+    ended_kinds = (*_CLAUSE_KINDS, "count")
 
     def false(image, text):
         text = settled(text)
@@ -387,7 +389,7 @@ def _reference_clause_check(tok, scenes, num_beams, input_ids, scores):
             scores[row] -= PENALTY * added
         if may_end[row]:
             ended = false_claims_by_kind(text, scenes[image])
-            unsettled = sum(ended[k] for k in _ENDED_KINDS) - settled_false
+            unsettled = sum(ended[k] for k in ended_kinds) - settled_false
             if unsettled > 0:
                 scores[row, eos] -= PENALTY * unsettled
     return scores
