@@ -34,6 +34,7 @@ from corpus.params import load_section
 from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
 from models.common.data import load_images
+from models.diffusion.patch_autoencoder import PatchAutoencoder
 from models.evaluation.world_judge import (
     WorldJudge,
     judge_accuracy,
@@ -89,11 +90,13 @@ def load_autoencoder(path_or_id: str, subfolder: str | None = None) -> Autoencod
         ) from e
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
+def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | PatchAutoencoder:
     if cfg.pretrained:
         return load_autoencoder(cfg.pretrained, cfg.subfolder)
     config = json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text())
     config.update(cfg.overrides or {})
+    if config.get("_class_name") == PatchAutoencoder.__name__:
+        return PatchAutoencoder.from_config(config)
     return AutoencoderKL.from_config(config)
 
 
@@ -224,7 +227,7 @@ def train_autoencoder(
     L.seed_everything(cfg.seed, verbose=False)
     vae = build_autoencoder(cfg)
     t0 = time.perf_counter()
-    if not cfg.pretrained:
+    if not cfg.pretrained and any(p.requires_grad for p in vae.parameters()):
         images = _split_images(raw, "train", cfg.resolution)
         loader = torch.utils.data.DataLoader(
             images, batch_size=cfg.batch_size, shuffle=True, drop_last=True

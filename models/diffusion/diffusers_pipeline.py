@@ -28,6 +28,7 @@ line that starts with `import` or `from`, docstrings included, and warns about m
 cannot import).
 """
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
@@ -56,7 +58,7 @@ class RecapflowPipeline(DiffusionPipeline):
     def __init__(
         self,
         unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
+        vae: ModelMixin,  # AutoencoderKL, or the patch autoencoder (pixels)
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: SchedulerMixin,
@@ -216,6 +218,13 @@ class RecapflowPipeline(DiffusionPipeline):
         index_file = folder / "model_index.json"
         index = json.loads(index_file.read_text())
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        vae_class = type(self.vae)
+        if vae_class.__module__.split(".")[0] != "diffusers":
+            # A component class of recapflow's own (the patch autoencoder): its file goes
+            # into the component folder, where diffusers loads custom components from.
+            source = Path(inspect.getfile(vae_class))
+            shutil.copyfile(source, folder / "vae" / source.name)
+            index["vae"] = [source.stem, vae_class.__name__]
         if index.get("tokenizer", [None, None])[1] == "TokenizersBackend":
             # transformers 5's name for a fast tokenizer; 4.x knows the alias
             index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
@@ -236,7 +245,7 @@ class RecapflowPipeline(DiffusionPipeline):
 def export_diffusers_pipeline(
     folder: Path,
     unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
+    vae: ModelMixin,
     text_encoder,
     scheduler: SchedulerMixin,
     num_inference_steps: int = 20,

@@ -58,6 +58,7 @@ from models.diffusion.model import (
     generate,
     sampling_scheduler,
 )
+from models.diffusion.patch_autoencoder import PatchAutoencoder, load_trained_autoencoder
 from models.diffusion.text_encoder import (
     FrozenTextEncoder,
     TextEncoderConfig,
@@ -345,7 +346,7 @@ class ProgressReport(Callback):
 @dataclass
 class TrainContext:
     cfg: DiffusionTrainConfig
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PatchAutoencoder
     text_encoder: FrozenTextEncoder
     logger: MLFlowLogger | None
     style: str
@@ -567,7 +568,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         logger.log_hyperparams(flatten(asdict(cfg)))
         logger.log_hyperparams(flatten({"sampler": sampler["config"]}))
 
-    vae = AutoencoderKL.from_pretrained(Path(cfg.autoencoder) / "vae").eval().requires_grad_(False)
+    vae = load_trained_autoencoder(Path(cfg.autoencoder) / "vae").eval().requires_grad_(False)
     ae_metrics = json.loads((Path(cfg.autoencoder) / "metrics.json").read_text())
     resolution = ae_metrics["config"]["resolution"]
     # Decoded at most once, and only when the text encoder or the latents need training.

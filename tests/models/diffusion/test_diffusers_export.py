@@ -43,6 +43,7 @@ CONTEXT = 32
 SEED, STEPS, GUIDANCE = 3, 3, 6.0
 # What the exported pipeline.py may import: no recapflow package.
 ALLOWED_IMPORTS = {
+    "inspect",
     "json",
     "shutil",
     "pathlib",
@@ -54,7 +55,7 @@ ALLOWED_IMPORTS = {
 }
 
 
-def _recapflow_export(root: Path) -> None:
+def _recapflow_export(root: Path, autoencoder: str) -> None:
     """A random tiny model written the way `diffusion_model`'s export step writes it
     (models/diffusion/train.py `_finish`), from recapflow's own builders and configs."""
     torch.manual_seed(0)
@@ -89,7 +90,7 @@ def _recapflow_export(root: Path) -> None:
         )
     )
     encoder = FrozenTextEncoder(text, tok, CONTEXT)
-    vae = build_autoencoder(AutoencoderConfig()).eval()
+    vae = build_autoencoder(AutoencoderConfig(config=autoencoder)).eval()
     with torch.no_grad():
         zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
         latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
@@ -144,12 +145,14 @@ OUTSIDE_RECAPFLOW = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict:
+# A trained AutoencoderKL (latents) and the patch autoencoder (pixels, a component class
+# of recapflow's own that the folder carries).
+@pytest.fixture(scope="module", params=["recapflow-tiny-vae", "recapflow-tiny-patch"])
+def exported(request, tmp_path_factory) -> dict:
     """recapflow's export of a random tiny model, then the diffusers export into the same
     folder (as the `diffusion_model` asset does), and what `generate` draws from it."""
     root = tmp_path_factory.mktemp("diffusers_export") / "diffusion_model"
-    _recapflow_export(root)
+    _recapflow_export(root, request.param)
     model = load_text_to_image(root)
     export_diffusers_pipeline(
         root,
@@ -174,7 +177,8 @@ def exported(tmp_path_factory) -> dict:
     )
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert len(images.unique()) > 20  # not saturated: equal images below mean something
-    return {"root": root, "expected": images.permute(0, 2, 3, 1).numpy()}
+    patch = request.param == "recapflow-tiny-patch"
+    return {"root": root, "expected": images.permute(0, 2, 3, 1).numpy(), "patch": patch}
 
 
 def test_export_is_a_diffusers_folder(exported):
@@ -184,7 +188,12 @@ def test_export_is_a_diffusers_folder(exported):
     index = json.loads((root / "model_index.json").read_text())
     assert index["_class_name"] == [PIPELINE_MODULE, "RecapflowPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    if exported["patch"]:
+        assert index["vae"] == ["patch_autoencoder", "PatchAutoencoder"]
+        # The class comes with the folder, and needs nothing of recapflow either.
+        assert _imports(root / "vae" / "patch_autoencoder.py") <= ALLOWED_IMPORTS
+    else:
+        assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
     assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
@@ -192,11 +201,11 @@ def test_export_is_a_diffusers_folder(exported):
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (root / name).is_dir(), name
     weights = [p.name for p in root.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"}]
-    assert sorted(weights) == [
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.safetensors",
-        "model.safetensors",
-    ]
+    # The UNet, the text encoder and, unless it is the parameter-free patch one, the VAE.
+    vae_weights = [] if exported["patch"] else ["diffusion_pytorch_model.safetensors"]
+    assert sorted(weights) == sorted(
+        ["diffusion_pytorch_model.safetensors", "model.safetensors", *vae_weights]
+    )
     # The scheduler recapflow samples with, on the training noise schedule.
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["_class_name"] == "DDIMScheduler"
@@ -204,11 +213,17 @@ def test_export_is_a_diffusers_folder(exported):
     assert scheduler_config["beta_schedule"] == DiffusionConfig().beta_schedule
 
     # The copied pipeline file needs nothing of recapflow.
-    tree = ast.parse((root / f"{PIPELINE_MODULE}.py").read_text())
-    nodes = list(ast.walk(tree))
-    imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
+    imported = _imports(root / f"{PIPELINE_MODULE}.py")
     assert imported <= ALLOWED_IMPORTS, imported - ALLOWED_IMPORTS
+
+
+def _imports(path: Path) -> set[str]:
+    nodes = list(ast.walk(ast.parse(path.read_text())))
+    imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    imported |= {
+        n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module
+    }
+    return imported - {"__future__"}
 
 
 def test_the_pipeline_samples_the_images_generate_samples(exported):
@@ -216,8 +231,9 @@ def test_the_pipeline_samples_the_images_generate_samples(exported):
     # Code in the folder runs only when asked to.
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(root)
-    # Inside recapflow: its own class, the folder's copy of the code not executed.
-    pipe = RecapflowPipeline.from_pretrained(root)
+    # Inside recapflow: its own class, the folder's copy of the code not executed (the
+    # patch autoencoder's file is recapflow's own).
+    pipe = RecapflowPipeline.from_pretrained(root, trust_remote_code=exported["patch"])
     assert type(pipe) is RecapflowPipeline
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPTS, seed=SEED, output_type="uint8").images  # steps, guidance: exported
