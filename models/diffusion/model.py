@@ -150,13 +150,19 @@ class LatentDiffusion(L.LightningModule):
 # DPM-Solver++ (diffusers 0.42) gave noise images on this cosine schedule, with and
 # without lambda_min_clipped, where DDIM from the same weights gave scenes: not offered.
 SAMPLERS = {"ddim": DDIMScheduler}
+# "leading" starts at t=950 of 1000 (20 steps); "trailing" at t=999, where the cosine
+# schedule leaves alpha_bar = 2.4e-9: only a v-predicting model's x0 survives it.
+SPACINGS = ("leading", "trailing")
 
 
-def sampling_scheduler(sampler: str, train_cfg: DiffusionConfig):
+def sampling_scheduler(sampler: str, train_cfg: DiffusionConfig, spacing: str = "leading"):
     """The fast scheduler `generate` samples with, on the training noise schedule."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    return SAMPLERS[sampler].from_config(noise_scheduler(train_cfg).config)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+    config = noise_scheduler(train_cfg).config
+    return SAMPLERS[sampler].from_config(config, timestep_spacing=spacing)
 
 
 @torch.no_grad()
@@ -171,11 +177,12 @@ def generate(
     guidance_scale: float = 3.0,
     sampler: str = "ddim",
     batch_size: int = 128,
+    spacing: str = "leading",
 ) -> torch.Tensor:
     """uint8 images (N, 3, H, W) for the prompts, with classifier-free guidance; the
     same seed gives the same images."""
     device = next(unet.parameters()).device
-    sched = sampling_scheduler(sampler, train_cfg)
+    sched = sampling_scheduler(sampler, train_cfg, spacing)
     empty_states, empty_pooled = text_encoder([""])
     gen = torch.Generator("cpu").manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size

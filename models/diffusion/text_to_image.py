@@ -54,6 +54,8 @@ class TextToImagePipeline:
                 self.eval_cfg["guidance_scale"] if guidance_scale is None else guidance_scale
             ),
             batch_size=batch_size,
+            sampler=self.eval_cfg.get("sampler", "ddim"),
+            spacing=self.eval_cfg.get("spacing", "leading"),
         )
 
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from corpus.atomic import replace_dir, write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
-from corpus.config import build_config
+from corpus.config import ConfigError, build_config
 from corpus.params import flatten, json_digest, load_section
 from models.common.data import load_images
 from models.common.optimizer_steps import OptimizerStepCallback
@@ -84,6 +84,7 @@ class TrainEvalConfig:
     steps: int = 20
     guidance_scale: float = 6.0
     sampler: str = "ddim"
+    spacing: Literal["leading", "trailing"] = "leading"  # trailing: v_prediction only
     grid_prompts: int = 16
     # Captions of fresh scenes for the text encoder's linear probes
     # (models/diffusion/text_probes.py), run once per encoder; 0 skips them.
@@ -118,6 +119,14 @@ class DiffusionTrainConfig:
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "recapflow"
     mlflow_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval.spacing == "trailing" and self.diffusion.prediction_type == "epsilon":
+            raise ConfigError(
+                "diffusion_model.eval.spacing: trailing starts sampling at t=999, where an "
+                "epsilon-predicting model's x0 estimate is divided by sqrt(alpha_bar) = 5e-5; "
+                "use it with diffusion.prediction_type: v_prediction, or spacing: leading"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionTrainConfig:
@@ -369,6 +378,7 @@ class TrainContext:
             steps=e.steps,
             guidance_scale=e.guidance_scale,
             sampler=e.sampler,
+            spacing=e.spacing,
         )
         score = score_colours(images, prompts)
         if self.reference_clip is not None:
@@ -679,7 +689,7 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
         module.ema_unet().cpu(),
         ctx.vae.cpu(),
         ctx.text_encoder,
-        sampling_scheduler(cfg.eval.sampler, cfg.diffusion),
+        sampling_scheduler(cfg.eval.sampler, cfg.diffusion, cfg.eval.spacing),
         num_inference_steps=cfg.eval.steps,
         guidance_scale=cfg.eval.guidance_scale,
     )

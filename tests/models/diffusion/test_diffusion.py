@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from corpus.caption_mix import MixConfig, build_mixed_sampler
+from corpus.config import ConfigError
 from corpus.palette import colour_kept, dominant_object_colour
 from corpus.world import Scene, SceneObject, render
 from models.common.tokenizer import train_bpe_tokenizer
@@ -224,6 +225,29 @@ def test_sampler_reaches_latents_beyond_the_unit_range():
         a = sched.alphas_cumprod[t]
         oracle_noise = (x - a.sqrt() * target) / (1 - a).sqrt()  # a perfect denoiser
         x = sched.step(oracle_noise, t, x).prev_sample
+    assert torch.allclose(x, target, atol=1e-3)
+
+
+def test_trailing_spacing_starts_at_the_last_timestep_and_needs_v_prediction():
+    with pytest.raises(ConfigError, match="v_prediction"):
+        DiffusionTrainConfig.from_dict({"eval": {"spacing": "trailing"}})
+    with pytest.raises(ConfigError, match=r"eval\.spacing"):
+        DiffusionTrainConfig.from_dict({"eval": {"spacing": "linspace"}})
+    cfg = DiffusionTrainConfig.from_dict(
+        {"eval": {"spacing": "trailing"}, "diffusion": {"prediction_type": "v_prediction"}}
+    )
+    leading = sampling_scheduler("ddim", cfg.diffusion)
+    sched = sampling_scheduler("ddim", cfg.diffusion, cfg.eval.spacing)
+    leading.set_timesteps(20)
+    sched.set_timesteps(20)
+    assert (int(leading.timesteps[0]), int(sched.timesteps[0])) == (950, 999)
+    # From pure noise at t=999, a perfect v-predictor lands on the target.
+    target = torch.linspace(-3, 3, 256).reshape(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        a = sched.alphas_cumprod[t]
+        noise = (x - a.sqrt() * target) / (1 - a).sqrt()
+        x = sched.step(a.sqrt() * noise - (1 - a).sqrt() * target, t, x).prev_sample
     assert torch.allclose(x, target, atol=1e-3)
 
 
