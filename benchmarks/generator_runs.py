@@ -1,0 +1,162 @@
+"""Scratch runs of the generator without the rest of the lineage (docs/log/2026-12-generator.md).
+
+`oracle` writes a recaptioned dataset whose captions are the world's ground truth (what a
+perfect captioner writes) and its mixed sampler, so a diffusion model trains without the
+hour of recaptioning. `follow` samples the prompt suite from a trained model and scores
+it as the eval report does (all conditions per category and form, attribute accuracy,
+failure reasons), without the reference CLIP:
+
+    python -m benchmarks.generator_runs oracle --raw data/raw --out data/oracle
+    python -m models.diffusion.train --params run.yaml --raw data/raw \
+        --sampler data/oracle/mixed_sampler --autoencoder data/autoencoder --out data/exp/run
+    python -m benchmarks.generator_runs follow --model data/exp/run --judge data/world_judge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from corpus.caption_mix import MixConfig, build_mixed_sampler
+from corpus.params import load_section
+from corpus.prompt_suite import CATEGORIES, FORMS, diagnose, judge_prompt, load_suite
+from corpus.scene_text import descriptive_caption, short_caption
+from corpus.shards import read_json_sidecars
+from corpus.world import Scene
+from models.diffusion.autoencoder import image_grid
+from models.diffusion.text_to_image import load_text_to_image
+from models.evaluation.report import summarise_diagnoses
+from models.evaluation.world_judge import load_judge
+
+
+def oracle(raw: Path, out: Path, params: Path) -> None:
+    index = pd.read_parquet(raw / "index.parquet")
+    rows = []
+    for shard, group in index.groupby("shard"):
+        meta = read_json_sidecars(raw / f"{shard}.tar", set(group["key"]))
+        for r in group.itertuples():
+            scene = Scene.from_dict(meta[r.key]["scene"])
+            rows.append(
+                {
+                    "key": r.key,
+                    "shard": r.shard,
+                    "split": r.split,
+                    "alt_text": r.alt_text,
+                    "short_caption": short_caption(scene),
+                    "descriptive_caption": descriptive_caption(scene, random.Random(r.key)),
+                }
+            )
+    (out / "recaptioned").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(out / "recaptioned" / "oracle.parquet")
+    cfg = MixConfig.from_dict(load_section(params, "mixed_sampler"))
+    build_mixed_sampler(out / "recaptioned", out / "mixed_sampler", cfg)
+    print(f"{len(rows)} ground-truth captions; sampler in {out / 'mixed_sampler'}")
+
+
+def follow(
+    model: Path,
+    judge_dir: Path,
+    images_per_prompt: int = 4,
+    spacing: str | None = None,
+    guidance: float | None = None,
+) -> dict:
+    prompts = load_suite(Path("prompts/suite-v1.json"))
+    pipe = load_text_to_image(model)
+    if spacing:
+        pipe.eval_cfg["spacing"] = spacing
+    judge = load_judge(judge_dir)
+    result = {}
+    for form in FORMS:
+        texts = [p.text(form) for p in prompts for _ in range(images_per_prompt)]
+        t = time.time()
+        with torch.inference_mode():
+            images = pipe(texts, seed=0, guidance_scale=guidance)
+        scenes = judge.predict(images)
+        owner = [prompts[i // images_per_prompt] for i in range(len(texts))]
+        pairs = list(zip(owner, scenes, strict=True))
+        passed = np.array([judge_prompt(p, s)["passed"] for p, s in pairs])
+        per_prompt = passed.reshape(len(prompts), images_per_prompt).mean(1)
+        cats = {c: float(per_prompt[[p.category == c for p in prompts]].mean()) for c in CATEGORIES}
+        diagnoses = [diagnose(p, s, form) for p, s in pairs]
+        result[form] = {
+            "prompt_following": {**cats, "overall": float(np.mean(list(cats.values())))},
+            **summarise_diagnoses(diagnoses),
+            "seconds": round(time.time() - t, 1),
+        }
+        grid = image_grid(images[: 16 * images_per_prompt], nrow=4 * images_per_prompt, scale=3)
+        grid.save(model / f"follow_{form}_{pipe.eval_cfg.get('spacing', 'leading')}.png")
+    name = f"follow_{pipe.eval_cfg.get('spacing', 'leading')}_{guidance or 'default'}.json"
+    (model / name).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+@torch.no_grad()
+def denoise_once(model: Path, raw: Path, n: int = 64) -> dict[int, float]:
+    """RMS error ([-1, 1] pixels) of the model's x0 estimate from one step, per noise
+    level t, on `n` held-out images noised with a fixed seed (empty caption)."""
+    from models.common.data import load_images
+    from models.diffusion.autoencoder import to_model_range
+    from models.diffusion.model import noise_scheduler
+
+    pipe = load_text_to_image(model)
+    rows = pd.read_parquet(raw / "index.parquet").query("split == 'eval'").head(n)
+    x = to_model_range(load_images(raw, rows["key"].tolist(), rows["shard"].tolist(), 32))
+    scale = pipe.vae.config.scaling_factor
+    z = pipe.vae.encode(x).latent_dist.mode() * scale
+    sched = noise_scheduler(pipe.diffusion)
+    states, pooled = pipe.text_encoder([""] * len(z))
+    projection = pipe.unet.config.class_embed_type == "projection"
+    gen = torch.Generator().manual_seed(0)
+    errors = {}
+    for t in (10, 50, 200, 400, 800, 950):
+        steps = torch.full((len(z),), t)
+        zt = sched.add_noise(z, torch.randn(z.shape, generator=gen), steps)
+        out = pipe.unet(zt, steps, states, class_labels=pooled if projection else None).sample
+        a = sched.alphas_cumprod[t]
+        if pipe.diffusion.prediction_type == "v_prediction":
+            x0 = a.sqrt() * zt - (1 - a).sqrt() * out
+        else:
+            x0 = (zt - (1 - a).sqrt() * out) / a.sqrt()
+        errors[t] = float((pipe.vae.decode(x0 / scale).sample - x).pow(2).mean().sqrt())
+    errors["grey"] = float(x.pow(2).mean().sqrt())  # predicting 0 everywhere
+    return errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("oracle", help="ground-truth captions and their mixed sampler")
+    o.add_argument("--raw", type=Path, default=Path("data/raw"))
+    o.add_argument("--out", type=Path, required=True)
+    o.add_argument("--params", type=Path, default=Path("params.yaml"))
+    f = sub.add_parser("follow", help="prompt following of a trained model, without CLIP")
+    f.add_argument("--model", type=Path, required=True)
+    f.add_argument("--judge", type=Path, default=Path("data/world_judge"))
+    f.add_argument("--images-per-prompt", type=int, default=4)
+    f.add_argument("--spacing", choices=["leading", "trailing"], default=None)
+    f.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    d = sub.add_parser("denoise", help="error of one-step x0 estimates per noise level")
+    d.add_argument("--model", type=Path, required=True)
+    d.add_argument("--raw", type=Path, default=Path("data/raw"))
+    args = ap.parse_args()
+    if args.command == "oracle":
+        oracle(args.raw, args.out, args.params)
+        return
+    if args.command == "denoise":
+        print(json.dumps(denoise_once(args.model, args.raw), indent=1))
+        return
+    result = follow(args.model, args.judge, args.images_per_prompt, args.spacing, args.guidance)
+    for form, r in result.items():
+        print(form, {k: round(v, 3) for k, v in r["prompt_following"].items()})
+        print(form, {k: round(v, 3) for k, v in r["attribute_accuracy"].items()})
+
+
+if __name__ == "__main__":
+    main()
