@@ -34,7 +34,7 @@ from corpus.params import load_section
 from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
 from models.common.data import load_images
-from models.diffusion.patch_autoencoder import PatchAutoencoder
+from models.diffusion.patch_autoencoder import PatchAutoencoder, autoencoder_class
 from models.evaluation.world_judge import (
     WorldJudge,
     judge_accuracy,
@@ -95,9 +95,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | PatchAutoencode
         return load_autoencoder(cfg.pretrained, cfg.subfolder)
     config = json.loads((CONFIG_DIR / f"{cfg.config}.json").read_text())
     config.update(cfg.overrides or {})
-    if config.get("_class_name") == PatchAutoencoder.__name__:
-        return PatchAutoencoder.from_config(config)
-    return AutoencoderKL.from_config(config)
+    return autoencoder_class(config).from_config(config)
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:

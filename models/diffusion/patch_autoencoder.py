@@ -46,10 +46,6 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         dtype = kwargs.get("torch_dtype")
         return model.to(dtype) if isinstance(dtype, torch.dtype) else model
 
-    @property
-    def latent_channels(self) -> int:
-        return self.config.in_channels * self.config.patch_size**2
-
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         z = F.pixel_unshuffle(x, self.config.patch_size)
         dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), True)
@@ -60,8 +56,13 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=x) if return_dict else (x,)
 
 
+def autoencoder_class(config: dict) -> type[AutoencoderKL] | type[PatchAutoencoder]:
+    """The class a diffusers config (its `_class_name`) describes."""
+    patch = config.get("_class_name") == PatchAutoencoder.__name__
+    return PatchAutoencoder if patch else AutoencoderKL
+
+
 def load_trained_autoencoder(folder: Path) -> AutoencoderKL | PatchAutoencoder:
     """The autoencoder saved in `folder` (a `save_pretrained` folder), whichever class."""
-    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
-    cls = PatchAutoencoder if name == PatchAutoencoder.__name__ else AutoencoderKL
-    return cls.from_pretrained(folder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return autoencoder_class(config).from_pretrained(folder)
