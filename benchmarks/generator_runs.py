@@ -6,7 +6,7 @@ hour of recaptioning. `follow` samples the prompt suite from a trained model and
 it as the eval report does (all conditions per category and form, attribute accuracy,
 failure reasons), without the reference CLIP:
 
-    python -m benchmarks.generator_runs oracle --raw data/raw --out data/oracle
+    python -m benchmarks.generator_runs oracle --raw data/raw --out data/oracle  # --max-objects 1
     python -m models.diffusion.train --params run.yaml --raw data/raw \
         --sampler data/oracle/mixed_sampler --autoencoder data/autoencoder --out data/exp/run
     python -m benchmarks.generator_runs follow --model data/exp/run --judge data/world_judge
@@ -36,13 +36,16 @@ from models.evaluation.report import summarise_diagnoses
 from models.evaluation.world_judge import load_judge
 
 
-def oracle(raw: Path, out: Path, params: Path) -> None:
+def oracle(raw: Path, out: Path, params: Path, max_objects: int | None = None) -> None:
+    """Ground-truth captions of `raw` (of its scenes with at most `max_objects` objects)."""
     index = pd.read_parquet(raw / "index.parquet")
     rows = []
     for shard, group in index.groupby("shard"):
         meta = read_json_sidecars(raw / f"{shard}.tar", set(group["key"]))
         for r in group.itertuples():
             scene = Scene.from_dict(meta[r.key]["scene"])
+            if max_objects and len(scene.objects) > max_objects:
+                continue
             rows.append(
                 {
                     "key": r.key,
@@ -136,6 +139,7 @@ def main() -> None:
     o.add_argument("--raw", type=Path, default=Path("data/raw"))
     o.add_argument("--out", type=Path, required=True)
     o.add_argument("--params", type=Path, default=Path("params.yaml"))
+    o.add_argument("--max-objects", type=int, default=None, help="keep simpler scenes only")
     f = sub.add_parser("follow", help="prompt following of a trained model, without CLIP")
     f.add_argument("--model", type=Path, required=True)
     f.add_argument("--judge", type=Path, default=Path("data/world_judge"))
@@ -147,7 +151,7 @@ def main() -> None:
     d.add_argument("--raw", type=Path, default=Path("data/raw"))
     args = ap.parse_args()
     if args.command == "oracle":
-        oracle(args.raw, args.out, args.params)
+        oracle(args.raw, args.out, args.params, args.max_objects)
         return
     if args.command == "denoise":
         print(json.dumps(denoise_once(args.model, args.raw), indent=1))

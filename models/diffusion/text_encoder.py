@@ -15,6 +15,8 @@ Both give per-token states (for cross-attention) and one pooled vector per capti
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ from transformers import (
 )
 
 from corpus.config import build_config
+from corpus.scene_text import plural
+from corpus.world import SHAPES
 from models import CONFIG_DIR
 from models.common.clip import ClipTextTokenizer, warmup_cosine_adamw
 from models.common.tokenizer import train_bpe_tokenizer
@@ -54,6 +58,10 @@ class TextPretrainConfig:
     warmup_steps: int = 30
     texts: int = 60_000  # objective "masked": texts of the world's language it reads
     mask_ratio: float = 0.25
+    # contrastive: each caption is also contrasted with a copy of itself whose one shape
+    # word names another shape (a hard negative, as NegCLIP does): in-batch negatives
+    # differ in colour and place, so without these the towers never need to read shapes
+    hard_negatives: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,20 @@ class _ImageTower(torch.nn.Module):
         return self.proj(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
 
 
+_SHAPE_WORD = re.compile(r"\b(" + "|".join(SHAPES) + r")(e?s)?\b")
+
+
+def swap_one_shape(text: str, rng: random.Random) -> str | None:
+    """`text` with one of its shape words (chosen by `rng`) naming another shape, plural
+    kept; None when it names no shape."""
+    hits = list(_SHAPE_WORD.finditer(text))
+    if not hits:
+        return None
+    hit = rng.choice(hits)
+    other = rng.choice([s for s in SHAPES if s != hit.group(1)])
+    return text[: hit.start()] + (plural(other) if hit.group(2) else other) + text[hit.end() :]
+
+
 class _ContrastiveModule(L.LightningModule):
     def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig, eos_id: int):
         super().__init__()
@@ -213,12 +235,27 @@ class _ContrastiveModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img = F.normalize(self.image(batch["image"].float() / 127.5 - 1), dim=-1)
-        txt = F.normalize(clip_text_features(self.text, batch["ids"], self.eos_id)[1], dim=-1)
-        logits = self.logit_scale.clamp(max=4.6).exp() * img @ txt.T
-        labels = torch.arange(len(img), device=img.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        n = len(img)
+        ids = torch.cat([batch["ids"], batch["neg_ids"]]) if "neg_ids" in batch else batch["ids"]
+        txt = F.normalize(clip_text_features(self.text, ids, self.eos_id)[1], dim=-1)
+        scale = self.logit_scale.clamp(max=4.6).exp()
+        logits = scale * img @ txt[:n].T
+        labels = torch.arange(n, device=img.device)
+        image_logits = logits
+        metrics = {}
+        if "neg_ids" in batch:
+            # every image also scores every caption's shape-swapped copy (none: -inf)
+            negatives = (scale * img @ txt[n:].T).masked_fill(~batch["has_neg"][None], -1e4)
+            image_logits = torch.cat([logits, negatives], 1)
+            own = batch["has_neg"]
+            metrics["text_encoder/hard_negative_acc"] = (
+                (logits.diagonal() > negatives.diagonal())[own].float().mean()
+            )
+        loss = (F.cross_entropy(image_logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         acc = (logits.argmax(1) == labels).float().mean()
-        self.log_dict({"text_encoder/loss": loss, "text_encoder/acc": acc}, prog_bar=True)
+        self.log_dict(
+            {"text_encoder/loss": loss, "text_encoder/acc": acc, **metrics}, prog_bar=True
+        )
         return loss
 
     def configure_optimizers(self):
@@ -228,14 +265,23 @@ class _ContrastiveModule(L.LightningModule):
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, ids: torch.Tensor):
-        self.images, self.ids = images, ids
+    def __init__(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        neg_ids: torch.Tensor | None = None,
+        has_neg: torch.Tensor | None = None,
+    ):
+        self.images, self.ids, self.neg_ids, self.has_neg = images, ids, neg_ids, has_neg
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "ids": self.ids[i]}
+        item = {"image": self.images[i], "ids": self.ids[i]}
+        if self.neg_ids is not None:
+            item.update(neg_ids=self.neg_ids[i], has_neg=self.has_neg[i])
+        return item
 
 
 def eos_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
@@ -275,10 +321,21 @@ def pretrain_text_encoder(
         eos_token_id=tokenizer.eos_token_id,
     )
     model = CLIPTextModelWithProjection(config)
-    ids = ClipTextTokenizer(cfg.context_length, tokenizer)(texts)
+    tokenize = ClipTextTokenizer(cfg.context_length, tokenizer)
     pairs = [i for i, t in enumerate(texts) if t]  # an empty caption describes nothing
+    ids = tokenize([texts[i] for i in pairs])
+    dataset = _PairDataset(images[pairs], ids)
+    if cfg.pretrain.hard_negatives:
+        rng = random.Random(seed)
+        negatives = [swap_one_shape(texts[i], rng) for i in pairs]
+        dataset = _PairDataset(
+            images[pairs],
+            ids,
+            tokenize([t or "" for t in negatives]),
+            torch.tensor([t is not None for t in negatives]),
+        )
     loader = torch.utils.data.DataLoader(
-        _PairDataset(images[pairs], ids[pairs]),
+        dataset,
         batch_size=cfg.pretrain.batch_size,
         shuffle=True,
         drop_last=True,
