@@ -244,12 +244,13 @@ class _ContrastiveModule(L.LightningModule):
         image_logits = logits
         metrics = {}
         if "neg_ids" in batch:
-            # every image also scores every caption's shape-swapped copy (none: -inf)
-            negatives = (scale * img @ txt[n:].T).masked_fill(~batch["has_neg"][None], -1e4)
+            # every image also scores every caption's shape-swapped copy; a caption
+            # without a shape word has none, and its column is masked out
+            has_neg = batch["has_neg"]
+            negatives = (scale * img @ txt[n:].T).masked_fill(~has_neg[None], -1e4)
             image_logits = torch.cat([logits, negatives], 1)
-            own = batch["has_neg"]
             metrics["text_encoder/hard_negative_acc"] = (
-                (logits.diagonal() > negatives.diagonal())[own].float().mean()
+                (logits.diagonal() > negatives.diagonal())[has_neg].float().mean()
             )
         loss = (F.cross_entropy(image_logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         acc = (logits.argmax(1) == labels).float().mean()
@@ -324,16 +325,13 @@ def pretrain_text_encoder(
     tokenize = ClipTextTokenizer(cfg.context_length, tokenizer)
     pairs = [i for i, t in enumerate(texts) if t]  # an empty caption describes nothing
     ids = tokenize([texts[i] for i in pairs])
-    dataset = _PairDataset(images[pairs], ids)
+    neg_ids = has_neg = None
     if cfg.pretrain.hard_negatives:
         rng = random.Random(seed)
         negatives = [swap_one_shape(texts[i], rng) for i in pairs]
-        dataset = _PairDataset(
-            images[pairs],
-            ids,
-            tokenize([t or "" for t in negatives]),
-            torch.tensor([t is not None for t in negatives]),
-        )
+        neg_ids = tokenize([t or "" for t in negatives])
+        has_neg = torch.tensor([t is not None for t in negatives])
+    dataset = _PairDataset(images[pairs], ids, neg_ids, has_neg)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.pretrain.batch_size,
