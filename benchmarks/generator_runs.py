@@ -125,6 +125,8 @@ def denoise_once(model: Path, raw: Path, n: int = 64) -> dict[int, float]:
         a = sched.alphas_cumprod[t]
         if pipe.diffusion.prediction_type == "v_prediction":
             x0 = a.sqrt() * zt - (1 - a).sqrt() * out
+        elif pipe.diffusion.prediction_type == "sample":
+            x0 = out
         else:
             x0 = (zt - (1 - a).sqrt() * out) / a.sqrt()
         errors[t] = float((pipe.vae.decode(x0 / scale).sample - x).pow(2).mean().sqrt())

@@ -38,6 +38,11 @@ class UNetConfig:
     overrides: dict | None = None  # ... with sizes changed from params.yaml (full: bigger)
 
 
+# What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
+# latent itself (diffusers calls it "sample").
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     lr: float = 1e-3
@@ -46,7 +51,7 @@ class DiffusionConfig:
     max_steps: int = 2000
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    prediction_type: str = "epsilon"  # one of PREDICTION_TYPES
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
     ema_decay: float = 0.999
 
@@ -104,17 +109,26 @@ class LatentDiffusion(L.LightningModule):
         t = torch.randint(0, self.cfg.num_train_timesteps, (len(z),), device=z.device)
         noisy = self.scheduler.add_noise(z, noise, t)
         pred = self._unet(noisy, t, batch["states"].to(z.dtype), batch["pooled"].to(z.dtype))
-        if self.cfg.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(z, noise, t)
-        else:
-            target = noise
+        kind = self.cfg.prediction_type
+        target = {
+            "epsilon": noise,
+            "v_prediction": self.scheduler.get_velocity(z, noise, t),
+            "sample": z,
+        }[kind]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         if self.cfg.snr_gamma:
+            # min-SNR-gamma weights the x0 error by min(SNR, gamma); an epsilon error is
+            # SNR times an x0 error, a velocity error SNR + 1 times.
             snr = compute_snr(self.scheduler, t)
-            weight = snr.clamp(max=self.cfg.snr_gamma) / snr
-            if self.cfg.prediction_type == "v_prediction":
-                weight = snr.clamp(max=self.cfg.snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
+            clamped = snr.clamp(max=self.cfg.snr_gamma)
+            per_sample = (
+                per_sample
+                * {
+                    "epsilon": clamped / snr,
+                    "v_prediction": clamped / (snr + 1),
+                    "sample": clamped,
+                }[kind]
+            )
         return per_sample.mean()
 
     def on_fit_start(self) -> None:

@@ -51,6 +51,7 @@ from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.diffusers_pipeline import export_diffusers_pipeline
 from models.diffusion.masked_text import pretrain_masked_text_encoder
 from models.diffusion.model import (
+    PREDICTION_TYPES,
     DiffusionConfig,
     LatentDiffusion,
     UNetConfig,
@@ -121,11 +122,17 @@ class DiffusionTrainConfig:
     mlflow_run_id: str | None = None
 
     def __post_init__(self) -> None:
+        if self.diffusion.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"diffusion_model.diffusion.prediction_type: {self.diffusion.prediction_type!r} "
+                f"is not one of {PREDICTION_TYPES}"
+            )
         if self.eval.spacing == "trailing" and self.diffusion.prediction_type == "epsilon":
             raise ConfigError(
                 "diffusion_model.eval.spacing: trailing starts sampling at t=999, where an "
                 "epsilon-predicting model's x0 estimate is divided by sqrt(alpha_bar) = 5e-5; "
-                "use it with diffusion.prediction_type: v_prediction, or spacing: leading"
+                "use it with diffusion.prediction_type: v_prediction or sample, or spacing: "
+                "leading"
             )
 
     @classmethod

@@ -32,7 +32,14 @@ from models.diffusion.autoencoder import (
     load_autoencoder,
     train_autoencoder,
 )
-from models.diffusion.model import DiffusionConfig, sampling_scheduler
+from models.diffusion.model import (
+    PREDICTION_TYPES,
+    DiffusionConfig,
+    LatentDiffusion,
+    UNetConfig,
+    build_unet,
+    sampling_scheduler,
+)
 from models.diffusion.text_encoder import MissingTextEncoderError, load_text_encoder
 from models.diffusion.train import DiffusionTrainConfig, train_diffusion
 from models.evaluation.colour_following import colour_prompts, score_colours
@@ -249,6 +256,46 @@ def test_trailing_spacing_starts_at_the_last_timestep_and_needs_v_prediction():
         noise = (x - a.sqrt() * target) / (1 - a).sqrt()
         x = sched.step(a.sqrt() * noise - (1 - a).sqrt() * target, t, x).prev_sample
     assert torch.allclose(x, target, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", PREDICTION_TYPES)
+def test_each_prediction_type_is_trained_towards_a_perfect_denoiser(kind):
+    # The loss is zero for the model that predicts exactly what `kind` names (the noise,
+    # the velocity or the clean latent), under min-SNR weighting, and positive otherwise;
+    # DDIM driven by that prediction lands on the clean latent.
+    cfg = DiffusionConfig(prediction_type=kind, snr_gamma=5.0)
+    unet = build_unet(
+        UNetConfig(overrides={"block_out_channels": [8, 16, 16], "norm_num_groups": 4}),
+        16,
+        16,
+        (4, 8, 8),
+    )
+    module = LatentDiffusion(unet, cfg)
+    z = torch.linspace(-3, 3, 512).reshape(2, 4, 8, 8)
+    a_bar = module.scheduler.alphas_cumprod
+
+    def perfect(noisy, t, states, pooled):
+        a = a_bar[t].view(-1, 1, 1, 1)
+        eps = (noisy - a.sqrt() * z) / (1 - a).sqrt()
+        return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * z}.get(kind, z)
+
+    batch = {"latents": z, "states": torch.zeros(2, 3, 16), "pooled": torch.zeros(2, 16)}
+    module._unet = perfect
+    assert module.diffusion_loss(batch) < 1e-6
+    module._unet = lambda *a: perfect(*a) + 0.1
+    assert module.diffusion_loss(batch) > 1e-4
+
+    sched = sampling_scheduler("ddim", cfg)
+    sched.set_timesteps(20)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = sched.step(perfect(x, t.view(1), None, None), t, x).prev_sample
+    assert torch.allclose(x, z, atol=1e-3)
+
+
+def test_an_unknown_prediction_type_is_refused_by_name():
+    with pytest.raises(ConfigError, match="prediction_type: 'x0'"):
+        DiffusionTrainConfig.from_dict({"diffusion": {"prediction_type": "x0"}})
 
 
 def _renders(colours: list[str]) -> np.ndarray:
