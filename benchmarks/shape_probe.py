@@ -1,0 +1,200 @@
+"""Can the UNet learn to draw shapes? A small, fast proxy of the generator's training.
+
+Single-object scenes rendered in memory (no corpus, no caches), their ground-truth
+descriptive captions, the UNet trained with `LatentDiffusion.diffusion_loss` in a plain
+loop, then one sample per (shape, colour, size, cell) combination read by the world judge:
+the share of objects drawn, and of those the share with the prompted shape. The world can
+be narrowed (`--cells`, `--sizes`, `--backgrounds`) to find where learning shape stops.
+
+    python -m benchmarks.shape_probe --text-encoder data/exp/work/e3/text_encoder \
+        --cells 4 --sizes large --steps 400 --out data/probe/a
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from corpus.scene_text import descriptive_caption
+from corpus.world import BACKGROUNDS, CELL_NAMES, COLORS, SHAPES, SIZES, Scene, SceneObject, render
+from models.diffusion.autoencoder import image_grid, to_model_range
+from models.diffusion.model import (
+    DiffusionConfig,
+    LatentDiffusion,
+    UNetConfig,
+    build_unet,
+    generate,
+)
+from models.diffusion.patch_autoencoder import PatchAutoencoder
+from models.diffusion.text_encoder import load_text_encoder
+from models.evaluation.world_judge import load_judge
+
+CELLS = sorted(CELL_NAMES)
+
+
+def world(cells: int, sizes: list[str], backgrounds: list[str]) -> list[tuple]:
+    """Every (shape, colour, size, cell, background) of the narrowed world."""
+    return list(itertools.product(SHAPES, COLORS, sizes, CELLS[:cells], backgrounds))
+
+
+def scene_of(item: tuple) -> Scene:
+    shape, colour, size, (row, col), background = item
+    return Scene((SceneObject(shape, colour, size, row, col),), background)
+
+
+def images_of(items: list[tuple], resolution: int = 32) -> torch.Tensor:
+    arr = [
+        np.asarray(render(scene_of(i), 64).resize((resolution,) * 2, Image.Resampling.BICUBIC))
+        for i in items
+    ]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+class ExtraPooled(torch.nn.Module):
+    """The text encoder with more appended to its pooled vector: `shape`, the prompt's
+    shape one-hot (a diagnostic: the UNet is told the shape without reading the text);
+    `mean`, the mean of the caption's token states (padding left out)."""
+
+    def __init__(self, encoder, mode: str, scale: float):
+        super().__init__()
+        self.encoder, self.mode, self.scale = encoder, mode, scale
+
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = self.encoder(texts)
+        if self.mode == "shape":
+            extra = torch.zeros(len(texts), len(SHAPES))
+            for i, text in enumerate(texts):
+                for j, shape in enumerate(SHAPES):
+                    extra[i, j] = float(shape in text)
+        else:
+            ids = self.encoder.tokenize(texts)
+            mask = (ids != self.encoder.tokenizer.pad_token_id).float()[..., None]
+            extra = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return states, torch.cat([pooled, self.scale * extra.to(pooled)], 1)
+
+    def encode_all(self, texts: list[str], dtype: torch.dtype) -> tuple:
+        states, pooled = self(texts)
+        return states.to(dtype), pooled.to(dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--text-encoder", type=Path, required=True)
+    p.add_argument("--judge", type=Path, default=Path("data/world_judge"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cells", type=int, default=9, help="the first N of the 9 cells")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES))
+    p.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--guidance", type=float, nargs="+", default=[6.0])
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout for guidance")
+    p.add_argument("--config", type=Path, help="yaml: {unet: {...}, diffusion: {...}}")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--extra-pooled", choices=["shape", "mean"], default=None)
+    p.add_argument("--extra-scale", type=float, default=1.0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    cfg = yaml.safe_load(args.config.read_text()) if args.config else {}
+    items = world(args.cells, args.sizes, args.backgrounds)
+    captions = [descriptive_caption(scene_of(i), rng) for i in items]
+    encoder = load_text_encoder(args.text_encoder, 96)
+    if args.extra_pooled:
+        encoder = ExtraPooled(encoder, args.extra_pooled, args.extra_scale)
+    with torch.no_grad():
+        states, pooled = encoder.encode_all(captions, dtype=torch.float32)
+        empty_states, empty_pooled = encoder([""])
+    pixels = PatchAutoencoder(patch_size=2, sample_size=32).encode(to_model_range(images_of(items)))
+    # Unit-variance latents, as the autoencoder asset's scaling factor gives the real runs.
+    scale = float(1 / pixels.latent_dist.mode().std())
+    ae = PatchAutoencoder(patch_size=2, sample_size=32, scaling_factor=scale)
+    latents = pixels.latent_dist.mode() * scale
+    dcfg = DiffusionConfig(**{"max_steps": args.steps, **cfg.get("diffusion", {})})
+    unet = build_unet(
+        UNetConfig(**cfg.get("unet", {})), states.shape[-1], pooled.shape[-1], latents.shape[1:]
+    )
+    module = LatentDiffusion(unet, dcfg)
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    print(f"{len(items)} scenes, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params")
+    start, losses = time.time(), []
+    for step in range(args.steps):
+        idx = torch.randint(0, len(items), (args.batch,))
+        drop = torch.rand(args.batch) < args.drop
+        s, pv = states[idx].clone(), pooled[idx].clone()
+        s[drop], pv[drop] = empty_states[0], empty_pooled[0]
+        loss = module.diffusion_loss({"latents": latents[idx], "states": s, "pooled": pv})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        module.ema.step(unet.parameters())
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            rate = (step + 1) * args.batch / (time.time() - start)
+            print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} {rate:.0f} img/s", flush=True)
+    train_s = time.time() - start
+    # One sample of each combination (at most 448), judged, at each guidance scale.
+    eval_items = items if len(items) <= 448 else random.Random(1).sample(items, 448)
+    prompts = [descriptive_caption(scene_of(i), random.Random(2)) for i in eval_items]
+    judge, ema = load_judge(args.judge), module.ema_unet()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "scenes": len(items),
+        "steps": args.steps,
+        "train_seconds": round(train_s, 1),
+        "final_loss": float(np.mean(losses[-50:])),
+        "guidance": {},
+        "config": cfg,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    for guidance in args.guidance:
+        images = generate(
+            ema,
+            ae,
+            encoder,
+            prompts,
+            dcfg,
+            seed=0,
+            steps=args.sample_steps,
+            guidance_scale=guidance,
+        )
+        result["guidance"][guidance] = score(eval_items, judge.predict(images))
+        order = sorted(range(len(eval_items)), key=lambda i: SHAPES.index(eval_items[i][0]))
+        image_grid(images[order[:56]], nrow=8, scale=3).save(args.out / f"samples_g{guidance}.png")
+    (args.out / "probe.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("args", "config")}, indent=1))
+
+
+def score(items: list[tuple], judged: list[Scene]) -> dict:
+    """Share of prompted objects drawn in their cell, and of those with the prompted shape."""
+    drawn, per_shape = [], {s: [] for s in SHAPES}
+    for item, scene in zip(items, judged, strict=True):
+        shape, _, _, (row, col), _ = item
+        hit = [o for o in scene.objects if (o.row, o.col) == (row, col)]
+        drawn.append(bool(hit))
+        if hit:
+            per_shape[shape].append(hit[0].shape == shape)
+    shape_ok = [x for v in per_shape.values() for x in v]
+    return {
+        "drawn": round(float(np.mean(drawn)), 3),
+        "shape_given_drawn": round(float(np.mean(shape_ok)), 3) if shape_ok else 0.0,
+        "per_shape": {k: round(float(np.mean(v)), 2) if v else None for k, v in per_shape.items()},
+    }
+
+
+if __name__ == "__main__":
+    main()
