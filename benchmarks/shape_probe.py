@@ -62,7 +62,8 @@ def images_of(items: list[tuple], resolution: int = 32) -> torch.Tensor:
 class ExtraPooled(torch.nn.Module):
     """The text encoder with more appended to its pooled vector: `shape`, the prompt's
     shape one-hot (a diagnostic: the UNet is told the shape without reading the text);
-    `mean`, the mean of the caption's token states (padding left out)."""
+    `mean` / `max`, the mean / elementwise max of the caption's token states (padding
+    left out)."""
 
     def __init__(self, encoder, mode: str, scale: float):
         super().__init__()
@@ -78,7 +79,10 @@ class ExtraPooled(torch.nn.Module):
         else:
             ids = self.encoder.tokenize(texts)
             mask = (ids != self.encoder.tokenizer.pad_token_id).float()[..., None]
-            extra = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            if self.mode == "mean":
+                extra = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            else:
+                extra = states.masked_fill(mask == 0, -1e4).amax(1).clamp(min=-1e3)
         return states, torch.cat([pooled, self.scale * extra.to(pooled)], 1)
 
     def encode_all(self, texts: list[str], dtype: torch.dtype) -> tuple:
@@ -101,7 +105,7 @@ def main() -> None:
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for guidance")
     p.add_argument("--config", type=Path, help="yaml: {unet: {...}, diffusion: {...}}")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--extra-pooled", choices=["shape", "mean"], default=None)
+    p.add_argument("--extra-pooled", choices=["shape", "mean", "max"], default=None)
     p.add_argument("--extra-scale", type=float, default=1.0)
     args = p.parse_args()
     if args.threads:
