@@ -62,6 +62,9 @@ class TextPretrainConfig:
     # word names another shape (a hard negative, as NegCLIP does): in-batch negatives
     # differ in colour and place, so without these the towers never need to read shapes
     hard_negatives: bool = False
+    # contrastive: channels of the image tower's first layer (x2, x4 deeper); a wider
+    # tower reads shape better, and the text tower learns what its partner can read
+    image_width: int = 32
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class _ContrastiveModule(L.LightningModule):
     def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig, eos_id: int):
         super().__init__()
         self.text, self.cfg, self.eos_id = text, cfg, eos_id
-        self.image = _ImageTower(text.config.projection_dim)
+        self.image = _ImageTower(text.config.projection_dim, cfg.image_width)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # ln(1 / 0.07)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
