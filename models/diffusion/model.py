@@ -110,11 +110,10 @@ class LatentDiffusion(L.LightningModule):
         noisy = self.scheduler.add_noise(z, noise, t)
         pred = self._unet(noisy, t, batch["states"].to(z.dtype), batch["pooled"].to(z.dtype))
         kind = self.cfg.prediction_type
-        target = {
-            "epsilon": noise,
-            "v_prediction": self.scheduler.get_velocity(z, noise, t),
-            "sample": z,
-        }[kind]
+        if kind == "v_prediction":
+            target = self.scheduler.get_velocity(z, noise, t)
+        else:
+            target = z if kind == "sample" else noise
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         if self.cfg.snr_gamma:
             # min-SNR-gamma weights the x0 error by min(SNR, gamma); an epsilon error is
