@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from corpus.scene_text import descriptive_caption
-from corpus.world import BACKGROUNDS, CELL_NAMES, COLORS, SHAPES, SIZES, Scene, SceneObject, render
+from corpus.world import BACKGROUNDS, CELL_NAMES, COLORS, SHAPES, SIZES, Scene, SceneObject
 from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.model import (
     DiffusionConfig,
@@ -36,7 +35,7 @@ from models.diffusion.model import (
 )
 from models.diffusion.patch_autoencoder import PatchAutoencoder
 from models.diffusion.text_encoder import load_text_encoder
-from models.evaluation.world_judge import load_judge
+from models.evaluation.world_judge import load_judge, render_scenes
 
 CELLS = sorted(CELL_NAMES)
 
@@ -49,14 +48,6 @@ def world(cells: int, sizes: list[str], backgrounds: list[str]) -> list[tuple]:
 def scene_of(item: tuple) -> Scene:
     shape, colour, size, (row, col), background = item
     return Scene((SceneObject(shape, colour, size, row, col),), background)
-
-
-def images_of(items: list[tuple], resolution: int = 32) -> torch.Tensor:
-    arr = [
-        np.asarray(render(scene_of(i), 64).resize((resolution,) * 2, Image.Resampling.BICUBIC))
-        for i in items
-    ]
-    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()
 
 
 class ExtraPooled(torch.nn.Module):
@@ -121,11 +112,12 @@ def main() -> None:
     with torch.no_grad():
         states, pooled = encoder.encode_all(captions, dtype=torch.float32)
         empty_states, empty_pooled = encoder([""])
-    pixels = PatchAutoencoder(patch_size=2, sample_size=32).encode(to_model_range(images_of(items)))
+    renders = to_model_range(render_scenes([scene_of(i) for i in items], 32))
+    pixels = PatchAutoencoder(patch_size=2, sample_size=32).encode(renders).latent_dist.mode()
     # Unit-variance latents, as the autoencoder asset's scaling factor gives the real runs.
-    scale = float(1 / pixels.latent_dist.mode().std())
+    scale = float(1 / pixels.std())
     ae = PatchAutoencoder(patch_size=2, sample_size=32, scaling_factor=scale)
-    latents = pixels.latent_dist.mode() * scale
+    latents = pixels * scale
     dcfg = DiffusionConfig(**{"max_steps": args.steps, **cfg.get("diffusion", {})})
     unet = build_unet(
         UNetConfig(**cfg.get("unet", {})), states.shape[-1], pooled.shape[-1], latents.shape[1:]

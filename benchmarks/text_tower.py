@@ -16,12 +16,10 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from corpus.scene_text import descriptive_caption, short_caption
-from corpus.world import WorldConfig, render, sample_scene
+from corpus.world import WorldConfig, sample_scene
 from models.diffusion.text_encoder import (
     TextEncoderConfig,
     TextPretrainConfig,
@@ -29,6 +27,7 @@ from models.diffusion.text_encoder import (
     pretrain_text_encoder,
 )
 from models.diffusion.text_probes import probe_text_encoder
+from models.evaluation.world_judge import render_scenes
 
 
 def main() -> None:
@@ -48,8 +47,7 @@ def main() -> None:
     texts = [
         descriptive_caption(s, rng) if i % 2 else short_caption(s) for i, s in enumerate(scenes)
     ]
-    pixels = [np.asarray(render(s, 64).resize((32, 32), Image.Resampling.BICUBIC)) for s in scenes]
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    images = render_scenes(scenes, 32)
     pretrain = TextPretrainConfig(
         max_steps=args.steps, hard_negatives=args.hard_negatives, image_width=args.image_width
     )

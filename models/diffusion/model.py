@@ -120,14 +120,8 @@ class LatentDiffusion(L.LightningModule):
             # SNR times an x0 error, a velocity error SNR + 1 times.
             snr = compute_snr(self.scheduler, t)
             clamped = snr.clamp(max=self.cfg.snr_gamma)
-            per_sample = (
-                per_sample
-                * {
-                    "epsilon": clamped / snr,
-                    "v_prediction": clamped / (snr + 1),
-                    "sample": clamped,
-                }[kind]
-            )
+            per_snr = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+            per_sample = per_sample * clamped / per_snr[kind]
         return per_sample.mean()
 
     def on_fit_start(self) -> None:
