@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from diffusers.training_utils import EMAModel
 
 from corpus.scene_text import descriptive_caption
 from corpus.world import BACKGROUNDS, CELL_NAMES, COLORS, SHAPES, SIZES, Scene, SceneObject
+from models.common.clip import warmup_cosine_adamw
 from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.model import (
     DiffusionConfig,
@@ -34,7 +36,7 @@ from models.diffusion.model import (
     generate,
 )
 from models.diffusion.patch_autoencoder import PatchAutoencoder
-from models.diffusion.text_encoder import load_text_encoder
+from models.diffusion.text_encoder import clip_text_features, load_text_encoder
 from models.evaluation.world_judge import load_judge, render_scenes
 
 CELLS = sorted(CELL_NAMES)
@@ -81,6 +83,38 @@ class ExtraPooled(torch.nn.Module):
         return states.to(dtype), pooled.to(dtype)
 
 
+class TextTuner:
+    """The text tower trained with the UNet (GLIDE trains its text transformer jointly):
+    the captions' token ids encoded with gradients at every step, its own AdamW on the
+    UNet's warmup-cosine schedule at `mult` times its lr, and an EMA that sampling uses,
+    as the UNet's EMA is used."""
+
+    def __init__(self, encoder, captions: list[str], mult: float, dcfg: DiffusionConfig):
+        self.encoder, self.model = encoder, encoder.model
+        self.model.requires_grad_(True)
+        self.ids = encoder.tokenize(captions)
+        self.empty = encoder.tokenize([""])[0]
+        self.opt = warmup_cosine_adamw(
+            self.model, dcfg.lr * mult, dcfg.weight_decay, dcfg.warmup_steps, dcfg.max_steps
+        )
+        self.ema = EMAModel(self.model.parameters(), decay=dcfg.ema_decay, use_ema_warmup=True)
+
+    def encode(self, idx: torch.Tensor, drop: torch.Tensor) -> tuple:
+        ids = self.ids[idx].clone()
+        ids[drop] = self.empty
+        return clip_text_features(self.model, ids, self.encoder.tokenizer.eos_token_id)
+
+    def step(self) -> None:
+        self.opt["optimizer"].step()
+        self.opt["optimizer"].zero_grad(set_to_none=True)
+        self.opt["lr_scheduler"]["scheduler"].step()
+        self.ema.step(self.model.parameters())
+
+    def use_ema(self) -> None:
+        self.ema.copy_to(self.model.parameters())
+        self.model.requires_grad_(False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--text-encoder", type=Path, required=True)
@@ -96,12 +130,19 @@ def main() -> None:
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for guidance")
     p.add_argument("--config", type=Path, help="yaml: {unet: {...}, diffusion: {...}}")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the UNet's init, batches and noise")
     p.add_argument("--extra-pooled", choices=["shape", "mean", "max"], default=None)
     p.add_argument("--extra-scale", type=float, default=1.0)
+    p.add_argument(
+        "--tune-text",
+        type=float,
+        default=0.0,
+        help="train the text tower with the UNet at this multiple of its lr (0: frozen)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     rng = random.Random(0)
     cfg = yaml.safe_load(args.config.read_text()) if args.config else {}
     items = world(args.cells, args.sizes, args.backgrounds)
@@ -125,19 +166,25 @@ def main() -> None:
     module = LatentDiffusion(unet, dcfg)
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    tuner = TextTuner(encoder, captions, args.tune_text, dcfg) if args.tune_text else None
     print(f"{len(items)} scenes, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params")
     start, losses = time.time(), []
     for step in range(args.steps):
         idx = torch.randint(0, len(items), (args.batch,))
         drop = torch.rand(args.batch) < args.drop
-        s, pv = states[idx].clone(), pooled[idx].clone()
-        s[drop], pv[drop] = empty_states[0], empty_pooled[0]
+        if tuner:
+            s, pv = tuner.encode(idx, drop)
+        else:
+            s, pv = states[idx].clone(), pooled[idx].clone()
+            s[drop], pv[drop] = empty_states[0], empty_pooled[0]
         loss = module.diffusion_loss({"latents": latents[idx], "states": s, "pooled": pv})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         module.ema.step(unet.parameters())
+        if tuner:
+            tuner.step()
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             rate = (step + 1) * args.batch / (time.time() - start)
@@ -147,6 +194,8 @@ def main() -> None:
     eval_items = items if len(items) <= 448 else random.Random(1).sample(items, 448)
     prompts = [descriptive_caption(scene_of(i), random.Random(2)) for i in eval_items]
     judge, ema = load_judge(args.judge), module.ema_unet()
+    if tuner:
+        tuner.use_ema()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "scenes": len(items),
