@@ -6,6 +6,11 @@ given settings, then `probe_text_encoder` on 4,000 fresh captions. Writes `probe
 in `--out`; the folder also loads as a `text_encoder.pretrained`.
 
     python -m benchmarks.text_tower --out data/te/hn1000 --steps 1000 --hard-negatives
+
+`--partner judge` is a diagnostic, not a recipe: the partner is the world judge (the
+evaluator) locked, its per-cell class probabilities through a trainable linear head, so
+the text tower is paired with an image side that reads every scene exactly. It says how
+far the contrastive objective can take the text tower when its partner is not the limit.
 """
 
 from __future__ import annotations
@@ -27,7 +32,35 @@ from models.diffusion.text_encoder import (
     pretrain_text_encoder,
 )
 from models.diffusion.text_probes import probe_text_encoder
-from models.evaluation.world_judge import render_scenes
+from models.evaluation.world_judge import JudgeNet, load_judge, render_scenes
+
+
+class LockedJudge(torch.nn.Module):
+    """The world judge's net, frozen and kept in eval mode (its batch norms too), read out
+    as per-cell class probabilities and background probabilities, then a trainable linear
+    map to the text tower's projection width."""
+
+    def __init__(self, net: JudgeNet, dim: int):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        with torch.no_grad():
+            width = self._read(torch.zeros(1, 3, 32, 32)).shape[1]
+        self.proj = torch.nn.Linear(width, dim)
+
+    def train(self, mode: bool = True) -> LockedJudge:
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        cells = [out[k].softmax(-1).flatten(1) for k in ("shape", "colour", "size", "word")]
+        return torch.cat([*cells, out["background"].softmax(-1)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            read = self._read(x)
+        return self.proj(read)
 
 
 def main() -> None:
@@ -39,6 +72,8 @@ def main() -> None:
     p.add_argument("--hard-negatives", action="store_true")
     p.add_argument("--context-length", type=int, default=96)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--partner", choices=["cnn", "judge"], default="cnn")
+    p.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,7 +88,11 @@ def main() -> None:
     )
     cfg = TextEncoderConfig(context_length=args.context_length, pretrain=pretrain)
     start = time.time()
-    metrics = pretrain_text_encoder(cfg, images, texts, args.out)
+    tower = None
+    if args.partner == "judge":
+        net = load_judge(args.judge).net
+        tower = lambda dim: LockedJudge(net, dim)  # noqa: E731
+    metrics = pretrain_text_encoder(cfg, images, texts, args.out, image_tower=tower)
     probes = probe_text_encoder(load_text_encoder(args.out, args.context_length), 4000)
     result = {"metrics": metrics, "probes": probes, "seconds": time.time() - start}
     result["args"] = {k: str(v) for k, v in vars(args).items()}

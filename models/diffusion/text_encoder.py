@@ -18,6 +18,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,10 +231,16 @@ def swap_one_shape(text: str, rng: random.Random) -> str | None:
 
 
 class _ContrastiveModule(L.LightningModule):
-    def __init__(self, text: CLIPTextModelWithProjection, cfg: TextPretrainConfig, eos_id: int):
+    def __init__(
+        self,
+        text: CLIPTextModelWithProjection,
+        cfg: TextPretrainConfig,
+        eos_id: int,
+        image: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self.text, self.cfg, self.eos_id = text, cfg, eos_id
-        self.image = _ImageTower(text.config.projection_dim, cfg.image_width)
+        self.image = image or _ImageTower(text.config.projection_dim, cfg.image_width)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # ln(1 / 0.07)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -309,10 +316,14 @@ def pretrain_text_encoder(
     out: Path,
     logger: L.pytorch.loggers.Logger | None = None,
     seed: int = 0,
+    image_tower: Callable[[int], torch.nn.Module] | None = None,
 ) -> dict:
     """Tiny profile: train a BPE tokenizer and a CLIP text tower contrastively against a
     small image tower on (image, caption) pairs; save the text tower and tokenizer with
-    `save_pretrained`, so it loads back through `load_text_encoder` like a hub model."""
+    `save_pretrained`, so it loads back through `load_text_encoder` like a hub model.
+
+    `image_tower(dim)` builds another partner (images in [-1, 1] -> (B, dim)), e.g. a
+    locked pretrained tower with a trainable head, as LiT pairs them."""
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
     tokenizer = eos_tokenizer([t for t in texts if t], cfg.vocab_size)
@@ -341,7 +352,8 @@ def pretrain_text_encoder(
         shuffle=True,
         drop_last=True,
     )
-    module = _ContrastiveModule(model, cfg.pretrain, tokenizer.eos_token_id)
+    partner = image_tower(config.projection_dim) if image_tower else None
+    module = _ContrastiveModule(model, cfg.pretrain, tokenizer.eos_token_id, partner)
     trainer = L.Trainer(
         max_steps=cfg.pretrain.max_steps,
         accelerator="auto",
