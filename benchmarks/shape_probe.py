@@ -56,14 +56,19 @@ class ExtraPooled(torch.nn.Module):
     """The text encoder with more appended to its pooled vector: `shape`, the prompt's
     shape one-hot (a diagnostic: the UNet is told the shape without reading the text);
     `mean` / `max`, the mean / elementwise max of the caption's token states (padding
-    left out)."""
+    left out); None, nothing. The pooled vector itself is first multiplied by
+    `pooled_scale`."""
 
-    def __init__(self, encoder, mode: str, scale: float):
+    def __init__(self, encoder, mode: str | None, scale: float, pooled_scale: float = 1.0):
         super().__init__()
         self.encoder, self.mode, self.scale = encoder, mode, scale
+        self.pooled_scale = pooled_scale
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states, pooled = self.encoder(texts)
+        pooled = self.pooled_scale * pooled
+        if self.mode is None:
+            return states, pooled
         if self.mode == "shape":
             extra = torch.zeros(len(texts), len(SHAPES))
             for i, text in enumerate(texts):
@@ -134,6 +139,9 @@ def main() -> None:
     p.add_argument("--extra-pooled", choices=["shape", "mean", "max"], default=None)
     p.add_argument("--extra-scale", type=float, default=1.0)
     p.add_argument(
+        "--pooled-scale", type=float, default=1.0, help="multiply the pooled vector by this"
+    )
+    p.add_argument(
         "--tune-text",
         type=float,
         default=0.0,
@@ -148,8 +156,8 @@ def main() -> None:
     items = world(args.cells, args.sizes, args.backgrounds)
     captions = [descriptive_caption(scene_of(i), rng) for i in items]
     encoder = load_text_encoder(args.text_encoder, 96)
-    if args.extra_pooled:
-        encoder = ExtraPooled(encoder, args.extra_pooled, args.extra_scale)
+    if args.extra_pooled or args.pooled_scale != 1:
+        encoder = ExtraPooled(encoder, args.extra_pooled, args.extra_scale, args.pooled_scale)
     with torch.no_grad():
         states, pooled = encoder.encode_all(captions, dtype=torch.float32)
         empty_states, empty_pooled = encoder([""])
