@@ -148,6 +148,8 @@ def main() -> None:
         help="train the text tower with the UNet at this multiple of its lr (0: frozen)",
     )
     args = p.parse_args()
+    if args.tune_text and (args.extra_pooled or args.pooled_scale != 1):
+        p.error("--tune-text trains the tower's own outputs: no --extra-pooled, --pooled-scale")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
