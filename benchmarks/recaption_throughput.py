@@ -1,8 +1,9 @@
 """Recaptioning throughput: both captions of each image (short and descriptive), decoded
 as `recaptioned_dataset` decodes them (params.yaml's `captioner.generation`: beam search
-checked by the concept heads as it writes), against plain beam search of the same width
-on the same weights and images, in one run; with the caption quality of each on the
-held-out images (the captioner's own measure).
+checked by the concept heads as it writes), against the same search run by transformers'
+`generate` (the check a logits processor) and plain beam search of the same width, on the
+same weights and images, in one run; with the caption quality of each on the held-out
+images (the captioner's own measure).
 
     python -m benchmarks.recaption_throughput --captioner data/captioner --raw data/raw
 """
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     keys, shards = list(held_out["key"]), list(held_out["shard"])
     scenes = read_scenes(Path(args.raw), keys, shards)
     results = {}
-    for name, gen in (("checked_beam", checked), ("plain_beam", plain)):
+    runs = {
+        "checked_beam": checked,
+        "checked_beam_transformers": replace(checked, beam_search="transformers"),
+        "plain_beam": plain,
+    }
+    for name, gen in runs.items():
         backend = PrefixCaptionerBackend(args.captioner, gen, cfg.short_max_new_tokens)
         images = load_images(Path(args.raw), keys, shards, backend.image_size)
         backend.caption(images[:4], "short")  # warm-up
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
         "checked_over_plain": results["checked_beam"]["images_per_s"]
         / results["plain_beam"]["images_per_s"],
+        "recapflow_over_transformers_search": results["checked_beam"]["images_per_s"]
+        / results["checked_beam_transformers"]["images_per_s"],
     }
     print(json.dumps(res, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models.captioning.beam_search import beam_search
 from models.captioning.concepts import GRID as CONCEPT_GRID
 from models.captioning.concepts import most_consistent, predicted_scenes
 from models.captioning.verified_search import ClauseCheck
@@ -52,6 +53,11 @@ class GenerationConfig:
     # making one settle (models/captioning/verified_search.py); needs a captioner with
     # concept heads.
     check_clauses: bool = False
+    # Beam mode's implementation: "recapflow" (models/captioning/beam_search.py: images
+    # leave the batch as their search ends) or "transformers" (`generate`, the check as a
+    # logits processor), for an LM whose KV cache cannot be reordered by `reorder_cache`.
+    # Both find the same captions.
+    beam_search: str = "recapflow"
 
     def __post_init__(self) -> None:
         if self.mode not in ("greedy", "beam", "nucleus"):
@@ -62,6 +68,8 @@ class GenerationConfig:
             )
         if self.mode == "beam" and self.candidates > self.num_beams:
             raise ValueError(f"candidates={self.candidates} > num_beams={self.num_beams}")
+        if self.beam_search not in ("recapflow", "transformers"):
+            raise ValueError(f"beam_search {self.beam_search!r} not in recapflow | transformers")
         if self.check_clauses and self.mode != "beam":
             raise ValueError(
                 f"check_clauses reorders beams: it needs mode 'beam', not {self.mode!r}"
@@ -185,23 +193,6 @@ class PrefixCaptioner(nn.Module):
         """Captions for a batch of uint8 images."""
         pooled, grid = self._features(images)  # once: the prefix and the verifier read them
         emb = self._with_bos(self._prefix(pooled, grid))
-        kwargs = {
-            "max_new_tokens": cfg.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        }
-        if cfg.min_new_tokens:
-            kwargs["min_new_tokens"] = cfg.min_new_tokens
-        # A caption never contains PAD, BOS or UNK (decoding would drop them silently).
-        eos = self.tokenizer.eos_token_id
-        kwargs["suppress_tokens"] = [i for i in self.tokenizer.all_special_ids if i != eos]
-        if cfg.mode == "beam":
-            kwargs.update(num_beams=cfg.num_beams, do_sample=False)
-        elif cfg.mode == "nucleus":
-            torch.manual_seed(cfg.seed)
-            kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
-        else:
-            kwargs.update(do_sample=False, num_beams=1)
         n = cfg.candidates
         seen = None
         if n > 1 or cfg.check_clauses:
@@ -215,14 +206,43 @@ class PrefixCaptioner(nn.Module):
             # What the frozen concept heads see in each image judges its captions.
             cells = cell_tokens(grid, CONCEPT_GRID)
             seen = predicted_scenes({k: head(cells) for k, head in self.cell_heads.items()})
-        if n > 1:
-            kwargs["num_return_sequences"] = n
-        if cfg.check_clauses:
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [ClauseCheck(self.tokenizer, seen, cfg.num_beams)]
+        # A caption never contains PAD, BOS or UNK (decoding would drop them silently).
+        eos = self.tokenizer.eos_token_id
+        suppress = [i for i in self.tokenizer.all_special_ids if i != eos]
+        check = ClauseCheck(self.tokenizer, seen, cfg.num_beams) if cfg.check_clauses else None
+        if cfg.mode == "beam" and cfg.beam_search == "recapflow":
+            out = beam_search(
+                self.lm,
+                emb,
+                num_beams=cfg.num_beams,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=eos,
+                suppress_tokens=suppress,
+                min_new_tokens=cfg.min_new_tokens,
+                num_return_sequences=n,
+                check=check,
             )
-        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
-        out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
+        else:
+            kwargs = {
+                "max_new_tokens": cfg.max_new_tokens,
+                "pad_token_id": self.tokenizer.pad_token_id,
+                "eos_token_id": eos,
+                "suppress_tokens": suppress,
+                "num_return_sequences": n,
+            }
+            if cfg.min_new_tokens:
+                kwargs["min_new_tokens"] = cfg.min_new_tokens
+            if cfg.mode == "beam":
+                kwargs.update(num_beams=cfg.num_beams, do_sample=False)
+            elif cfg.mode == "nucleus":
+                torch.manual_seed(cfg.seed)
+                kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
+            else:
+                kwargs.update(do_sample=False, num_beams=1)
+            if check is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([check])
+            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+            out = self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if n == 1:
             return texts

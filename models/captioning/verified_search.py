@@ -82,8 +82,9 @@ class ClauseCheck(LogitsProcessor):
         self._claims: dict[str, Claims] = {}  # text -> what it states, whatever the image
         self._judged: dict[tuple[int, str], dict[str, int]] = {}  # false claims by kind
         self._clauses: dict[tuple[int, str], int] = {}  # false clause-kind claims
-        # `_false` per (image, text): each row's text is its next row's parent.
+        # `_false` per (image, settled part): each row's is its next row's parent's.
         self._settled: dict[tuple[int, str], int] = {}
+        self._ended: dict[tuple[int, str], int] = {}  # `_false_ended` per (image, text)
         self._truths = [SceneTruth.of(sc) for sc in scenes]
 
     def _parse(self, text: str) -> Claims:
@@ -114,16 +115,25 @@ class ClauseCheck(LogitsProcessor):
     def _false(self, image: int, text: str) -> int:
         """False claims in what `text` has settled: every kind but background (no head
         predicts it) and counts, which are judged in finished sentences only."""
-        if (image, text) not in self._settled:
-            part = settled(text)
+        return self._false_settled(image, settled(text))
+
+    def _false_settled(self, image: int, part: str) -> int:
+        # Keyed by the settled part: most tokens do not finish a word, so a row's settled
+        # part is usually its parent's, already judged.
+        if (image, part) not in self._settled:
             done = part[: part.rfind(".") + 1]
             count = self._false_by_kind(image, done)["count"]
-            self._settled[image, text] = self._clause_false(image, part) + count
-        return self._settled[image, text]
+            self._settled[image, part] = self._clause_false(image, part) + count
+        return self._settled[image, part]
 
     def _false_ended(self, image: int, text: str) -> int:
         """False claims in all of `text`, as a finished caption: its counts add the mentions
         of its finished sentences and of its last one."""
+        if (image, text) not in self._ended:
+            self._ended[image, text] = self._count_ended(image, text)
+        return self._ended[image, text]
+
+    def _count_ended(self, image: int, text: str) -> int:
         cut = text.rfind(".") + 1
         mentions = {k: list(v) for k, v in self._parse(text[:cut]).mentions.items()}
         for pair, ns in self._parse(text[cut:]).mentions.items():
@@ -131,6 +141,14 @@ class ClauseCheck(LogitsProcessor):
         pairs = self._truths[image].pairs
         false_counts = sum(pairs[p] != n for p, n in claimed_counts(mentions).items())
         return self._clause_false(image, text) + false_counts
+
+    def extend(self, parent: str, ids: list[int]) -> str:
+        """The text of `ids` given the text of all of them but the last, as `decode` would
+        give it."""
+        piece = self._pieces[ids[-1]]
+        if piece is None or "\ufffd" in parent:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return parent + piece
 
     def _decode(self, rows: list[list[int]]) -> tuple[list[str], list[str]]:
         """(text, parent's text) per row, each as `batch_decode` would give it."""
@@ -140,34 +158,46 @@ class ClauseCheck(LogitsProcessor):
             parent = self._texts.get(key[:-1])
             if parent is None:  # not decoded at the last step (e.g. the first call)
                 parent = self.tokenizer.decode(ids[:-1], skip_special_tokens=True)
-            piece = self._pieces[ids[-1]]
-            text = parent + piece if piece is not None else None
-            if text is None or (parent and "\ufffd" in parent):
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            seen[key] = text
+            seen[key] = text = self.extend(parent, ids)
             texts.append(text)
             parents.append(parent)
         self._texts = seen
         return texts, parents
 
+    def charge(self, images: list[int], texts: list[str], parents: list[str]) -> list[int]:
+        """Per row (its image, its text and its parent row's text): the false claims its
+        last token settled."""
+        return [
+            self._false(image, text.strip()) - self._false(image, parent.strip())
+            for image, text, parent in zip(images, texts, parents, strict=True)
+        ]
+
+    def charge_end(self, images: list[int], texts: list[str], may_end: list[bool]) -> list[int]:
+        """Per row: the false claims that ending it now would settle (0 where the search
+        could not end it)."""
+        return [
+            self._false_ended(image, t.strip()) - self._false(image, t.strip()) if end else 0
+            for image, t, end in zip(images, texts, may_end, strict=True)
+        ]
+
+    def may_end(self, scores: torch.Tensor) -> list[bool]:
+        """Ending is judged only where the search could pick it: among a row's 2 x beams
+        best tokens, as many as beam search looks at."""
+        k = min(2 * self.num_beams, scores.shape[-1])
+        eos = self.tokenizer.eos_token_id
+        return (scores[:, eos] >= scores.topk(k, dim=-1).values[:, -1]).tolist()
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] == 0:
             return scores
         texts, parents = self._decode(input_ids.tolist())
+        images = [row // self.num_beams for row in range(len(texts))]
+        added = self.charge(images, texts, parents)
+        at_end = self.charge_end(images, texts, self.may_end(scores))
         eos = self.tokenizer.eos_token_id
-        # Ending is judged only where the search could pick it: among a row's 2 x beams
-        # best tokens, as many as beam search looks at.
-        k = min(2 * self.num_beams, scores.shape[-1])
-        may_end = (scores[:, eos] >= scores.topk(k, dim=-1).values[:, -1]).tolist()
-        for row, (text, parent) in enumerate(zip(texts, parents, strict=True)):
-            image = row // self.num_beams
-            text, parent = text.strip(), parent.strip()
-            settled_false = self._false(image, text)
-            added = settled_false - self._false(image, parent)
-            if added > 0:
-                scores[row] -= PENALTY * added
-            if may_end[row]:
-                unsettled = self._false_ended(image, text) - settled_false
-                if unsettled > 0:
-                    scores[row, eos] -= PENALTY * unsettled
+        for row, (a, e) in enumerate(zip(added, at_end, strict=True)):
+            if a > 0:
+                scores[row] -= PENALTY * a
+            if e > 0:
+                scores[row, eos] -= PENALTY * e
         return scores

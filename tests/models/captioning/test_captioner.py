@@ -422,6 +422,75 @@ def test_clause_check_charges_as_parsing_every_text_from_its_start_would(tiny_ca
         assert torch.equal(got, want), f"step {t}"
 
 
+def test_written_out_beam_search_finds_what_transformers_beam_search_finds(tiny_captioner):
+    """Recaptioning decodes with its own beam search (images leave the batch as their
+    search ends, beams carry their text). On an LM that writes captions (one per prefix,
+    learnt by heart) judged against scenes half of which they contradict, it returns what
+    transformers' beam search returns, with and without the clause check (there a logits
+    processor), and the check changes what is written."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
+
+    from models.captioning.beam_search import beam_search
+    from models.captioning.verified_search import ClauseCheck
+
+    tok = PrefixCaptioner.load(tiny_captioner / "dsc").tokenizer
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, WorldConfig()) for _ in range(8)]
+    # First sentences (objects, colours, sizes, cells): short enough to learn quickly.
+    captions = [descriptive_caption(sc, rng).split(". ")[0] + "." for sc in scenes]
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=128)
+    )
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in captions]
+    width = max(map(len, ids))
+    batch = torch.tensor([i + [tok.eos_token_id] * (width - len(i)) for i in ids])
+    prefixes = torch.randn(len(ids), 2, 64)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    for _ in range(150):
+        emb = torch.cat([prefixes, lm.get_input_embeddings()(batch)], dim=1)
+        logits = lm(inputs_embeds=emb).logits[:, 1:-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(tok)), batch.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.eval()
+    judged = scenes[:4] + scenes[4:][::-1]  # the last four images judged by other scenes
+    eos, beams, n = tok.eos_token_id, 4, 2
+    suppress = [i for i in tok.all_special_ids if i != eos]
+    written = {}
+    for checked in (False, True):
+        mine = beam_search(
+            lm,
+            prefixes,
+            num_beams=beams,
+            max_new_tokens=width + 4,
+            eos_token_id=eos,
+            suppress_tokens=suppress,
+            num_return_sequences=n,
+            check=ClauseCheck(tok, judged, beams) if checked else None,
+        )
+        processors = LogitsProcessorList([ClauseCheck(tok, judged, beams)] if checked else [])
+        theirs = lm.generate(
+            inputs_embeds=prefixes,
+            attention_mask=torch.ones(prefixes.shape[:2], dtype=torch.long),
+            num_beams=beams,
+            num_return_sequences=n,
+            max_new_tokens=width + 4,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            suppress_tokens=suppress,
+            do_sample=False,
+            logits_processor=processors,
+        )
+        written[checked] = tok.batch_decode(mine, skip_special_tokens=True)
+        assert written[checked] == tok.batch_decode(theirs, skip_special_tokens=True), checked
+    assert written[False][0] == captions[0]  # learnt by heart
+    best = {checked: captions[::n] for checked, captions in written.items()}
+    assert best[False][:4] == best[True][:4]  # true captions pass the check
+    assert best[False][4:] != best[True][4:]
+
+
 def test_clause_checked_beam_search_needs_beams_and_concept_heads(tiny_captioner, tiny_raw):
     import pandas as pd
 
