@@ -2,6 +2,8 @@
 captioner's short and descriptive captions, one parquet per raw shard (a partition), so
 a new shard is recaptioned alone and a partition range runs as one resumable run."""
 
+from contextlib import nullcontext
+
 import dagster as dg
 import pandas as pd
 
@@ -14,6 +16,7 @@ from models.captioning.recaption import (
     make_backend,
     recaption,
     shard_rejections,
+    worker_pool,
 )
 
 STAGE = "recaptioned_dataset"
@@ -53,9 +56,11 @@ def _build(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     project, dvc = context.resources.project, context.resources.dvc
     cfg = RecaptionConfig.from_dict(project.params(STAGE))
     out = project.data_path("recaptioned")
-    backend = make_backend(cfg, project.data_path("captioner"))
+    captioner = project.data_path("captioner")
+    backend = make_backend(cfg, captioner)
     shards = list(context.partition_keys)
-    status = recaption(backend, project.data_path("raw"), out, shards, cfg.batch_size)
+    with worker_pool(cfg, captioner) if cfg.workers > 1 else nullcontext() as pool:
+        status = recaption(backend, project.data_path("raw"), out, shards, cfg.batch_size, pool)
     dvc_hash = dvc.commit(STAGE)["data/recaptioned"]
     written = [s for s in shards if status[s] != "no_raw_images"]
     empty = sorted(set(shards) - set(written))

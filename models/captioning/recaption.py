@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +26,7 @@ from typing import Literal
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tqdm import tqdm
 
 from corpus.atomic import pid_alive
@@ -133,10 +137,13 @@ def recaption(
     out_dir: Path,
     shards: list[str] | None = None,
     batch_size: int = 256,
+    pool: Executor | None = None,
 ) -> dict[str, str]:
     """Recaption the given shards (default: all), skipping ones already current; a shard
     with no image in the raw index (never ingested, or every sample rejected there) has
-    nothing to caption: status `no_raw_images`, and no file."""
+    nothing to caption: status `no_raw_images`, and no file. With a `pool`
+    (`worker_pool`), its processes caption the shards, each with its own copy of the
+    backend (`backend` then only says which shards are current)."""
     indexed = set(
         pd.read_parquet(Path(raw_dir) / "index.parquet", columns=["shard"])["shard"].unique()
     )
@@ -144,15 +151,22 @@ def recaption(
         shards = sorted(indexed)
     remove_stale_temps(Path(out_dir))
     status = {}
-    for shard in tqdm(shards, desc="recaption shards", unit="shard"):
+    todo = []
+    for shard in shards:
         if shard not in indexed:
             status[shard] = "no_raw_images"
-            continue
-        if shard_is_current(Path(out_dir) / f"{shard}.parquet", backend.version):
+        elif shard_is_current(Path(out_dir) / f"{shard}.parquet", backend.version):
             status[shard] = "skipped"
-            continue
-        recaption_shard(backend, Path(raw_dir), shard, Path(out_dir), batch_size)
-        status[shard] = "captioned"
+        else:
+            todo.append(shard)
+    args = (Path(raw_dir), Path(out_dir), batch_size)
+    if pool is None:
+        done = (recaption_shard(backend, args[0], shard, *args[1:]) for shard in todo)
+    else:
+        done = as_completed([pool.submit(_recaption_in_worker, shard, *args) for shard in todo])
+    for _ in tqdm(done, total=len(todo), desc="recaption shards", unit="shard"):
+        pass  # recaption_shard raises for a shard it cannot write; the run stops there
+    status.update(dict.fromkeys(todo, "captioned"))
     return status
 
 
@@ -171,8 +185,13 @@ class RecaptionConfig:
     prompts: dict[str, str | None] | None = None
     max_new_tokens: dict[str, int] | None = None
     num_beams: int = 1
+    # Processes captioning shards side by side, each with its own backend and an equal
+    # share of the cores' torch threads (`worker_pool`).
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"recaptioned_dataset.workers={self.workers}: need >= 1")
         if self.backend == "hf" and not self.model:
             raise ValueError("recaptioned_dataset.backend hf needs `model` (a local folder)")
 
@@ -197,6 +216,38 @@ def make_backend(cfg: dict | RecaptionConfig, captioner_dir: Path) -> CaptionBac
     )
 
 
+_WORKER_BACKEND: CaptionBackend | None = None  # a worker process's own (`worker_pool`)
+
+
+def _start_worker(cfg: RecaptionConfig, captioner_dir: Path, threads: int) -> None:
+    global _WORKER_BACKEND
+    torch.set_num_threads(threads)
+    _WORKER_BACKEND = make_backend(cfg, captioner_dir)
+
+
+def _recaption_in_worker(shard: str, raw_dir: Path, out_dir: Path, batch_size: int) -> Path:
+    return recaption_shard(_WORKER_BACKEND, raw_dir, shard, out_dir, batch_size)
+
+
+def caption_in_worker(images: torch.Tensor, kind: str) -> list[str]:
+    """Captions of one kind by the backend of the worker process this runs in."""
+    return _WORKER_BACKEND.caption(images, kind)
+
+
+def worker_pool(cfg: RecaptionConfig, captioner_dir: Path) -> ProcessPoolExecutor:
+    """`cfg.workers` processes, each building the backend once and decoding with an equal
+    share of this machine's cores. On a CPU the clause check is Python, on one core, and
+    the small LM gains little from a second thread: two one-thread processes on 2 cores
+    caption about twice what one two-thread process does (docs/log/2026-12-speed.md)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // cfg.workers)
+    return ProcessPoolExecutor(
+        cfg.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(cfg, Path(captioner_dir), threads),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from corpus.params import load_section
 
@@ -209,7 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = RecaptionConfig.from_dict(load_section(args.params, "recaptioned_dataset"))
     backend = make_backend(cfg, Path(args.captioner))
-    status = recaption(backend, Path(args.raw), Path(args.out), args.shards, cfg.batch_size)
+    with worker_pool(cfg, Path(args.captioner)) if cfg.workers > 1 else nullcontext() as pool:
+        status = recaption(
+            backend, Path(args.raw), Path(args.out), args.shards, cfg.batch_size, pool
+        )
     print(json.dumps(status))
 
 

@@ -69,3 +69,35 @@ def test_two_processes_recaption_disjoint_shards_into_one_folder(
     assert sorted(df["shard"].unique()) == shards
     assert in_flight.exists()
     assert [p.name for p in out.glob(".*")] == [in_flight.name]
+
+
+@pytest.mark.slow  # two worker processes
+def test_worker_processes_write_what_one_process_writes(tiny_raw, tiny_captioner, tmp_path):
+    """`recaptioned_dataset.workers: 2` captions the shards in two processes: the same
+    rows as one process, each shard written once, and a shard already current is skipped."""
+    import shutil
+
+    import torch
+
+    from models.captioning.recaption import RecaptionConfig, make_backend, recaption, worker_pool
+
+    gen = {"mode": "beam", "num_beams": 2, "check_clauses": True, "max_new_tokens": 12}
+    cfg = RecaptionConfig.from_dict({"batch_size": 16, "workers": 2, "generation": gen})
+    backend = make_backend(cfg, tiny_captioner)
+    shards = sorted(pd.read_parquet(tiny_raw / "index.parquet")["shard"].unique())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))  # as each worker has
+    try:
+        recaption(backend, tiny_raw, tmp_path / "one", shards, cfg.batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / "two").mkdir()
+    shutil.copy(tmp_path / "one" / f"{shards[0]}.parquet", tmp_path / "two")
+    with worker_pool(cfg, tiny_captioner) as pool:
+        status = recaption(backend, tiny_raw, tmp_path / "two", shards, cfg.batch_size, pool)
+    assert status == {s: "skipped" if s == shards[0] else "captioned" for s in shards}
+    for shard in shards:
+        one = pd.read_parquet(tmp_path / "one" / f"{shard}.parquet")
+        two = pd.read_parquet(tmp_path / "two" / f"{shard}.parquet")
+        pd.testing.assert_frame_equal(one, two)
+    assert not list((tmp_path / "two").glob(".*"))  # no temp file left behind
