@@ -17,6 +17,8 @@ What it does differently, and why (docs/log/2026-12-speed.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     eos_token_id: int,
-    suppress_tokens: list[int] = (),
+    suppress_tokens: Sequence[int] = (),
     min_new_tokens: int = 0,
     num_return_sequences: int = 1,
     check: ClauseCheck | None = None,
