@@ -2,8 +2,6 @@
 captioner's short and descriptive captions, one parquet per raw shard (a partition), so
 a new shard is recaptioned alone and a partition range runs as one resumable run."""
 
-from contextlib import nullcontext
-
 import dagster as dg
 import pandas as pd
 
@@ -59,7 +57,7 @@ def _build(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     captioner = project.data_path("captioner")
     backend = make_backend(cfg, captioner)
     shards = list(context.partition_keys)
-    with worker_pool(cfg, captioner) if cfg.workers > 1 else nullcontext() as pool:
+    with worker_pool(cfg, captioner) as pool:
         status = recaption(backend, project.data_path("raw"), out, shards, cfg.batch_size, pool)
     dvc_hash = dvc.commit(STAGE)["data/recaptioned"]
     written = [s for s in shards if status[s] != "no_raw_images"]

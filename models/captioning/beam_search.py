@@ -52,14 +52,14 @@ def beam_search(
     active = list(range(n_img))  # images still searched, in row order (k rows each)
     ids: list[list[int]] = [[] for _ in range(n_img * k)]
     texts = [""] * (n_img * k)
+    row_images = [image for image in range(n_img) for _ in range(k)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n_img)]
     for t in range(max_new_tokens):
         logp[:, list(suppress_tokens)] = -float("inf")
         if t < min_new_tokens:
             logp[:, eos_token_id] = -float("inf")
         if check is not None and t > 0:
-            images = [active[r // k] for r in range(len(ids))]
-            at_end = check.charge_end(images, texts, check.may_end(logp))
+            at_end = check.charge_end(row_images, texts, check.may_end(logp))
             logp[:, eos_token_id] -= PENALTY * torch.tensor(at_end, device=logp.device)
         cand = (scores.view(-1, 1) + logp).view(len(active), -1)
         top, index = cand.topk(2 * k, dim=1)
@@ -87,11 +87,11 @@ def beam_search(
         parent_rows = [p for _, p, _ in keep]
         new_ids = [ids[p] + [tok] for _, p, tok in keep]
         scores = torch.tensor([s for s, _, _ in keep], device=prefix.device)
+        row_images = [image for image in still for _ in range(k)]
         if check is not None:
-            images = [still[r // k] for r in range(len(keep))]
             parents = [texts[p] for p in parent_rows]
             texts = [check.extend(parent, i) for parent, i in zip(parents, new_ids, strict=True)]
-            added = check.charge(images, texts, parents)
+            added = check.charge(row_images, texts, parents)
             scores -= PENALTY * torch.tensor(added, device=scores.device).clamp(min=0)
         scores = scores.view(len(still), k)
         active, ids = still, new_ids

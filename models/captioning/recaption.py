@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import socket
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -159,11 +159,12 @@ def recaption(
             status[shard] = "skipped"
         else:
             todo.append(shard)
-    args = (Path(raw_dir), Path(out_dir), batch_size)
+    raw, out = Path(raw_dir), Path(out_dir)
     if pool is None:
-        done = (recaption_shard(backend, args[0], shard, *args[1:]) for shard in todo)
+        done = (recaption_shard(backend, raw, shard, out, batch_size) for shard in todo)
     else:
-        done = as_completed([pool.submit(_recaption_in_worker, shard, *args) for shard in todo])
+        jobs = [pool.submit(_recaption_in_worker, shard, raw, out, batch_size) for shard in todo]
+        done = as_completed(jobs)
     for _ in tqdm(done, total=len(todo), desc="recaption shards", unit="shard"):
         pass  # recaption_shard raises for a shard it cannot write; the run stops there
     status.update(dict.fromkeys(todo, "captioned"))
@@ -234,11 +235,16 @@ def caption_in_worker(images: torch.Tensor, kind: str) -> list[str]:
     return _WORKER_BACKEND.caption(images, kind)
 
 
-def worker_pool(cfg: RecaptionConfig, captioner_dir: Path) -> ProcessPoolExecutor:
+def worker_pool(
+    cfg: RecaptionConfig, captioner_dir: Path
+) -> AbstractContextManager[Executor | None]:
     """`cfg.workers` processes, each building the backend once and decoding with an equal
-    share of this machine's cores. On a CPU the clause check is Python, on one core, and
-    the small LM gains little from a second thread: two one-thread processes on 2 cores
-    caption about twice what one two-thread process does (docs/log/2026-12-speed.md)."""
+    share of this machine's cores; no pool (None) for one worker. On a CPU the clause check
+    is Python, on one core, and the small LM gains little from a second thread: two
+    one-thread processes on 2 cores caption more than one two-thread process
+    (docs/log/2026-12-speed.md)."""
+    if cfg.workers == 1:
+        return nullcontext()
     threads = max(1, len(os.sched_getaffinity(0)) // cfg.workers)
     return ProcessPoolExecutor(
         cfg.workers,
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = RecaptionConfig.from_dict(load_section(args.params, "recaptioned_dataset"))
     backend = make_backend(cfg, Path(args.captioner))
-    with worker_pool(cfg, Path(args.captioner)) if cfg.workers > 1 else nullcontext() as pool:
+    with worker_pool(cfg, Path(args.captioner)) as pool:
         status = recaption(
             backend, Path(args.raw), Path(args.out), args.shards, cfg.batch_size, pool
         )
