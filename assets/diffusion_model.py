@@ -75,6 +75,7 @@ def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
         "raw": str(project.data_path("raw")),
         "sampler": str(sampler),
         "autoencoder": str(project.data_path("autoencoder")),
+        "captioner": str(project.data_path("captioner")),
         "out": str(out),
         "mlflow_tracking_uri": mlflow_res.tracking_uri,
         "mlflow_experiment": mlflow_res.experiment,
@@ -91,7 +92,7 @@ def checked_training_config(config: dict) -> dict:
 
 @dg.asset(
     name=STAGE,
-    deps=["mixed_sampler", "autoencoder"],
+    deps=["mixed_sampler", "autoencoder", "captioner"],
     group_name="training",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",
@@ -120,6 +121,7 @@ def _build_diffusion_model(context: dg.AssetExecutionContext, config: dict) -> d
         "recaptioned_dataset": dvc.out_hashes("recaptioned_dataset")["data/recaptioned"],
         "mixed_sampler": dvc.out_hashes("mixed_sampler")["data/mixed_sampler"],
         "autoencoder": dvc.out_hashes("autoencoder")["data/autoencoder"],
+        "captioner": dvc.out_hashes("captioner")["data/captioner"],
     }
     invocation = launcher.run(
         context, "models.diffusion.train", extras={"config": config}, cwd=str(project.path)

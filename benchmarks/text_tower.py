@@ -31,6 +31,7 @@ from models.diffusion.text_encoder import (
     load_text_encoder,
     pretrain_text_encoder,
 )
+from models.diffusion.text_partner import LockedConceptTower
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.world_judge import JudgeNet, load_judge, render_scenes
 
@@ -72,7 +73,8 @@ def main() -> None:
     p.add_argument("--hard-negatives", action="store_true")
     p.add_argument("--context-length", type=int, default=96)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--partner", choices=["cnn", "judge"], default="cnn")
+    p.add_argument("--partner", choices=["cnn", "judge", "captioner"], default="cnn")
+    p.add_argument("--concepts", type=Path, default=Path("data/captioner/concepts"))
     p.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     args = p.parse_args()
     if args.threads:
@@ -92,6 +94,8 @@ def main() -> None:
     if args.partner == "judge":
         net = load_judge(args.judge).net
         tower = lambda dim: LockedJudge(net, dim)  # noqa: E731
+    elif args.partner == "captioner":
+        tower = lambda dim: LockedConceptTower(args.concepts, dim)  # noqa: E731
     metrics = pretrain_text_encoder(cfg, images, texts, args.out, image_tower=tower)
     probes = probe_text_encoder(load_text_encoder(args.out, args.context_length), 4000)
     result = {"metrics": metrics, "probes": probes, "seconds": time.time() - start}

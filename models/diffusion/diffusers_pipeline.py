@@ -218,13 +218,15 @@ class RecapflowPipeline(DiffusionPipeline):
         index_file = folder / "model_index.json"
         index = json.loads(index_file.read_text())
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
-        vae_class = type(self.vae)
-        if vae_class.__module__.split(".")[0] != "diffusers":
-            # A component class of recapflow's own (the patch autoencoder): its file goes
-            # into the component folder, where diffusers loads custom components from.
-            source = Path(inspect.getfile(vae_class))
-            shutil.copyfile(source, folder / "vae" / source.name)
-            index["vae"] = [source.stem, vae_class.__name__]
+        for name in ("unet", "vae"):
+            component = type(getattr(self, name))
+            if component.__module__.split(".")[0] != "diffusers":
+                # A component class of recapflow's own (the patch autoencoder, the UNet
+                # with a text map): its file goes into the component folder, where
+                # diffusers loads custom components from.
+                source = Path(inspect.getfile(component))
+                shutil.copyfile(source, folder / name / source.name)
+                index[name] = [source.stem, component.__name__]
         if index.get("tokenizer", [None, None])[1] == "TokenizersBackend":
             # transformers 5's name for a fast tokenizer; 4.x knows the alias
             index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]

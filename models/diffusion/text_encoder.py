@@ -49,6 +49,10 @@ class MissingTextEncoderError(FileNotFoundError):
 
 
 OBJECTIVES = ("contrastive", "masked")
+# contrastive: the image-side partner. "cnn": a small CNN trained beside the text tower;
+# "captioner": the captioner's concept tower and cell heads, locked, with a trainable
+# linear head (models/diffusion/text_partner.py, LiT).
+PARTNERS = ("cnn", "captioner")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class TextPretrainConfig:
     # contrastive: channels of the image tower's first layer (x2, x4 deeper); a wider
     # tower reads shape better, and the text tower learns what its partner can read
     image_width: int = 32
+    partner: str = "cnn"  # one of PARTNERS
+    # contrastive: the saved projection's weights times this. The loss compares directions
+    # only, so the projection's scale is free; the UNet's linear layer that takes the
+    # pooled vector learns from a loud input faster than from a quiet one (docs/log/).
+    pooled_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,11 @@ class TextEncoderConfig:
             raise ValueError(
                 f"diffusion_model.text_encoder.objective: {self.objective!r} is not one of "
                 f"{list(OBJECTIVES)}"
+            )
+        if self.pretrain.partner not in PARTNERS:
+            raise ValueError(
+                f"diffusion_model.text_encoder.pretrain.partner: {self.pretrain.partner!r} is "
+                f"not one of {list(PARTNERS)}"
             )
 
     @classmethod
@@ -364,6 +378,8 @@ def pretrain_text_encoder(
         log_every_n_steps=10,
     )
     trainer.fit(module, loader)
+    with torch.no_grad():
+        model.text_projection.weight.mul_(cfg.pretrain.pooled_scale)
     encoder = FrozenTextEncoder(model.cpu(), tokenizer, cfg.context_length)
     encoder.save(out)
     metrics = {

@@ -60,12 +60,11 @@ class TextToImagePipeline:
 
 
 def load_text_to_image(root: Path) -> TextToImagePipeline:
-    from diffusers import UNet2DConditionModel
-
     from corpus.config import build_config
     from models.diffusion.model import DiffusionConfig
     from models.diffusion.patch_autoencoder import load_trained_autoencoder
     from models.diffusion.text_encoder import load_text_encoder
+    from models.diffusion.text_map import load_unet
 
     root = Path(root)
     missing = [
@@ -78,7 +77,7 @@ def load_text_to_image(root: Path) -> TextToImagePipeline:
         )
     cfg = json.loads((root / "train_config.json").read_text())
     return TextToImagePipeline(
-        unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
+        unet=load_unet(root / "unet").eval(),
         vae=load_trained_autoencoder(root / "vae").eval(),
         text_encoder=load_text_encoder(
             root / "text_encoder", cfg["text_encoder"]["context_length"]

@@ -66,6 +66,7 @@ from models.diffusion.text_encoder import (
     load_text_encoder,
     pretrain_text_encoder,
 )
+from models.diffusion.text_partner import LockedConceptTower
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.colour_following import colour_prompts, score_colours
 
@@ -100,6 +101,9 @@ class DiffusionTrainConfig:
     raw: str = "data/raw"
     sampler: str = "data/mixed_sampler"
     autoencoder: str = "data/autoencoder"
+    # the captioner's folder: its concept tower partners the text tower's pretraining
+    # when text_encoder.pretrain.partner is "captioner"
+    captioner: str | None = "data/captioner"
     out: str = "data/diffusion_model"
     work: str | None = None  # checkpoints and caches; default data/work/diffusion_model
     batch_size: int = 64
@@ -122,6 +126,12 @@ class DiffusionTrainConfig:
     mlflow_run_id: str | None = None
 
     def __post_init__(self) -> None:
+        tcfg = self.text_encoder
+        if tcfg.pretrain.partner == "captioner" and not (tcfg.pretrained or self.captioner):
+            raise ConfigError(
+                "diffusion_model.text_encoder.pretrain.partner: captioner needs the captioner's "
+                "folder (`captioner`, --captioner): its concept tower is the partner"
+            )
         if self.diffusion.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
                 f"diffusion_model.diffusion.prediction_type: {self.diffusion.prediction_type!r} "
@@ -453,16 +463,26 @@ def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> 
     return latents
 
 
-def text_encoder_tag(tcfg: TextEncoderConfig, texts: list[str], seed: int) -> str:
+def text_encoder_tag(
+    tcfg: TextEncoderConfig, texts: list[str], seed: int, captioner: str | None = None
+) -> str:
     """What the tiny text encoder's pretraining depends on: its settings, the training
     recipe and, when it learns from the corpus (contrastive), the captions themselves
-    (a new captioner's captions retrain it)."""
-    captions_md5 = (
-        hashlib.md5("\n".join(texts).encode()).hexdigest()
-        if tcfg.objective == "contrastive"
-        else None
-    )
-    return _digest([asdict(tcfg), captions_md5, seed, RECIPE])
+    (a new captioner's captions retrain it) and its partner's weights."""
+    captions_md5 = partner_md5 = None
+    if tcfg.objective == "contrastive":
+        captions_md5 = hashlib.md5("\n".join(texts).encode()).hexdigest()
+        if tcfg.pretrain.partner == "captioner" and captioner:
+            files = sorted(Path(captioner, "concepts").glob("*.safetensors"))
+            partner_md5 = [hashlib.md5(f.read_bytes()).hexdigest() for f in files]
+    return _digest([asdict(tcfg), captions_md5, partner_md5, seed, RECIPE])
+
+
+def _partner(cfg: DiffusionTrainConfig) -> Callable[[int], torch.nn.Module] | None:
+    if cfg.text_encoder.pretrain.partner != "captioner":
+        return None
+    concepts = Path(cfg.captioner) / "concepts"
+    return lambda dim: LockedConceptTower(concepts, dim)
 
 
 def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncoder:
@@ -479,7 +499,9 @@ def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncode
             metrics = pretrain_masked_text_encoder(tcfg, folder, logger, cfg.seed)
         else:
             reporter.info("pretraining the text encoder contrastively on the corpus")
-            metrics = pretrain_text_encoder(tcfg, images(), texts, folder, logger, cfg.seed)
+            metrics = pretrain_text_encoder(
+                tcfg, images(), texts, folder, logger, cfg.seed, image_tower=_partner(cfg)
+            )
         write_text_atomic(done, json.dumps({"tag": tag, "metrics": metrics}))
         reporter.info(f"text encoder: {metrics}")
     return load_text_encoder(folder, tcfg.context_length)
@@ -577,7 +599,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     style = sampler["config"]["caption_kind"]
     L.seed_everything(cfg.seed, verbose=False)
     texts = manifests[0].set_index("key").loc[keys, "caption"].tolist()
-    encoder_tag = text_encoder_tag(cfg.text_encoder, texts, cfg.seed)
+    encoder_tag = text_encoder_tag(cfg.text_encoder, texts, cfg.seed, cfg.captioner)
     if discard_stale_run(cfg, sampler, encoder_tag):
         reporter.info("the configuration or its inputs changed: starting a new run")
     logger = _mlflow_logger(cfg, work)
@@ -751,6 +773,7 @@ def load_config(args: argparse.Namespace) -> DiffusionTrainConfig:
                     ("raw", args.raw),
                     ("sampler", args.sampler),
                     ("autoencoder", args.autoencoder),
+                    ("captioner", args.captioner),
                     ("out", args.out),
                 )
                 if v
@@ -767,6 +790,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path)
     ap.add_argument("--sampler", type=Path)
     ap.add_argument("--autoencoder", type=Path)
+    ap.add_argument("--captioner", type=Path, help="needed by text_encoder.pretrain.partner")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))):

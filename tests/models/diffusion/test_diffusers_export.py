@@ -45,6 +45,7 @@ SEED, STEPS, GUIDANCE = 3, 3, 6.0
 ALLOWED_IMPORTS = {
     "inspect",
     "json",
+    "math",
     "shutil",
     "pathlib",
     "numpy",
@@ -55,7 +56,7 @@ ALLOWED_IMPORTS = {
 }
 
 
-def _recapflow_export(root: Path, autoencoder: str) -> None:
+def _recapflow_export(root: Path, autoencoder: str, text_map_channels: int = 0) -> None:
     """A random tiny model written the way `diffusion_model`'s export step writes it
     (models/diffusion/train.py `_finish`), from recapflow's own builders and configs."""
     torch.manual_seed(0)
@@ -94,7 +95,12 @@ def _recapflow_export(root: Path, autoencoder: str) -> None:
     with torch.no_grad():
         zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
         latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
-    unet = build_unet(UNetConfig(), encoder.hidden_size, encoder.pooled_size, latent_shape)
+    unet = build_unet(
+        UNetConfig(text_map_channels=text_map_channels),
+        encoder.hidden_size,
+        encoder.pooled_size,
+        latent_shape,
+    )
     assert unet.config.class_embed_type == "projection"  # the stock pipeline cannot drive it
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
@@ -145,14 +151,19 @@ OUTSIDE_RECAPFLOW = textwrap.dedent(
 )
 
 
-# A trained AutoencoderKL (latents) and the patch autoencoder (pixels, a component class
-# of recapflow's own that the folder carries).
-@pytest.fixture(scope="module", params=["recapflow-tiny-vae", "recapflow-tiny-patch"])
+# A trained AutoencoderKL (latents), the patch autoencoder (pixels, a component class of
+# recapflow's own that the folder carries), and with it the UNet given a text map (another).
+@pytest.fixture(
+    scope="module",
+    params=[("recapflow-tiny-vae", 0), ("recapflow-tiny-patch", 0), ("recapflow-tiny-patch", 8)],
+    ids=["vae", "patch", "patch-text-map"],
+)
 def exported(request, tmp_path_factory) -> dict:
     """recapflow's export of a random tiny model, then the diffusers export into the same
     folder (as the `diffusion_model` asset does), and what `generate` draws from it."""
     root = tmp_path_factory.mktemp("diffusers_export") / "diffusion_model"
-    _recapflow_export(root, request.param)
+    autoencoder, text_map_channels = request.param
+    _recapflow_export(root, autoencoder, text_map_channels)
     model = load_text_to_image(root)
     export_diffusers_pipeline(
         root,
@@ -177,8 +188,12 @@ def exported(request, tmp_path_factory) -> dict:
     )
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert len(images.unique()) > 20  # not saturated: equal images below mean something
-    patch = request.param == "recapflow-tiny-patch"
-    return {"root": root, "expected": images.permute(0, 2, 3, 1).numpy(), "patch": patch}
+    return {
+        "root": root,
+        "expected": images.permute(0, 2, 3, 1).numpy(),
+        "patch": autoencoder == "recapflow-tiny-patch",
+        "text_map": bool(text_map_channels),
+    }
 
 
 def test_export_is_a_diffusers_folder(exported):
@@ -187,7 +202,11 @@ def test_export_is_a_diffusers_folder(exported):
     # by the file in the folder.
     index = json.loads((root / "model_index.json").read_text())
     assert index["_class_name"] == [PIPELINE_MODULE, "RecapflowPipeline"]
-    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    if exported["text_map"]:
+        assert index["unet"] == ["text_map", "TextMapUNet2DConditionModel"]
+        assert _imports(root / "unet" / "text_map.py") <= ALLOWED_IMPORTS
+    else:
+        assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     if exported["patch"]:
         assert index["vae"] == ["patch_autoencoder", "PatchAutoencoder"]
         # The class comes with the folder, and needs nothing of recapflow either.

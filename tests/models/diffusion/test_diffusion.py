@@ -411,3 +411,17 @@ def test_ddp_on_two_cpu_processes_checkpoints_once_and_resumes_to_the_same_step(
         ]
     state = torch.load(ckpts / "step-0000040" / "trainer_state.ckpt", weights_only=True)
     assert state["global_step"] == 40
+
+
+def test_foreground_weights_mark_the_objects_and_their_surroundings():
+    from models.diffusion.model import foreground_weights
+
+    z = torch.full((2, 3, 8, 8), -0.5)
+    z[0, :, 2:4, 5:7] = 0.8  # one 2x2 object on a flat background; image 1 is empty
+    w = foreground_weights(z, 10.0)
+    expected = torch.ones(8, 8)
+    expected[1:5, 4:8] = 10.0  # the object and the ring of positions around it
+    torch.testing.assert_close(w[0], expected)
+    torch.testing.assert_close(w[1], torch.ones(8, 8))
+    # A background darker or lighter than the objects alike: the median is the background.
+    torch.testing.assert_close(foreground_weights(-z, 10.0)[0], expected)

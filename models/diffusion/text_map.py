@@ -1,0 +1,100 @@
+"""A UNet that is also given the caption as a map: what the caption says about each place.
+
+The stock UNet reads the caption through cross-attention, whose queries are image
+features: at high noise they carry almost nothing about where they are, so a place
+cannot ask "which object did the caption put here?", and through the pooled vector,
+which is the same everywhere. Here one attention layer whose queries are the latent
+grid's positions (fixed 2D sine features through a learnt MLP, so that neighbours start
+alike) reads the caption's token states, and its output, `text_map_channels` per
+position, is concatenated to the noisy latent. Each place then gets, from the first
+step on and at every noise level, the attributes the caption gives it, and the UNet's
+convolutions, the same at every place, learn to draw a shape once for all places.
+
+It is a `UNet2DConditionModel` with two more config entries, so everything that drives
+a UNet (training, sampling, EMA, `save_pretrained`, the exported pipeline) drives this
+one; `config.in_channels` stays the latent's. This file imports only torch and
+diffusers: the diffusers export copies it into the pipeline folder's `unet/`.
+"""
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def sine_positions(side: int, dim: int) -> torch.Tensor:
+    """(side * side, dim) fixed 2D sine/cosine features of a side x side grid, row-major."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(100.0) * torch.arange(quarter) / max(quarter - 1, 1))
+    coords = (torch.arange(side) + 0.5) / side
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for c in (ys.flatten(), xs.flatten()):
+        angle = 2 * math.pi * c[:, None] * freqs[None] * side / 2
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, 1)
+
+
+class TextMap(torch.nn.Module):
+    """Token states (B, L, text_dim) -> a (B, channels, side, side) map."""
+
+    def __init__(self, side: int, text_dim: int, channels: int, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.side, self.channels = side, channels
+        self.register_buffer("positions", sine_positions(side, width), persistent=False)
+        self.query = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, width)
+        )
+        self.attn = torch.nn.MultiheadAttention(
+            width, heads, kdim=text_dim, vdim=text_dim, batch_first=True
+        )
+        self.out = torch.nn.Linear(width, channels)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        q = self.query(self.positions.to(states.dtype)).expand(len(states), -1, -1)
+        read, _ = self.attn(q, states, states, need_weights=False)
+        return self.out(read).transpose(1, 2).reshape(len(states), -1, self.side, self.side)
+
+
+class TextMapUNet2DConditionModel(UNet2DConditionModel):
+    """`UNet2DConditionModel`'s config plus `text_map_channels` and `text_map_width`."""
+
+    def __init__(self, text_map_channels: int = 16, text_map_width: int = 64, **unet_config):
+        latent_channels = unet_config.pop("in_channels", 4)
+        # The parent registers its own arguments, with the map's channels in in_channels.
+        super().__init__(in_channels=latent_channels + text_map_channels, **unet_config)
+        self.register_to_config(
+            in_channels=latent_channels,
+            text_map_channels=text_map_channels,
+            text_map_width=text_map_width,
+        )
+        side = self.config.sample_size
+        side = side if isinstance(side, int) else side[0]
+        self.text_map = TextMap(
+            side, self.config.cross_attention_dim, text_map_channels, text_map_width
+        )
+
+    @staticmethod
+    def _get_init_keys(input_class):
+        # diffusers' `from_config` passes only the config keys its init names: this one
+        # takes the UNet's own through **unet_config.
+        keys = set(inspect.signature(input_class.__init__).parameters)
+        if issubclass(input_class, TextMapUNet2DConditionModel):
+            keys |= set(inspect.signature(UNet2DConditionModel.__init__).parameters)
+            keys.discard("unet_config")
+        return keys
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        where = self.text_map(encoder_hidden_states.to(sample.dtype))
+        inputs = torch.cat([sample, where], 1)
+        return super().forward(inputs, timestep, encoder_hidden_states, *args, **kwargs)
+
+
+def load_unet(folder) -> UNet2DConditionModel:
+    """The UNet saved in `folder` (a `save_pretrained` folder), with or without a map."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    mapped = config.get("_class_name") == TextMapUNet2DConditionModel.__name__
+    return (TextMapUNet2DConditionModel if mapped else UNet2DConditionModel).from_pretrained(folder)

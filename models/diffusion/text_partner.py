@@ -1,0 +1,81 @@
+"""The captioner's concept tower, locked, as the image-side partner of the diffusion text
+tower's contrastive pretraining (LiT, Zhai et al. 2022: a locked image tower, a text
+tower trained to match it).
+
+A contrastive text tower learns only what its image partner can read. The default
+partner, a small CNN trained from scratch beside it, reads colour and place but hardly
+shape, so the pooled vector the UNet is given hardly carries the shape either
+(docs/log/). The captioner's image tower and its per-cell heads, trained upstream in the
+lineage on the human-captioned subset, read every cell's shape, colour, size and word
+almost exactly; their class probabilities, and the pooled embedding for what no cell
+head reads (the background), go through one trainable linear map to the text tower's
+projection width.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.captioning.concepts import CELL_CLASSES, CELL_HEADS_FILE, GRID
+from models.common.clip import cell_tokens, clip_preprocess_cfg, create_clip, visual_features
+from models.common.data import normalize_images
+
+
+class MissingConceptTowerError(FileNotFoundError):
+    pass
+
+
+class LockedConceptTower(torch.nn.Module):
+    """Images in [-1, 1] (B, 3, H, W) -> (B, dim): the locked tower's reading of the
+    scene through a trainable linear head."""
+
+    def __init__(self, concepts_dir: Path, dim: int):
+        super().__init__()
+        concepts_dir = Path(concepts_dir)
+        config, weights = concepts_dir / "config.json", concepts_dir / "model.safetensors"
+        heads = concepts_dir / CELL_HEADS_FILE
+        missing = [p.name for p in (config, weights, heads) if not p.exists()]
+        if missing:
+            raise MissingConceptTowerError(
+                f"{concepts_dir} lacks {', '.join(missing)}: the partner is the captioner's "
+                "`concepts` phase (tiny profile); materialize the `captioner` asset first"
+            )
+        model = create_clip(json.loads(config.read_text())["model_name"])
+        model.load_state_dict(load_file(weights))
+        self.visual = model.visual.eval().requires_grad_(False)
+        if hasattr(self.visual, "output_tokens"):
+            self.visual.output_tokens = True
+        self.size, self.mean, self.std = clip_preprocess_cfg(model)
+        state = load_file(heads)
+        self.heads = torch.nn.ModuleDict()
+        for name in CELL_CLASSES:
+            w = state[f"{name}.weight"]
+            head = torch.nn.Linear(w.shape[1], w.shape[0])
+            head.load_state_dict({"weight": w, "bias": state[f"{name}.bias"]})
+            self.heads[name] = head.requires_grad_(False)
+        with torch.no_grad():
+            width = self._read(torch.zeros(1, 3, 32, 32)).shape[1]
+        self.proj = torch.nn.Linear(width, dim)
+
+    def train(self, mode: bool = True) -> LockedConceptTower:
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        images = ((x + 1) * 127.5).clamp(0, 255)
+        pooled, grid = visual_features(
+            self.visual, normalize_images(images, self.size, self.mean, self.std)
+        )
+        cells = cell_tokens(grid, GRID)
+        probs = [head(cells).softmax(-1).flatten(1) for head in self.heads.values()]
+        return torch.cat([*probs, torch.nn.functional.normalize(pooled, dim=-1)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            read = self._read(x)
+        return self.proj(read)

@@ -1,0 +1,51 @@
+"""The UNet given the caption as a map: built from params, kept through EMA, saving and
+loading, and reading the caption per place."""
+
+from __future__ import annotations
+
+import torch
+
+from models.diffusion.model import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
+from models.diffusion.text_map import TextMapUNet2DConditionModel, load_unet
+
+SMALL = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
+
+
+def _unet(channels: int):
+    torch.manual_seed(0)
+    cfg = UNetConfig(text_map_channels=channels, overrides=SMALL)
+    return build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8))
+
+
+def test_the_text_map_is_an_option_of_the_unet_and_the_latent_keeps_its_channels():
+    assert type(_unet(0)).__name__ == "UNet2DConditionModel"
+    unet = _unet(6)
+    assert isinstance(unet, TextMapUNet2DConditionModel)
+    # What samplers read to draw the noise stays the latent's; the map comes on top.
+    assert unet.config.in_channels == 4 and unet.conv_in.in_channels == 4 + 6
+    states = torch.randn(2, 5, 16)
+    where = unet.text_map(states)
+    assert where.shape == (2, 6, 8, 8)
+    # Each place asks its own question of the caption, and the caption answers.
+    assert not torch.allclose(where[:, :, 0, 0], where[:, :, 7, 7])
+    assert not torch.allclose(where[0], unet.text_map(states.flip(0))[0])
+
+
+def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path):
+    unet = _unet(6)
+    before = unet.text_map.out.weight.detach().clone()
+    module = LatentDiffusion(unet, DiffusionConfig())
+    with torch.no_grad():
+        for p in unet.text_map.parameters():
+            p.add_(1.0)  # the live weights move; the EMA has not stepped since
+    ema = module.ema_unet()
+    assert type(ema) is TextMapUNet2DConditionModel
+    torch.testing.assert_close(ema.text_map.out.weight, before)
+    ema.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = load_unet(tmp_path / "unet").eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = ema(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(got, expected)
