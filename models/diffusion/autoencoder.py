@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
 from torchvision.utils import make_grid
 
+from corpus.atomic import replace_dir
 from corpus.config import build_config
 from corpus.palette import colour_kept
 from corpus.params import load_section
@@ -258,11 +261,16 @@ def train_autoencoder(
     }
     if judge is not None:
         metrics["scene_kept"] = scene_kept(vae, load_judge(judge), cfg.scene_images, cfg.resolution)
-    out.mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # Written whole into a fresh folder, then swapped in: a previous autoencoder's files
+    # (a VAE's weights beside a patch autoencoder's config) must not survive a rewrite.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     pairs = torch.stack([held_out[:16], recon[:16]], 1).flatten(0, 1)
-    image_grid(pairs, nrow=8, scale=4).save(out / "reconstructions.png")
+    image_grid(pairs, nrow=8, scale=4).save(tmp / "reconstructions.png")
+    replace_dir(tmp, out)
     return metrics
 
 

@@ -447,9 +447,11 @@ def _check_epochs(cfg: DiffusionTrainConfig, n: int, sampler: dict) -> int:
 def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> torch.Tensor:
     """Every training image encoded once (posterior mean, scaled), cached by the keys and
     the autoencoder's weights."""
-    weights = sorted(Path(cfg.autoencoder, "vae").glob("*.safetensors"))
+    # The autoencoder's config as well as its weights: the patch autoencoder has none.
+    files = [Path(cfg.autoencoder, "vae", "config.json")]
+    files += sorted(Path(cfg.autoencoder, "vae").glob("*.safetensors"))
     tag = _digest([keys[:5], keys[-5:], len(keys)])
-    tag += "-" + _digest([hashlib.md5(w.read_bytes()).hexdigest() for w in weights])
+    tag += "-" + _digest([hashlib.md5(f.read_bytes()).hexdigest() for f in files if f.exists()])
     path = work / f"latents-{tag}.safetensors"
     if path.exists():
         return load_file(str(path))["latents"]

@@ -29,12 +29,18 @@ def test_a_sample_size_that_is_not_a_multiple_of_the_patch_is_refused():
 
 
 def test_train_autoencoder_writes_a_lossless_patch_autoencoder_that_loads_back(tiny_raw, tmp_path):
+    out = tmp_path / "autoencoder"
+    # What a trained VAE left there before params.yaml switched to the patch autoencoder.
+    (out / "vae").mkdir(parents=True)
+    (out / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"stale VAE weights")
     cfg = AutoencoderConfig(config="recapflow-tiny-patch", eval_images=16)
-    metrics = train_autoencoder(cfg, tiny_raw, tmp_path)
+    metrics = train_autoencoder(cfg, tiny_raw, out)
     assert metrics["mean_abs_error"] == 0.0
     assert metrics["colour_kept"] == 1.0
     assert metrics["latent_shape"] == [12, 16, 16]
-    ae = load_trained_autoencoder(tmp_path / "vae")
+    ae = load_trained_autoencoder(out / "vae")
     assert isinstance(ae, PatchAutoencoder)
     assert ae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
-    assert not list((tmp_path / "vae").glob("*.safetensors"))  # nothing was learnt
+    # Nothing was learnt, and nothing of the previous autoencoder survives the rewrite.
+    assert not list((out / "vae").glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder"]
