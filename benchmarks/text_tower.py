@@ -31,37 +31,20 @@ from models.diffusion.text_encoder import (
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower
+from models.diffusion.text_partner import LockedConceptTower, LockedReader
 from models.diffusion.text_probes import probe_text_encoder
-from models.evaluation.world_judge import JudgeNet, load_judge, render_scenes
+from models.evaluation.world_judge import load_judge, render_scenes
 
 
-class LockedJudge(torch.nn.Module):
-    """The world judge's net, frozen and kept in eval mode (its batch norms too), read out
-    as per-cell class probabilities and background probabilities, then a trainable linear
-    map to the text tower's projection width."""
-
-    def __init__(self, net: JudgeNet, dim: int):
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        with torch.no_grad():
-            width = self._read(torch.zeros(1, 3, 32, 32)).shape[1]
-        self.proj = torch.nn.Linear(width, dim)
-
-    def train(self, mode: bool = True) -> LockedJudge:
-        super().train(mode)
-        self.net.eval()
-        return self
+class LockedJudge(LockedReader):
+    """The world judge's net, locked (its batch norms too), read out as per-cell class
+    probabilities and background probabilities, then a trainable linear map to the text
+    tower's projection width."""
 
     def _read(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
+        out = self.locked(x)
         cells = [out[k].softmax(-1).flatten(1) for k in ("shape", "colour", "size", "word")]
         return torch.cat([*cells, out["background"].softmax(-1)], 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            read = self._read(x)
-        return self.proj(read)
 
 
 def main() -> None:

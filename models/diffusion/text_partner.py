@@ -29,12 +29,36 @@ class MissingConceptTowerError(FileNotFoundError):
     pass
 
 
-class LockedConceptTower(torch.nn.Module):
-    """Images in [-1, 1] (B, 3, H, W) -> (B, dim): the locked tower's reading of the
-    scene through a trainable linear head."""
+class LockedReader(torch.nn.Module):
+    """A locked image reader (`_read`: images in [-1, 1] -> features), kept in eval mode
+    whatever the trainer sets, and a trainable linear map to the text tower's width."""
+
+    def __init__(self, locked: torch.nn.Module, dim: int):
+        super().__init__()
+        self.locked = locked.eval().requires_grad_(False)
+        with torch.no_grad():
+            width = self._read(torch.zeros(1, 3, 32, 32)).shape[1]
+        self.proj = torch.nn.Linear(width, dim)
+
+    def train(self, mode: bool = True) -> LockedReader:
+        super().train(mode)
+        self.locked.eval()
+        return self
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            read = self._read(x)
+        return self.proj(read)
+
+
+class LockedConceptTower(LockedReader):
+    """Images in [-1, 1] (B, 3, H, W) -> (B, dim): the captioner's concept tower and cell
+    heads, locked, read through a trainable linear head."""
 
     def __init__(self, concepts_dir: Path, dim: int):
-        super().__init__()
         concepts_dir = Path(concepts_dir)
         config, weights = concepts_dir / "config.json", concepts_dir / "model.safetensors"
         heads = concepts_dir / CELL_HEADS_FILE
@@ -46,25 +70,25 @@ class LockedConceptTower(torch.nn.Module):
             )
         model = create_clip(json.loads(config.read_text())["model_name"])
         model.load_state_dict(load_file(weights))
-        self.visual = model.visual.eval().requires_grad_(False)
-        if hasattr(self.visual, "output_tokens"):
-            self.visual.output_tokens = True
-        self.size, self.mean, self.std = clip_preprocess_cfg(model)
+        if hasattr(model.visual, "output_tokens"):
+            model.visual.output_tokens = True
         state = load_file(heads)
-        self.heads = torch.nn.ModuleDict()
+        cell_heads = torch.nn.ModuleDict()
         for name in CELL_CLASSES:
             w = state[f"{name}.weight"]
             head = torch.nn.Linear(w.shape[1], w.shape[0])
             head.load_state_dict({"weight": w, "bias": state[f"{name}.bias"]})
-            self.heads[name] = head.requires_grad_(False)
-        with torch.no_grad():
-            width = self._read(torch.zeros(1, 3, 32, 32)).shape[1]
-        self.proj = torch.nn.Linear(width, dim)
+            cell_heads[name] = head
+        self.size, self.mean, self.std = clip_preprocess_cfg(model)
+        super().__init__(torch.nn.ModuleDict({"visual": model.visual, "heads": cell_heads}), dim)
 
-    def train(self, mode: bool = True) -> LockedConceptTower:
-        super().train(mode)
-        self.visual.eval()
-        return self
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.locked["visual"]
+
+    @property
+    def heads(self) -> torch.nn.ModuleDict:
+        return self.locked["heads"]
 
     def _read(self, x: torch.Tensor) -> torch.Tensor:
         images = ((x + 1) * 127.5).clamp(0, 255)
@@ -74,8 +98,3 @@ class LockedConceptTower(torch.nn.Module):
         cells = cell_tokens(grid, GRID)
         probs = [head(cells).softmax(-1).flatten(1) for head in self.heads.values()]
         return torch.cat([*probs, torch.nn.functional.normalize(pooled, dim=-1)], 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            read = self._read(x)
-        return self.proj(read)
