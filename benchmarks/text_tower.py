@@ -26,12 +26,13 @@ import torch
 from corpus.scene_text import descriptive_caption, short_caption
 from corpus.world import WorldConfig, sample_scene
 from models.diffusion.text_encoder import (
+    ImageTower,
     TextEncoderConfig,
     TextPretrainConfig,
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower, LockedReader
+from models.diffusion.text_partner import LockedConceptTower, LockedReader, SummedTowers
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.world_judge import load_judge, render_scenes
 
@@ -56,7 +57,8 @@ def main() -> None:
     p.add_argument("--hard-negatives", action="store_true")
     p.add_argument("--context-length", type=int, default=96)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--partner", choices=["cnn", "judge", "captioner"], default="cnn")
+    partners = ["cnn", "judge", "captioner", "captioner+cnn"]
+    p.add_argument("--partner", choices=partners, default="cnn")
     p.add_argument("--concepts", type=Path, default=Path("data/captioner/concepts"))
     p.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     args = p.parse_args()
@@ -79,6 +81,10 @@ def main() -> None:
         tower = lambda dim: LockedJudge(net, dim)  # noqa: E731
     elif args.partner == "captioner":
         tower = lambda dim: LockedConceptTower(args.concepts, dim)  # noqa: E731
+    elif args.partner == "captioner+cnn":
+        tower = lambda dim: SummedTowers(  # noqa: E731
+            LockedConceptTower(args.concepts, dim), ImageTower(dim, args.image_width)
+        )
     metrics = pretrain_text_encoder(cfg, images, texts, args.out, image_tower=tower)
     probes = probe_text_encoder(load_text_encoder(args.out, args.context_length), 4000)
     result = {"metrics": metrics, "probes": probes, "seconds": time.time() - start}

@@ -51,8 +51,9 @@ class MissingTextEncoderError(FileNotFoundError):
 OBJECTIVES = ("contrastive", "masked")
 # contrastive: the image-side partner. "cnn": a small CNN trained beside the text tower;
 # "captioner": the captioner's concept tower and cell heads, locked, with a trainable
-# linear head (models/diffusion/text_partner.py, LiT).
-PARTNERS = ("cnn", "captioner")
+# linear head (models/diffusion/text_partner.py, LiT); "captioner+cnn": the sum of both,
+# the CNN reading what the concept tower has no head for (the background).
+PARTNERS = ("cnn", "captioner", "captioner+cnn")
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def load_text_encoder(
     return FrozenTextEncoder(model, tokenizer, context_length)
 
 
-class _ImageTower(torch.nn.Module):
+class ImageTower(torch.nn.Module):
     """A small CNN, only a partner for contrastive pretraining of the text tower."""
 
     def __init__(self, dim: int, width: int = 32):
@@ -254,7 +255,7 @@ class _ContrastiveModule(L.LightningModule):
     ):
         super().__init__()
         self.text, self.cfg, self.eos_id = text, cfg, eos_id
-        self.image = image or _ImageTower(text.config.projection_dim, cfg.image_width)
+        self.image = image or ImageTower(text.config.projection_dim, cfg.image_width)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.659))  # ln(1 / 0.07)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

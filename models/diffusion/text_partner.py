@@ -9,7 +9,9 @@ shape, so the pooled vector the UNet is given hardly carries the shape either
 lineage on the human-captioned subset, read every cell's shape, colour, size and word
 almost exactly; their class probabilities, and the pooled embedding for what no cell
 head reads (the background), go through one trainable linear map to the text tower's
-projection width.
+projection width. The concept tower has no background head, so "captioner+cnn" adds a
+small CNN trained beside it (`SummedTowers`): the sum is the image feature, and the text
+tower must carry both what the concept tower reads and what the CNN reads.
 """
 
 from __future__ import annotations
@@ -98,3 +100,14 @@ class LockedConceptTower(LockedReader):
         cells = cell_tokens(grid, GRID)
         probs = [head(cells).softmax(-1).flatten(1) for head in self.heads.values()]
         return torch.cat([*probs, torch.nn.functional.normalize(pooled, dim=-1)], 1)
+
+
+class SummedTowers(torch.nn.Module):
+    """Images -> the sum of several partners' (B, dim) features."""
+
+    def __init__(self, *towers: torch.nn.Module):
+        super().__init__()
+        self.towers = torch.nn.ModuleList(towers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tower(x) for tower in self.towers]).sum(0)

@@ -62,11 +62,12 @@ from models.diffusion.model import (
 from models.diffusion.patch_autoencoder import PatchAutoencoder, load_trained_autoencoder
 from models.diffusion.text_encoder import (
     FrozenTextEncoder,
+    ImageTower,
     TextEncoderConfig,
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower
+from models.diffusion.text_partner import LockedConceptTower, SummedTowers
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.colour_following import colour_prompts, score_colours
 
@@ -102,7 +103,7 @@ class DiffusionTrainConfig:
     sampler: str = "data/mixed_sampler"
     autoencoder: str = "data/autoencoder"
     # the captioner's folder: its concept tower partners the text tower's pretraining
-    # when text_encoder.pretrain.partner is "captioner"
+    # when text_encoder.pretrain.partner is "captioner" or "captioner+cnn"
     captioner: str | None = "data/captioner"
     out: str = "data/diffusion_model"
     work: str | None = None  # checkpoints and caches; default data/work/diffusion_model
@@ -117,6 +118,11 @@ class DiffusionTrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # ddp, fsdp, ...: Lightning's strategies, nothing home-made
     num_threads: int | None = None
+    # When the UNet trains on a CPU: this many data-parallel processes (DDP over gloo),
+    # the cores split between them. A small model's step keeps one core busier than it
+    # keeps two, so two one-thread processes train faster than one two-thread process.
+    # Ignored on a GPU; `devices` and `strategy` then apply.
+    cpu_processes: int = 1
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -127,9 +133,10 @@ class DiffusionTrainConfig:
 
     def __post_init__(self) -> None:
         tcfg = self.text_encoder
-        if tcfg.pretrain.partner == "captioner" and not (tcfg.pretrained or self.captioner):
+        partner = tcfg.pretrain.partner
+        if partner.startswith("captioner") and not (tcfg.pretrained or self.captioner):
             raise ConfigError(
-                "diffusion_model.text_encoder.pretrain.partner: captioner needs the captioner's "
+                f"diffusion_model.text_encoder.pretrain.partner: {partner} needs the captioner's "
                 "folder (`captioner`, --captioner): its concept tower is the partner"
             )
         if self.diffusion.prediction_type not in PREDICTION_TYPES:
@@ -363,7 +370,9 @@ class ProgressReport(Callback):
             self.step0, self.t0 = step, time.perf_counter()
         if step % self.every == 0 or step == self.max_steps:
             dt = time.perf_counter() - self.t0
-            rate = (step - self.step0) * len(batch["latents"]) / dt if dt > 0 else math.nan
+            # images per optimizer step, over every data-parallel process
+            per_step = len(batch["latents"]) * trainer.accumulate_grad_batches * trainer.world_size
+            rate = (step - self.step0) * per_step / dt if dt > 0 else math.nan
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
             self.reporter.info(f"step {step}/{self.max_steps} loss {loss:.4f} {rate:.0f} images/s")
             trainer.logger and trainer.logger.log_metrics({"train/images_per_s": rate}, step)
@@ -474,17 +483,22 @@ def text_encoder_tag(
     captions_md5 = partner_md5 = None
     if tcfg.objective == "contrastive":
         captions_md5 = hashlib.md5("\n".join(texts).encode()).hexdigest()
-        if tcfg.pretrain.partner == "captioner" and captioner:
+        if tcfg.pretrain.partner.startswith("captioner") and captioner:
             files = sorted(Path(captioner, "concepts").glob("*.safetensors"))
             partner_md5 = [hashlib.md5(f.read_bytes()).hexdigest() for f in files]
     return _digest([asdict(tcfg), captions_md5, partner_md5, seed, RECIPE])
 
 
 def _partner(cfg: DiffusionTrainConfig) -> Callable[[int], torch.nn.Module] | None:
-    if cfg.text_encoder.pretrain.partner != "captioner":
+    pretrain = cfg.text_encoder.pretrain
+    if pretrain.partner == "cnn":
         return None
     concepts = Path(cfg.captioner) / "concepts"
-    return lambda dim: LockedConceptTower(concepts, dim)
+    if pretrain.partner == "captioner":
+        return lambda dim: LockedConceptTower(concepts, dim)
+    return lambda dim: SummedTowers(
+        LockedConceptTower(concepts, dim), ImageTower(dim, pretrain.image_width)
+    )
 
 
 def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncoder:
@@ -535,6 +549,18 @@ def _precision(cfg: DiffusionTrainConfig) -> str:
     if cfg.precision != "auto":
         return cfg.precision
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def parallelism(cfg: DiffusionTrainConfig) -> tuple[str, int | str, str, int | None]:
+    """(accelerator, devices, strategy, torch threads per process) of the UNet's training."""
+    on_cpu = cfg.accelerator == "cpu" or (
+        cfg.accelerator == "auto" and not torch.cuda.is_available()
+    )
+    if not on_cpu or cfg.cpu_processes <= 1:
+        return cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_threads
+    threads = cfg.num_threads or max(1, len(os.sched_getaffinity(0)) // cfg.cpu_processes)
+    strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
+    return "cpu", cfg.cpu_processes, strategy, threads
 
 
 def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None:
@@ -668,12 +694,15 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         module.weights_dir = resume
         reporter.info(f"resuming from {resume}")
 
+    accelerator, devices, strategy, threads = parallelism(cfg)
+    if threads:  # the text encoder and the caches above had every core
+        torch.set_num_threads(threads)
     trainer = L.Trainer(
         max_steps=cfg.diffusion.max_steps,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
+        accelerator=accelerator,
+        devices=devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
+        strategy=strategy,
         precision=_precision(cfg),
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         logger=logger or False,

@@ -41,7 +41,7 @@ from models.diffusion.model import (
     sampling_scheduler,
 )
 from models.diffusion.text_encoder import MissingTextEncoderError, load_text_encoder
-from models.diffusion.train import DiffusionTrainConfig, train_diffusion
+from models.diffusion.train import DiffusionTrainConfig, parallelism, train_diffusion
 from models.evaluation.colour_following import colour_prompts, score_colours
 
 REPO = Path(__file__).resolve().parents[3]
@@ -365,6 +365,18 @@ def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
     recaptioned = ["a red circle in the top right", "a blue square"]
     assert text_encoder_tag(tcfg, recaptioned, 0) != text_encoder_tag(tcfg, captions, 0)
     assert text_encoder_tag(tcfg, captions, 1) != text_encoder_tag(tcfg, captions, 0)
+
+
+def test_cpu_processes_split_the_cores_into_ddp_processes_only_on_a_cpu(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = DiffusionTrainConfig.from_dict({"cpu_processes": 2})
+    assert parallelism(cfg) == ("cpu", 2, "ddp", 2)
+    assert parallelism(replace(cfg, num_threads=1)) == ("cpu", 2, "ddp", 1)
+    assert parallelism(DiffusionTrainConfig()) == ("auto", 1, "auto", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parallelism(cfg) == ("auto", 1, "auto", None)  # a GPU: devices, strategy apply
+    assert parallelism(replace(cfg, accelerator="cpu")) == ("cpu", 2, "ddp", 2)
 
 
 @pytest.mark.slow  # two data-parallel training processes, killed, then resumed

@@ -1,5 +1,5 @@
 """The captioner's concept tower as the locked partner of the text tower's pretraining,
-and the scale of the saved pooled vector."""
+alone or summed with a CNN trained beside it, and the scale of the saved pooled vector."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ from corpus.world import SHAPES, Scene, SceneObject, render
 from models.captioning.concepts import CELL_CLASSES, CELL_HEADS_FILE
 from models.common.clip import create_clip, save_clip, visual_features
 from models.diffusion.text_encoder import (
+    ImageTower,
     TextEncoderConfig,
     TextPretrainConfig,
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower, MissingConceptTowerError
-from models.diffusion.train import DiffusionTrainConfig, text_encoder_tag
+from models.diffusion.text_partner import (
+    LockedConceptTower,
+    MissingConceptTowerError,
+    SummedTowers,
+)
+from models.diffusion.train import DiffusionTrainConfig, _partner, text_encoder_tag
 
 CLIP = "recapflow-tiny-cell-clip"
 
@@ -87,6 +92,47 @@ def test_the_captioners_concept_tower_stays_locked_while_the_text_tower_learns(t
     assert trainable == {"proj.weight", "proj.bias"}
 
 
+def test_the_summed_partner_trains_its_cnn_beside_the_locked_concept_tower(tmp_path):
+    captioner = tmp_path / "captioner"
+    _concepts(captioner / "concepts")
+    cfg = DiffusionTrainConfig.from_dict(
+        {
+            "captioner": str(captioner),
+            "text_encoder": {"pretrain": {"partner": "captioner+cnn", "image_width": 8}},
+        }
+    )
+    built, cnn_before = [], {}
+
+    def partner(dim):
+        built.append(_partner(cfg)(dim))
+        cnn_before.update({k: v.clone() for k, v in built[0].towers[1].state_dict().items()})
+        return built[0]
+
+    images, texts = _pairs()
+    reference = _partner(cfg)(8)
+    pretrain_text_encoder(
+        _cfg(partner="captioner+cnn", image_width=8),
+        images,
+        texts,
+        tmp_path / "enc",
+        image_tower=partner,
+    )
+    summed = built[0]
+    assert isinstance(summed, SummedTowers)
+    concept, cnn = summed.towers
+    assert isinstance(concept, LockedConceptTower) and isinstance(cnn, ImageTower)
+    for (name, after), before in zip(
+        concept.visual.state_dict().items(),
+        reference.towers[0].visual.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(after, before), name
+    assert not concept.visual.training
+    assert not torch.equal(cnn.net[0].weight, cnn_before["net.0.weight"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(summed(x), concept(x) + cnn(x))
+
+
 def test_the_saved_pooled_vector_is_scaled_and_the_token_states_are_not(tmp_path):
     images, texts = _pairs()
     pretrain_text_encoder(_cfg(), images, texts, tmp_path / "one")
@@ -106,6 +152,10 @@ def test_the_captioner_partner_needs_the_captioner_and_its_weights_key_the_encod
     with pytest.raises(ConfigError, match="partner: captioner needs"):
         DiffusionTrainConfig.from_dict(
             {"captioner": None, "text_encoder": {"pretrain": {"partner": "captioner"}}}
+        )
+    with pytest.raises(ConfigError, match=r"partner: captioner\+cnn needs"):
+        DiffusionTrainConfig.from_dict(
+            {"captioner": None, "text_encoder": {"pretrain": {"partner": "captioner+cnn"}}}
         )
     with pytest.raises(ValueError, match="partner: 'judge' is not one of"):
         DiffusionTrainConfig.from_dict({"text_encoder": {"pretrain": {"partner": "judge"}}})
