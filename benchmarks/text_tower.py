@@ -26,13 +26,12 @@ import torch
 from corpus.scene_text import descriptive_caption, short_caption
 from corpus.world import WorldConfig, sample_scene
 from models.diffusion.text_encoder import (
-    ImageTower,
     TextEncoderConfig,
     TextPretrainConfig,
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower, LockedReader, SummedTowers
+from models.diffusion.text_partner import LockedReader, captioner_partner
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.world_judge import load_judge, render_scenes
 
@@ -79,12 +78,8 @@ def main() -> None:
     if args.partner == "judge":
         net = load_judge(args.judge).net
         tower = lambda dim: LockedJudge(net, dim)  # noqa: E731
-    elif args.partner == "captioner":
-        tower = lambda dim: LockedConceptTower(args.concepts, dim)  # noqa: E731
-    elif args.partner == "captioner+cnn":
-        tower = lambda dim: SummedTowers(  # noqa: E731
-            LockedConceptTower(args.concepts, dim), ImageTower(dim, args.image_width)
-        )
+    elif args.partner.startswith("captioner"):
+        tower = captioner_partner(args.partner, args.concepts, args.image_width)
     metrics = pretrain_text_encoder(cfg, images, texts, args.out, image_tower=tower)
     probes = probe_text_encoder(load_text_encoder(args.out, args.context_length), 4000)
     result = {"metrics": metrics, "probes": probes, "seconds": time.time() - start}

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from models.captioning.concepts import CELL_CLASSES, CELL_HEADS_FILE, GRID
 from models.common.clip import cell_tokens, clip_preprocess_cfg, create_clip, visual_features
 from models.common.data import normalize_images
+from models.diffusion.text_encoder import ImageTower
 
 
 class MissingConceptTowerError(FileNotFoundError):
@@ -111,3 +112,11 @@ class SummedTowers(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([tower(x) for tower in self.towers]).sum(0)
+
+
+def captioner_partner(partner: str, concepts: Path, image_width: int):
+    """`image_tower(dim)` for `pretrain_text_encoder` of a "captioner" or "captioner+cnn"
+    partner."""
+    if partner == "captioner":
+        return lambda dim: LockedConceptTower(concepts, dim)
+    return lambda dim: SummedTowers(LockedConceptTower(concepts, dim), ImageTower(dim, image_width))

@@ -62,12 +62,11 @@ from models.diffusion.model import (
 from models.diffusion.patch_autoencoder import PatchAutoencoder, load_trained_autoencoder
 from models.diffusion.text_encoder import (
     FrozenTextEncoder,
-    ImageTower,
     TextEncoderConfig,
     load_text_encoder,
     pretrain_text_encoder,
 )
-from models.diffusion.text_partner import LockedConceptTower, SummedTowers
+from models.diffusion.text_partner import captioner_partner
 from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.colour_following import colour_prompts, score_colours
 
@@ -493,11 +492,8 @@ def _partner(cfg: DiffusionTrainConfig) -> Callable[[int], torch.nn.Module] | No
     pretrain = cfg.text_encoder.pretrain
     if pretrain.partner == "cnn":
         return None
-    concepts = Path(cfg.captioner) / "concepts"
-    if pretrain.partner == "captioner":
-        return lambda dim: LockedConceptTower(concepts, dim)
-    return lambda dim: SummedTowers(
-        LockedConceptTower(concepts, dim), ImageTower(dim, pretrain.image_width)
+    return captioner_partner(
+        pretrain.partner, Path(cfg.captioner) / "concepts", pretrain.image_width
     )
 
 
