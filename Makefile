@@ -56,14 +56,19 @@ RUN_CONCURRENCY ?= 1
 # (assets/reuse.py); REBUILD=all, or a comma list of assets, builds them anyway.
 REBUILD ?=
 RUN_STARTED := $(shell date +%s)
+LAST_STEPS := mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,eval_report
+
+# A command runs only when one of its assets needs it (pipelines/stale.py: changed since
+# dvc.lock, never materialized, or asked for by REBUILD); a failed check stops the run.
+NEEDED = need=$$($(PY) -m pipelines.stale $(1)) || exit 1; [ "$$need" = current ] ||
 
 run: export RECAPFLOW_REBUILD = $(REBUILD)
 run: install
 	$(PY) -m pipelines.slots  # pool slots left claimed by a killed earlier run
-	$(DAGSTER) --select raw_alt_text_dataset --partition-range "$$($(PY) -m pipelines.where --register-partitions)"
-	$(DAGSTER) --select captioner
-	$(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
-	$(DAGSTER) --select 'mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,eval_report' \
+	$(call NEEDED,raw_alt_text_dataset) $(DAGSTER) --select raw_alt_text_dataset --partition-range "$$($(PY) -m pipelines.where --register-partitions)"
+	$(call NEEDED,captioner) $(DAGSTER) --select captioner
+	$(call NEEDED,recaptioned_dataset) $(DAGSTER) --select recaptioned_dataset --partition-range "$$($(PY) -m pipelines.where --partition-range)"
+	$(call NEEDED,$(LAST_STEPS)) $(DAGSTER) --select '$(LAST_STEPS)' \
 		--config-json '{"execution": {"config": {"multiprocess": {"max_concurrent": $(RUN_CONCURRENCY)}}}}'
 	@$(PY) -m pipelines.where --since $(RUN_STARTED)
 

@@ -69,11 +69,16 @@ def follow(
     images_per_prompt: int = 4,
     spacing: str | None = None,
     guidance: float | None = None,
+    sampling: dict | None = None,
 ) -> dict:
+    """All-conditions and attribute scores of the suite's prompts; `sampling` overrides
+    the model's exported sampling settings (`diffusion_model.eval`: clip_sample, ...)."""
     prompts = load_suite(Path("prompts/suite-v1.json"))
     pipe = load_text_to_image(model)
     if spacing:
         pipe.eval_cfg["spacing"] = spacing
+    pipe.eval_cfg.update(sampling or {})
+    tag = "_".join(f"{k}{v}" for k, v in sorted((sampling or {}).items()))
     judge = load_judge(judge_dir)
     result = {}
     for form in FORMS:
@@ -95,7 +100,7 @@ def follow(
         }
         grid = image_grid(images[: 16 * images_per_prompt], nrow=4 * images_per_prompt, scale=3)
         grid.save(model / f"follow_{form}_{pipe.eval_cfg.get('spacing', 'leading')}.png")
-    name = f"follow_{pipe.eval_cfg.get('spacing', 'leading')}_{guidance or 'default'}.json"
+    name = f"follow_{pipe.eval_cfg.get('spacing', 'leading')}_{guidance or 'default'}{tag}.json"
     (model / name).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -148,6 +153,9 @@ def main() -> None:
     f.add_argument("--images-per-prompt", type=int, default=4)
     f.add_argument("--spacing", choices=["leading", "trailing"], default=None)
     f.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    f.add_argument("--clip-sample", type=float, default=None, help="x0 clipped to +-this")
+    f.add_argument("--guidance-min-t", type=int, default=None, help="guidance only at t >= it")
+    f.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     d = sub.add_parser("denoise", help="error of one-step x0 estimates per noise level")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -158,10 +166,22 @@ def main() -> None:
     if args.command == "denoise":
         print(json.dumps(denoise_once(args.model, args.raw), indent=1))
         return
-    result = follow(args.model, args.judge, args.images_per_prompt, args.spacing, args.guidance)
+    sampling = {
+        k: v
+        for k, v in (
+            ("clip_sample", args.clip_sample),
+            ("guidance_min_t", args.guidance_min_t),
+            ("steps", args.steps),
+        )
+        if v is not None
+    }
+    result = follow(
+        args.model, args.judge, args.images_per_prompt, args.spacing, args.guidance, sampling
+    )
     for form, r in result.items():
         print(form, {k: round(v, 3) for k, v in r["prompt_following"].items()})
         print(form, {k: round(v, 3) for k, v in r["attribute_accuracy"].items()})
+        print(form, r["failure_reasons"])
 
 
 if __name__ == "__main__":

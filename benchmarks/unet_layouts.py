@@ -1,9 +1,13 @@
-"""UNet layouts side by side: training images/s of each candidate layout (and of
-torch.compile on the default) as a ratio to the default layout, in one run.
+"""UNet layouts side by side: training images/s of candidate layouts, of channels-last
+memory, of torch.compile and of a smaller batch, each as a ratio to params.yaml's
+default in the same run.
 
-Each layout trains `--steps` plain optimizer steps (after `--warmup`) on random latents
-and text states of the right shapes; rounds alternate over the layouts so drift in the
-machine's speed hits all of them; the median round is reported.
+The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
+(16x16x12 for 32 px) with its text map; each candidate changes one thing. Every run
+trains `--steps` plain optimizer steps (after `--warmup`; compiled runs warm up four
+times as long, compilation included, and the compile time is reported) on random
+latents and text states of the right shapes; rounds alternate over the runs so drift in
+the machine's speed hits all of them; the median round is reported.
 
     python -m benchmarks.unet_layouts [--steps 20] [--rounds 3] [--batch 64] [--compile]
 """
@@ -16,60 +20,62 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+from corpus.params import load_params
 from models.diffusion.model import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
 
-TEXT_WIDTH, CONTEXT = 64, 64
-# name -> (latent shape, UNet config overrides); "default" is the baseline of the ratios.
-_ATTN_FROM_8 = {
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-}
-_ATTN_FROM_4 = {
+TEXT_WIDTH = 64
+LATENT = (12, 16, 16)  # recapflow-tiny-patch on 32 px
+_ATTN_AT_4 = {
     "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
-LAYOUTS: dict[str, tuple[tuple[int, int, int], dict]] = {
-    "default": ((4, 8, 8), {}),
-    "8x8, no attention at 8x8": (
-        (4, 8, 8),
-        {
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        },
-    ),
-    "8x8x8": ((8, 8, 8), {}),
-    "16x16, 32/64/128, attention from 8x8": (
-        (4, 16, 16),
-        {"block_out_channels": [32, 64, 128], **_ATTN_FROM_8},
-    ),
-    "16x16, 32/64/128, attention at 4x4": (
-        (4, 16, 16),
-        {"block_out_channels": [32, 64, 128], **_ATTN_FROM_4},
-    ),
-    "16x16, 32/64/64, attention from 8x8": (
-        (4, 16, 16),
-        {"block_out_channels": [32, 64, 64], **_ATTN_FROM_8},
-    ),
+
+
+@dataclass(frozen=True)
+class Run:
+    overrides: dict = field(default_factory=dict)  # on top of params.yaml's
+    channels_last: bool = False
+    compile: bool = False
+    batch: int | None = None  # None: --batch
+
+
+RUNS = {
+    "default (params.yaml)": Run(),
+    "attention at 4x4 only": Run(overrides=_ATTN_AT_4),
+    "widths 32/64/64": Run(overrides={"block_out_channels": [32, 64, 64]}),
+    "channels-last memory": Run(channels_last=True),
+    "batch 32": Run(batch=32),
 }
 
 
-def _module(shape: tuple[int, int, int], overrides: dict, compile_: bool) -> LatentDiffusion:
+def _module(unet_params: dict, run: Run) -> LatentDiffusion:
     torch.manual_seed(0)
-    unet = build_unet(UNetConfig(overrides=overrides), TEXT_WIDTH, TEXT_WIDTH, shape)
-    module = LatentDiffusion(unet, DiffusionConfig(max_steps=10_000))
-    if compile_:
+    cfg = UNetConfig(
+        config=unet_params.get("config", "recapflow-tiny-unet"),
+        overrides={**(unet_params.get("overrides") or {}), **run.overrides},
+        text_map_channels=unet_params.get("text_map_channels", 0),
+    )
+    unet = build_unet(cfg, TEXT_WIDTH, TEXT_WIDTH, LATENT)
+    if run.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    module = LatentDiffusion(unet, DiffusionConfig(max_steps=10_000, prediction_type="sample"))
+    if run.compile:
         module.unet = torch.compile(module.unet)
     return module
 
 
-def _batch(shape: tuple[int, int, int], n: int) -> dict:
+def _batch(n: int, context: int, channels_last: bool) -> dict:
     g = torch.Generator().manual_seed(0)
+    latents = torch.randn(n, *LATENT, generator=g)
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
     return {
-        "latents": torch.randn(n, *shape, generator=g),
-        "states": torch.randn(n, CONTEXT, TEXT_WIDTH, generator=g),
+        "latents": latents,
+        "states": torch.randn(n, context, TEXT_WIDTH, generator=g),
         "pooled": torch.randn(n, TEXT_WIDTH, generator=g),
     }
 
@@ -92,44 +98,56 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--compile", action="store_true", help="also the default, compiled")
+    ap.add_argument("--out", default="benchmarks/results/unet_layouts.json")
     args = ap.parse_args()
-    runs = {name: (shape, over, False) for name, (shape, over) in LAYOUTS.items()}
+    section = load_params(args.params)["diffusion_model"]
+    unet_params, context = section["unet"], section["text_encoder"]["context_length"]
+    runs = dict(RUNS)
     if args.compile:
-        runs["default, torch.compile"] = (*LAYOUTS["default"], True)
-    modules = {name: _module(*spec) for name, spec in runs.items()}
+        runs["torch.compile"] = Run(compile=True)
+    modules = {name: _module(unet_params, run) for name, run in runs.items()}
     params = {name: sum(p.numel() for p in m.unet.parameters()) for name, m in modules.items()}
-    batches = {name: _batch(spec[0], args.batch) for name, spec in runs.items()}
+    batches = {
+        name: _batch(run.batch or args.batch, context, run.channels_last)
+        for name, run in runs.items()
+    }
     speeds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
+    first_round_s: dict[str, float] = {}
+    for r in range(args.rounds):
         for name, module in modules.items():
-            warmup = args.warmup * (4 if runs[name][2] else 1)  # compilation happens here
+            warmup = args.warmup * (4 if runs[name].compile else 1)
+            t0 = time.perf_counter()
             speeds[name].append(_images_per_s(module, batches[name], args.steps, warmup))
-    base = statistics.median(speeds["default"])
+            if r == 0:
+                first_round_s[name] = time.perf_counter() - t0
+    base = statistics.median(speeds["default (params.yaml)"])
     rows = {
         name: {
-            "latent": list(runs[name][0]),
             "params_M": round(params[name] / 1e6, 2),
+            "batch": runs[name].batch or args.batch,
             "images_per_s_median": round(statistics.median(s), 1),
             "images_per_s_all": [round(x, 1) for x in s],
             "ratio_to_default": round(statistics.median(s) / base, 2),
+            "first_round_seconds": round(first_round_s[name], 1),
         }
         for name, s in speeds.items()
     }
-    print(
-        json.dumps(
-            {
-                "machine": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(),
-                "cpus": os.cpu_count(),
-                "batch": args.batch,
-                "steps": args.steps,
-                "rounds": args.rounds,
-                "layouts": rows,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "latent": list(LATENT),
+        "batch": args.batch,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "runs": rows,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -48,16 +48,21 @@ LINEAGE = (
 
 
 def step_times(instance, since: float) -> list[tuple[str, float, str]]:
-    """(asset, wall seconds, how) for each lineage step materialized after `since`. A
-    partitioned step writes one materialization per partition with the same metadata: one
-    per run is counted."""
+    """(asset, wall seconds, how) for each lineage step materialized after `since`, and
+    (asset, 0, "current, not run") for one materialized only before (`make run` launched
+    no run for it: pipelines/stale.py). A partitioned step writes one materialization per
+    partition with the same metadata: one per run is counted."""
     import dagster as dg
 
     rows = []
     for name in LINEAGE:
+        key = dg.AssetKey(name)
         records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), after_timestamp=since), limit=10_000
+            dg.AssetRecordsFilter(asset_key=key, after_timestamp=since), limit=10_000
         ).records
+        if not records and instance.get_latest_materialization_event(key) is not None:
+            rows.append((name, 0.0, "current, not run"))
+            continue
         per_run: dict[str, tuple[float, bool]] = {}
         for r in records:
             meta = r.asset_materialization.metadata
@@ -74,7 +79,7 @@ def step_table(rows: list[tuple[str, float, str]], wall: float) -> str:
     lines = [
         "",
         "step times of this run",
-        f"  {'step':<22} {'wall':>9}  built or reused",
+        f"  {'step':<22} {'wall':>9}  built, reused or current",
         "  " + "-" * 48,
     ]
     lines += [f"  {name:<22} {_clock(s):>9}  {how}" for name, s, how in rows]

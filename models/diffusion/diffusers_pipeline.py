@@ -51,7 +51,8 @@ class RecapflowPipeline(DiffusionPipeline):
 
     `context_length` is the token length the text encoder was trained with;
     `num_inference_steps` and `guidance_scale` are the defaults `__call__` samples with
-    (recapflow writes the settings its evaluation used)."""
+    (recapflow writes the settings its evaluation used); guidance applies at the steps
+    whose t >= `guidance_min_t`, the conditional prediction alone below it."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
@@ -65,6 +66,7 @@ class RecapflowPipeline(DiffusionPipeline):
         context_length: int = 64,
         num_inference_steps: int = 20,
         guidance_scale: float = 3.0,
+        guidance_min_t: int = 0,
     ):
         super().__init__()
         self.register_modules(
@@ -74,6 +76,7 @@ class RecapflowPipeline(DiffusionPipeline):
             context_length=context_length,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance_min_t=guidance_min_t,
         )
 
     # -- the prompt -------------------------------------------------------------------
@@ -178,7 +181,8 @@ class RecapflowPipeline(DiffusionPipeline):
                 inp = sched.scale_model_input(torch.cat([x, x]), t).to(unet.dtype)
                 eps = unet(inp, t, encoder_hidden_states=states, class_labels=class_labels).sample
                 uncond, cond = eps.float().chunk(2)
-                x = sched.step(uncond + scale * (cond - uncond), t, x).prev_sample
+                g = scale if t >= self.config.guidance_min_t else 1.0
+                x = sched.step(uncond + g * (cond - uncond), t, x).prev_sample
             if output_type == "latent":
                 out.append(x)
                 continue
@@ -252,6 +256,7 @@ def export_diffusers_pipeline(
     scheduler: SchedulerMixin,
     num_inference_steps: int = 20,
     guidance_scale: float = 3.0,
+    guidance_min_t: int = 0,
 ) -> RecapflowPipeline:
     """Write a diffusers pipeline folder: model_index.json, recapflow_pipeline.py,
     unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (the scheduler to sample with,
@@ -272,6 +277,7 @@ def export_diffusers_pipeline(
         context_length=text_encoder.context_length,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        guidance_min_t=guidance_min_t,
     )
     if (Path(folder) / "scheduler").exists():
         shutil.rmtree(Path(folder) / "scheduler")  # no stale keys of another scheduler

@@ -190,14 +190,22 @@ SAMPLERS = {"ddim": DDIMScheduler}
 SPACINGS = ("leading", "trailing")
 
 
-def sampling_scheduler(sampler: str, train_cfg: DiffusionConfig, spacing: str = "leading"):
-    """The fast scheduler `generate` samples with, on the training noise schedule."""
+def sampling_scheduler(
+    sampler: str,
+    train_cfg: DiffusionConfig,
+    spacing: str = "leading",
+    clip_sample: float | None = None,
+):
+    """The fast scheduler `generate` samples with, on the training noise schedule;
+    `clip_sample`: each step's x0 estimate clipped to [-clip_sample, clip_sample]
+    (diffusers' `clip_sample`), None: not clipped."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
     config = noise_scheduler(train_cfg).config
-    return SAMPLERS[sampler].from_config(config, timestep_spacing=spacing)
+    clip = {"clip_sample": clip_sample is not None, "clip_sample_range": clip_sample or 1.0}
+    return SAMPLERS[sampler].from_config(config, timestep_spacing=spacing, **clip)
 
 
 @torch.no_grad()
@@ -213,11 +221,14 @@ def generate(
     sampler: str = "ddim",
     batch_size: int = 128,
     spacing: str = "leading",
+    clip_sample: float | None = None,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) for the prompts, with classifier-free guidance; the
+    """uint8 images (N, 3, H, W) for the prompts, with classifier-free guidance at the
+    steps whose t >= `guidance_min_t` (the conditional prediction alone below it); the
     same seed gives the same images."""
     device = next(unet.parameters()).device
-    sched = sampling_scheduler(sampler, train_cfg, spacing)
+    sched = sampling_scheduler(sampler, train_cfg, spacing, clip_sample)
     empty_states, empty_pooled = text_encoder([""])
     gen = torch.Generator("cpu").manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -235,7 +246,8 @@ def generate(
             inp = sched.scale_model_input(torch.cat([latents, latents]), t)
             eps = unet(inp, t, encoder_hidden_states=states, class_labels=class_labels).sample
             uncond, cond = eps.chunk(2)
-            latents = sched.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+            scale = guidance_scale if t >= guidance_min_t else 1.0
+            latents = sched.step(uncond + scale * (cond - uncond), t, latents).prev_sample
         scale = vae.config.scaling_factor
         out.append(to_uint8(vae.decode(latents.to(vae.dtype) / scale).sample.float()).cpu())
     return torch.cat(out)

@@ -56,6 +56,8 @@ class TextToImagePipeline:
             batch_size=batch_size,
             sampler=self.eval_cfg.get("sampler", "ddim"),
             spacing=self.eval_cfg.get("spacing", "leading"),
+            clip_sample=self.eval_cfg.get("clip_sample"),
+            guidance_min_t=self.eval_cfg.get("guidance_min_t", 0),
         )
 
 

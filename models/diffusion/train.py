@@ -87,6 +87,12 @@ class TrainEvalConfig:
     guidance_scale: float = 6.0
     sampler: str = "ddim"
     spacing: Literal["leading", "trailing"] = "leading"  # trailing: v_prediction only
+    # Each step's x0 estimate clipped to [-x, x]: pixel latents (the patch autoencoder)
+    # live in [-1, 1], and guidance pushes estimates past it; None: not clipped.
+    clip_sample: float | None = None
+    # Guidance only at steps with t >= this (Kynkaanniemi et al. 2024, guidance in a
+    # limited interval); below it the conditional prediction alone.
+    guidance_min_t: int = 0
     grid_prompts: int = 16
     # Captions of fresh scenes for the text encoder's linear probes
     # (models/diffusion/text_probes.py), run once per encoder; 0 skips them.
@@ -404,6 +410,8 @@ class TrainContext:
             guidance_scale=e.guidance_scale,
             sampler=e.sampler,
             spacing=e.spacing,
+            clip_sample=e.clip_sample,
+            guidance_min_t=e.guidance_min_t,
         )
         score = score_colours(images, prompts)
         if self.reference_clip is not None:
@@ -745,9 +753,10 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
         module.ema_unet().cpu(),
         ctx.vae.cpu(),
         ctx.text_encoder,
-        sampling_scheduler(cfg.eval.sampler, cfg.diffusion, cfg.eval.spacing),
+        sampling_scheduler(cfg.eval.sampler, cfg.diffusion, cfg.eval.spacing, cfg.eval.clip_sample),
         num_inference_steps=cfg.eval.steps,
         guidance_scale=cfg.eval.guidance_scale,
+        guidance_min_t=cfg.eval.guidance_min_t,
     )
     final["grid"].save(tmp / "validation_grid.png")
     score = final["score"]

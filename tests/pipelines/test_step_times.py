@@ -55,3 +55,10 @@ def test_rebuild_is_asked_by_environment_or_run_tag(monkeypatch):
     assert not rebuild_requested(context, "captioner")
     monkeypatch.setenv(REBUILD_ENV, "all")
     assert rebuild_requested(context, "captioner")
+
+
+def test_a_step_make_run_did_not_launch_is_shown_current():
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize([fake_captioner], instance=instance)
+    since = time.time()
+    assert step_times(instance, since) == [("captioner", 0.0, "current, not run")]

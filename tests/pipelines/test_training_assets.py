@@ -33,6 +33,7 @@ from assets import mixed_sampler as sampler_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
+from pipelines import stale
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
 from tests.conftest import DVC, REPO, dvc_env, make_project, materialize_raw
@@ -299,16 +300,24 @@ def reuse(lineage, ablation):
     in params.yaml. Last in the module: it changes the blend."""
     _materialize(lineage, STEPS)
     same = _materialize(lineage, STEPS)
+    asked = STEPS
+    stale_when_same = stale.reasons(asked, lineage.instance, lineage.resources["dvc"])
     params_file = lineage.project_dir / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["mixed_sampler"]["synthetic_ratio"] = 0.5
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    stale_when_edited = stale.reasons(asked, lineage.instance, lineage.resources["dvc"])
     edited = _materialize(lineage, STEPS)
 
     def metadata(res):
         return {n: res.asset_materializations_for_node(n)[0].metadata for n in STEPS}
 
-    return SimpleNamespace(same=metadata(same), edited=metadata(edited))
+    return SimpleNamespace(
+        same=metadata(same),
+        edited=metadata(edited),
+        stale_when_same=stale_when_same,
+        stale_when_edited=stale_when_edited,
+    )
 
 
 # --- upstream and the blend -----------------------------------------------------------------
@@ -476,6 +485,15 @@ def test_a_second_run_with_nothing_changed_reuses_every_step(reuse):
     # The reused materialization still shows what was built: the model, its run, its grid.
     assert "mlflow_run_id" in reuse.same["diffusion_model"]
     assert "validation_grid" in reuse.same["diffusion_model"]
+
+
+def test_make_run_launches_no_step_when_nothing_changed_and_the_sampler_when_its_ratio_did(
+    reuse,
+):
+    assert reuse.stale_when_same == {}
+    # The first stale step of the command; what follows it sees the new blend once built.
+    assert set(reuse.stale_when_edited) == {"mixed_sampler"}
+    assert "synthetic_ratio" in reuse.stale_when_edited["mixed_sampler"]
 
 
 def test_editing_the_synthetic_ratio_rebuilds_only_the_sampler_and_what_follows(reuse):

@@ -41,6 +41,10 @@ from models.diffusion.text_to_image import load_text_to_image
 PROMPTS = ["a red circle on a gray background", "two blue stars left of a green square"]
 CONTEXT = 32
 SEED, STEPS, GUIDANCE = 3, 3, 6.0
+# Sampling options the export carries: x0 clipped (the scheduler's config) and guidance
+# only at t >= 300 (the pipeline's config): of the 3 leading steps 666, 333, 0, the last
+# runs unguided.
+CLIP_SAMPLE, GUIDANCE_MIN_T = 1.0, 300
 # What the exported pipeline.py may import: no recapflow package.
 ALLOWED_IMPORTS = {
     "inspect",
@@ -170,9 +174,10 @@ def exported(request, tmp_path_factory) -> dict:
         model.unet,
         model.vae,
         model.text_encoder,
-        sampling_scheduler(model.eval_cfg["sampler"], model.diffusion),
+        sampling_scheduler(model.eval_cfg["sampler"], model.diffusion, clip_sample=CLIP_SAMPLE),
         num_inference_steps=model.eval_cfg["steps"],
         guidance_scale=model.eval_cfg["guidance_scale"],
+        guidance_min_t=GUIDANCE_MIN_T,
     )
     # recapflow still reads the folder (the tokenizer files stay in text_encoder/).
     again = load_text_to_image(root)
@@ -185,6 +190,8 @@ def exported(request, tmp_path_factory) -> dict:
         seed=SEED,
         steps=STEPS,
         guidance_scale=GUIDANCE,
+        clip_sample=CLIP_SAMPLE,
+        guidance_min_t=GUIDANCE_MIN_T,
     )
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert len(images.unique()) > 20  # not saturated: equal images below mean something
@@ -268,6 +275,18 @@ def test_the_pipeline_samples_the_images_generate_samples(exported):
     negative = pipe(PROMPTS[:1], seed=SEED, negative_prompt="a blue star", output_type="uint8")
     assert negative.images.shape == (1, 32, 32, 3)
     assert not np.array_equal(negative.images[0], out[0])
+
+
+def test_guidance_applies_only_at_steps_from_guidance_min_t(exported):
+    m = load_text_to_image(exported["root"])
+
+    def sample(**kw) -> torch.Tensor:
+        return generate(m.unet, m.vae, m.text_encoder, PROMPTS, m.diffusion, seed=SEED,
+                        steps=STEPS, **kw)  # fmt: skip
+
+    unguided = sample(guidance_scale=1.0)
+    assert torch.equal(sample(guidance_scale=GUIDANCE, guidance_min_t=1000), unguided)
+    assert not torch.equal(sample(guidance_scale=GUIDANCE, guidance_min_t=GUIDANCE_MIN_T), unguided)
 
 
 @pytest.mark.slow  # a fresh interpreter

@@ -235,6 +235,19 @@ def test_sampler_reaches_latents_beyond_the_unit_range():
     assert torch.allclose(x, target, atol=1e-3)
 
 
+def test_clip_sample_keeps_the_x0_estimates_of_pixel_latents_in_range():
+    # Pixel latents (the patch autoencoder) live in [-1, 1]; a guided x0 estimate past it
+    # is cut back at every step, so the sample ends in range.
+    cfg = DiffusionConfig(prediction_type="sample")
+    sched = sampling_scheduler("ddim", cfg, clip_sample=1.0)
+    sched.set_timesteps(20)
+    target = torch.linspace(-3, 3, 256).reshape(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        x = sched.step(target, t, x).prev_sample
+    assert torch.allclose(x, target.clamp(-1, 1), atol=1e-3)
+
+
 def test_trailing_spacing_starts_at_the_last_timestep_and_needs_v_prediction():
     with pytest.raises(ConfigError, match="v_prediction"):
         DiffusionTrainConfig.from_dict({"eval": {"spacing": "trailing"}})
