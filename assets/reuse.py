@@ -30,13 +30,17 @@ REBUILD_ENV = "RECAPFLOW_REBUILD"
 REBUILD_TAG = "recapflow/rebuild"
 
 
+def rebuild_asked(stage: str, *asked: str) -> bool:
+    """One of the comma-separated lists `asked` names `stage` or `all`."""
+    names = {n.strip() for text in asked for n in text.split(",") if n.strip()}
+    return "all" in names or stage in names
+
+
 def rebuild_requested(context: dg.AssetExecutionContext, stage: str) -> bool:
     """The run tag or the environment asks for `stage` (or `all`) to be built again."""
-    for asked in (context.run.tags.get(REBUILD_TAG, ""), os.environ.get(REBUILD_ENV, "")):
-        names = {n.strip() for n in asked.split(",") if n.strip()}
-        if "all" in names or stage in names:
-            return True
-    return False
+    return rebuild_asked(
+        stage, context.run.tags.get(REBUILD_TAG, ""), os.environ.get(REBUILD_ENV, "")
+    )
 
 
 def _reused(context: dg.AssetExecutionContext, stage: str) -> dg.MaterializeResult | None:

@@ -26,29 +26,27 @@ import sys
 import dagster as dg
 
 from assets.partitions import raw_shards
-from assets.reuse import REBUILD_ENV
+from assets.reuse import REBUILD_ENV, rebuild_asked
 from pipelines.resources.dvc import DvcResource
 from pipelines.resources.project import default_project_dir
-
-PARTITIONED = ("raw_alt_text_dataset", "recaptioned_dataset")
 
 
 def reasons(names: list[str], instance: dg.DagsterInstance, dvc: DvcResource) -> dict[str, str]:
     """{asset: why it needs a run} for the assets of `names` that need one."""
-    asked = {n.strip() for n in os.environ.get(REBUILD_ENV, "").split(",") if n.strip()}
+    asked = os.environ.get(REBUILD_ENV, "")
     changes = json.loads(dvc.run("status", "--json", *names) or "{}")
     partitions = instance.get_dynamic_partitions(raw_shards.name)
     why = {}
     for name in names:
         key = dg.AssetKey(name)
-        if "all" in asked or name in asked:
+        done = instance.get_materialized_partitions(key)  # empty: unpartitioned or none yet
+        missing = set(partitions) - done if done else set()
+        if rebuild_asked(name, asked):
             why[name] = f"{REBUILD_ENV} asks for it"
         elif changes.get(name):
             why[name] = f"dvc status: {changes[name]}"
-        elif name in PARTITIONED:
-            missing = set(partitions) - instance.get_materialized_partitions(key)
-            if not partitions or missing:
-                why[name] = f"{len(missing) or 'no'} partitions without a materialization"
+        elif missing:
+            why[name] = f"{len(missing)} partitions without a materialization"
         elif instance.get_latest_materialization_event(key) is None:
             why[name] = "never materialized in this Dagster instance"
     return why
