@@ -235,7 +235,10 @@ def test_export_is_a_diffusers_folder(exported):
     # The scheduler recapflow samples with, on the training noise schedule.
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["_class_name"] == "DDIMScheduler"
-    assert scheduler_config["clip_sample"] is False
+    # Clipping as configured (eval.clip_sample), not diffusers' default: unset, nothing
+    # is clipped (test_diffusion.py's test_sampler_reaches_latents_beyond_the_unit_range).
+    assert scheduler_config["clip_sample"] is True
+    assert scheduler_config["clip_sample_range"] == CLIP_SAMPLE
     assert scheduler_config["beta_schedule"] == DiffusionConfig().beta_schedule
 
     # The copied pipeline file needs nothing of recapflow.
