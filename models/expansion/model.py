@@ -1,0 +1,120 @@
+"""The prompt expander: a causal LM that continues "<bos> [prefix] query <sep>" with an
+expanded prompt. `tiny` builds a small GPT-2 on the corpus's own BPE; `full` loads any
+causal LM by hub id or folder (a Promptist-style GPT-2) through the same
+`AutoModelForCausalLM` / `AutoTokenizer` calls, and both are fine-tuned and sampled
+alike. The prefixes and the separator are added to any tokenizer as special tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerBase
+
+from models.common.tokenizer import load_tokenizer, train_bpe_tokenizer
+from models.expansion.queries import PREFIXES
+
+SEP = "<sep>"
+
+
+class MissingExpanderError(FileNotFoundError):
+    """A prompt expander folder or hub id that cannot be loaded here."""
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The tiny GPT-2's sizes (ignored when `pretrained` names a model)."""
+
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    vocab_size: int = 1024
+    max_length: int = 160  # tokens of prefix, query, separator and prompt together
+
+
+def add_special_tokens(tok: PreTrainedTokenizerBase) -> None:
+    tok.add_special_tokens({"additional_special_tokens": [*PREFIXES, SEP]})
+
+
+def new_expander(cfg: LMConfig, texts: list[str], seed: int):
+    """A randomly initialised GPT-2 and a BPE trained on `texts`."""
+    tok = train_bpe_tokenizer(texts, cfg.vocab_size)
+    add_special_tokens(tok)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=cfg.max_length,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config), tok
+
+
+def load_expander(path_or_id: str | Path):
+    """A saved expander folder, or a pretrained causal LM by hub id or folder (then its
+    tokenizer gets the prefixes and the separator, and its embeddings grow to match)."""
+    try:
+        tok = load_tokenizer(path_or_id)
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id))
+    except OSError as e:
+        raise MissingExpanderError(
+            f"cannot load a causal LM from {path_or_id!r} ({e}). Offline, set "
+            "prompt_expander.pretrained to a local folder saved with save_pretrained, "
+            "or to null to train the tiny expander."
+        ) from e
+    if SEP not in tok.get_vocab():
+        add_special_tokens(tok)
+        model.resize_token_embeddings(len(tok))
+    return model, tok
+
+
+def source_text(query: str, prefix: str | None, tok: PreTrainedTokenizerBase) -> str:
+    """What the expander is given; None: no prefix (the model picks the level)."""
+    head = f"{prefix} " if prefix else ""
+    return f"{tok.bos_token}{head}{query.strip()} {SEP}"
+
+
+@torch.no_grad()
+def expand(
+    model,
+    tok: PreTrainedTokenizerBase,
+    queries: list[str],
+    n: int,
+    prefix: str | None = None,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[str]]:
+    """`n` sampled expansions of each query; the same seed gives the same texts."""
+    if prefix is not None and prefix not in PREFIXES:
+        raise ValueError(f"unknown prefix {prefix!r}; expected one of {PREFIXES} or None")
+    model.eval()
+    tok.padding_side = "left"
+    torch.manual_seed(seed)
+    out: list[list[str]] = []
+    for i in range(0, len(queries), batch_size):
+        chunk = [source_text(q, prefix, tok) for q in queries[i : i + batch_size]]
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        ids = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        out += [texts[j : j + n] for j in range(0, len(texts), n)]
+    return out

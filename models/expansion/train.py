@@ -1,0 +1,213 @@
+"""Fine-tune the prompt expander on the inversion dataset (models/expansion/queries.py)
+and measure it exactly: faithfulness and diversity of its expansions of held-out queries
+and of the prompt suite's short prompts.
+
+    python -m models.expansion.train --params params.yaml --recaptioned data/recaptioned \
+        --out data/prompt_expander
+
+Prefix dropout rises linearly from `prefix_dropout[0]` to `prefix_dropout[1]` over
+training, as in Prompt Expansion (Datta et al. 2023): early on the prefix says which
+level a query is; by the end the model must tell from the query itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from corpus.atomic import replace_dir, write_text_atomic
+from corpus.config import build_config
+from corpus.prompt_suite import load_suite
+from models.common.clip import warmup_cosine_adamw
+from models.expansion.faithfulness import check, diversity
+from models.expansion.model import LMConfig, expand, load_expander, new_expander, source_text
+from models.expansion.queries import LEVELS, Pair, inversion_pairs
+
+
+@dataclass(frozen=True)
+class ExpanderConfig:
+    pretrained: str | None = None  # full: a causal LM hub id or folder; None: tiny GPT-2
+    lm: LMConfig = field(default_factory=LMConfig)
+    max_steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    prefix_dropout: tuple[float, ...] = (0.4, 1.0)  # at the first step, at the last
+    expansions: int = 4  # per query, when measured
+    eval_queries: int = 64  # held-out captions per level
+    temperature: float = 1.0
+    top_p: float = 0.95
+    suite: str = "prompts/suite-v1.json"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.prefix_dropout
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(
+                f"prompt_expander.prefix_dropout must rise within [0, 1], got {self.prefix_dropout}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpanderConfig:
+        return build_config(cls, d, "prompt_expander")
+
+
+def prefix_dropout(cfg: ExpanderConfig, step: int) -> float:
+    lo, hi = cfg.prefix_dropout
+    return lo + (hi - lo) * step / max(cfg.max_steps - 1, 1)
+
+
+def read_captions(recaptioned: Path) -> dict[str, list[str]]:
+    """Descriptive captions of the recaptioned dataset, by split."""
+    df = pd.concat(pd.read_parquet(f) for f in sorted(recaptioned.glob("*.parquet")))
+    return {s: g["descriptive_caption"].tolist() for s, g in df.groupby("split")}
+
+
+def tokenize_pairs(pairs: list[Pair], tok) -> list[tuple[list[int], list[int], list[int]]]:
+    """Per pair: the source ids with its prefix, without it, and the target ids."""
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    with_prefix = ids([source_text(p.query, p.prefix, tok) for p in pairs])
+    without = ids([source_text(p.query, None, tok) for p in pairs])
+    targets = [[*t, tok.eos_token_id] for t in ids([" " + p.prompt for p in pairs])]
+    return list(zip(with_prefix, without, targets, strict=True))
+
+
+def _batch(rows, drop: float, pad: int, max_length: int, rng: random.Random):
+    """Token ids, attention mask and labels; only the prompt and its end are learnt."""
+    ids, labels = [], []
+    for with_prefix, without, tgt in rows:
+        src = without if rng.random() < drop else with_prefix
+        ids.append((src + tgt)[:max_length])
+        labels.append(([-100] * len(src) + tgt)[:max_length])
+    width = max(map(len, ids))
+    x = torch.tensor([s + [pad] * (width - len(s)) for s in ids])
+    y = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+    return x, mask, y
+
+
+def _share(verdicts: list[dict], *kinds: str) -> float:
+    return float(np.mean([any(v[k] for k in kinds) for v in verdicts]))
+
+
+def measure(
+    model, tok, cfg: ExpanderConfig, held_out: list[Pair], short_prompts: list[str]
+) -> dict:
+    """Faithfulness and diversity of expansions of held-out queries (with and without
+    their prefix) and of the suite's short prompts (no prefix)."""
+    out: dict = {}
+    runs = {f"{p}": [q for q in held_out if q.prefix == p] for p in LEVELS}
+    sets = {
+        **{f"held_out{lv}": ([q.query for q in qs], lv) for lv, qs in runs.items()},
+        "held_out_no_prefix": ([q.query for q in held_out], None),
+        "suite_short": (short_prompts, None),
+    }
+    for name, (queries, prefix) in sets.items():
+        texts = expand(
+            model, tok, queries, cfg.expansions, prefix, cfg.temperature, cfg.top_p, seed=cfg.seed
+        )
+        verdicts = [check(q, t) for q, ts in zip(queries, texts, strict=True) for t in ts]
+        div = [diversity(ts) for ts in texts]
+        out[name] = {
+            "queries": len(queries),
+            "unfaithful": _share(verdicts, "dropped", "contradicted"),
+            "dropped": _share(verdicts, "dropped"),
+            "contradicted": _share(verdicts, "contradicted"),
+            "diversity": {k: float(np.mean([d[k] for d in div])) for k in div[0]},
+            "examples": [
+                {"query": q, "expansions": ts} for q, ts in zip(queries[:3], texts[:3], strict=True)
+            ],
+        }
+    return out
+
+
+def train_expander(
+    cfg: ExpanderConfig,
+    recaptioned: Path,
+    out: Path,
+    log: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    t0 = time.time()
+    captions = read_captions(recaptioned)
+    train, skipped = inversion_pairs(captions.get("train", []), cfg.seed)
+    held_out, skipped_eval = inversion_pairs(
+        captions.get("eval", [])[: cfg.eval_queries], cfg.seed + 1
+    )
+    if not train:
+        raise ValueError(f"no usable descriptive caption in {recaptioned}: skipped {dict(skipped)}")
+    if cfg.pretrained:
+        model, tok = load_expander(cfg.pretrained)
+    else:
+        model, tok = new_expander(cfg.lm, captions["train"], cfg.seed)
+    max_length = min(cfg.lm.max_length, getattr(model.config, "n_positions", cfg.lm.max_length))
+    optim = warmup_cosine_adamw(model, cfg.lr, 0.01, cfg.warmup_steps, cfg.max_steps)
+    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    rows = tokenize_pairs(train, tok)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.train()
+    bar = tqdm(range(cfg.max_steps), desc="prompt_expander", disable=not progress)
+    for step in bar:
+        drop = prefix_dropout(cfg, step)
+        rows_now = rng.sample(rows, cfg.batch_size)
+        x, mask, y = _batch(rows_now, drop, tok.pad_token_id, max_length, rng)
+        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg.max_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log:
+                log({"expander_loss": loss.item(), "prefix_dropout": drop}, step)
+    t_train = time.time() - t0
+    short = [p.short for p in load_suite(Path(cfg.suite))]
+    metrics = {
+        "pairs": len(train),
+        "skipped_captions": dict(skipped + skipped_eval),
+        "final_loss": loss.item(),
+        **measure(model, tok, cfg, held_out, short),
+        "seconds": {"train": round(t_train, 1), "measure": round(time.time() - t0 - t_train, 1)},
+        "config": asdict(cfg),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)  # safetensors
+    tok.save_pretrained(tmp)
+    write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=2))
+    replace_dir(tmp, out)
+    if log:
+        log({f"{k}_unfaithful": v["unfaithful"] for k, v in metrics.items()
+             if isinstance(v, dict) and "unfaithful" in v}, cfg.max_steps)  # fmt: skip
+    return metrics
+
+
+def main() -> None:
+    from models.common.cli_config import add_config_flags, config_from_args
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recaptioned", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    add_config_flags(ap, ExpanderConfig, skip=("lm", "prefix_dropout"))
+    args = ap.parse_args()
+    cfg = config_from_args(ExpanderConfig, args, "prompt_expander")
+    metrics = train_expander(cfg, args.recaptioned, args.out)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

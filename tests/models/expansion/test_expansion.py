@@ -1,0 +1,199 @@
+"""Prompt expansion: queries derived from hand-made captions, faithfulness scoring of
+known-bad expansions, the prefix-dropout schedule, training on a small recaptioned set,
+and the full-profile path on a tiny random GPT-2 saved locally (no hub here)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from corpus.caption_metrics import extract_claims
+from models.common.tokenizer import train_bpe_tokenizer
+from models.expansion.faithfulness import check, diversity, faithful
+from models.expansion.model import SEP, MissingExpanderError, expand, load_expander
+from models.expansion.queries import derive_query, inversion_pairs, unusable
+from models.expansion.train import ExpanderConfig, prefix_dropout, train_expander
+
+CAPTION = (
+    "The image shows two small red circles in the top left and the center and a large "
+    "blue square in the bottom right against a white background. "
+    'The word "CAT" is written in the top right.'
+)
+ON_WHITE = ", on a white background."
+
+
+def test_each_level_drops_what_it_names_and_keeps_the_rest():
+    claims = extract_claims(CAPTION)
+    mstp = derive_query(claims, "<mstp>", random.Random(0))
+    assert mstp == (
+        "two small red circles in the top left and the center and "
+        "a large blue square in the bottom right"
+    )
+    dtl = {derive_query(claims, "<dtl>", random.Random(s)) for s in range(20)}
+    assert dtl == {
+        "two small red circles and a large blue square",
+        "two red circles and a blue square",
+    }
+    abst = {derive_query(claims, "<abst>", random.Random(s)) for s in range(20)}
+    assert abst == {"two red circles", "two circles"}
+    for query in {mstp} | dtl | abst:
+        assert faithful(query, CAPTION), query
+        assert "background" not in query and "CAT" not in query
+
+
+def test_an_uncoloured_query_counts_every_object_of_its_shape():
+    caption = "A large red circle in the top left and a small blue circle in the center" + ON_WHITE
+    abst = {derive_query(extract_claims(caption), "<abst>", random.Random(s)) for s in range(20)}
+    assert abst == {"a red circle", "two circles"}
+
+
+@pytest.mark.parametrize(
+    ("caption", "reason"),
+    [
+        ("A large red circle in the top left" + ON_WHITE[:-1], "truncated"),
+        (
+            "A red circle in the top left and a blue star in the top left" + ON_WHITE,
+            "cell_stated_twice",
+        ),
+        ("Three red circles in the top left and the center" + ON_WHITE, "count_not_placed"),
+        ("A red circle in the top left.", "not_one_background"),
+        ("perfect for any room.", "no_placed_object"),
+        ("A red circle in the top left" + ON_WHITE + ' It says "CAT.', "broken_word"),
+    ],
+)
+def test_a_caption_that_does_not_hang_together_is_skipped_by_reason(caption, reason):
+    assert unusable(caption, extract_claims(caption)) == reason
+    pairs, skipped = inversion_pairs([caption, CAPTION], seed=0)
+    assert skipped == {reason: 1}
+    assert {p.prefix for p in pairs} == {"<abst>", "<dtl>", "<mstp>"}
+    assert {p.prompt for p in pairs} == {CAPTION}
+
+
+@pytest.mark.parametrize(
+    ("query", "expansion", "dropped", "contradicted"),
+    [
+        ("a red circle", "A blue circle in the center" + ON_WHITE, ["colour red circle"], []),
+        ("a star", "A blue circle in the center" + ON_WHITE, ["object star"], []),
+        (
+            "two red circles",
+            "A red circle in the top left" + ON_WHITE,
+            [],
+            ["count ('red', 'circle'): 2 -> 1"],
+        ),
+        (
+            "two circles",
+            "Three red circles in the center, the top left and the top right" + ON_WHITE,
+            [],
+            ["count circle: 2 -> 3"],
+        ),
+        (
+            "a red circle on a black background",
+            "A red circle in the center" + ON_WHITE,
+            [],
+            ["background black"],
+        ),
+        (
+            "a red circle in the top left",
+            "A red circle in the center" + ON_WHITE,
+            ["position red circle top left"],
+            [],
+        ),
+        ('a red circle, it says "CAT"', "A red circle in the center" + ON_WHITE, ["word CAT"], []),
+    ],
+)
+def test_known_bad_expansions_are_caught(query, expansion, dropped, contradicted):
+    assert check(query, expansion) == {"dropped": dropped, "contradicted": contradicted}
+    assert not faithful(query, expansion)
+
+
+def test_filling_in_what_the_query_leaves_free_is_faithful_and_counts_as_diversity():
+    query = "a red circle"
+    expansions = [
+        "A small red circle in the center, on a white background.",
+        "A large red circle in the top left and a blue star in the center, on a black background.",
+    ]
+    assert all(faithful(query, e) for e in expansions)
+    # another circle of another colour is not the red one's count
+    assert faithful(
+        query,
+        "A red circle in the center and a blue circle in the top left, on a white background.",
+    )
+    div = diversity(expansions)
+    assert div["background"] == pytest.approx(1.0) and div["sizes"] == pytest.approx(1.0)
+    assert div["word"] == 0 and div["distinct_texts"] == 1.0
+    assert diversity([expansions[0]] * 3)["distinct_texts"] == pytest.approx(1 / 3)
+
+
+def test_prefix_dropout_rises_from_the_first_step_to_the_last():
+    cfg = ExpanderConfig(max_steps=11, prefix_dropout=(0.4, 1.0))
+    assert [round(prefix_dropout(cfg, s), 2) for s in (0, 5, 10)] == [0.4, 0.7, 1.0]
+    with pytest.raises(ValueError, match="prefix_dropout"):
+        ExpanderConfig(prefix_dropout=(0.9, 0.4))
+    with pytest.raises(ValueError, match=r"prompt_expander\.max_stepz: unknown key"):
+        ExpanderConfig.from_dict({"max_stepz": 3})
+
+
+def _recaptioned(folder: Path, captions: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    n = len(captions)
+    pd.DataFrame(
+        {"descriptive_caption": captions, "split": ["train"] * (n - 2) + ["eval"] * 2}
+    ).to_parquet(folder / "00000.parquet")
+    return folder
+
+
+def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
+    captions = [CAPTION, "A large red circle in the top left, on a white background."] * 20
+    captions.append("A large red circle in the top left, on a white background")  # truncated
+    cfg = ExpanderConfig.from_dict(
+        {
+            "lm": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300},
+            "max_steps": 4,
+            "batch_size": 8,
+            "warmup_steps": 1,
+            "expansions": 2,
+            "eval_queries": 2,
+        }
+    )
+    out = tmp_path / "expander"
+    metrics = train_expander(cfg, _recaptioned(tmp_path / "rec", captions), out, progress=False)
+    assert metrics["skipped_captions"] == {"truncated": 1}
+    assert metrics["suite_short"]["queries"] == 112
+    for name in ("held_out<abst>", "held_out<dtl>", "held_out<mstp>", "held_out_no_prefix"):
+        assert 0 <= metrics[name]["unfaithful"] <= 1
+    assert json.loads((out / "metrics.json").read_text())["pairs"] == metrics["pairs"]
+    assert (out / "model.safetensors").is_file()
+    model, tok = load_expander(out)
+    texts = expand(model, tok, ["a red circle", "two stars"], n=3, prefix="<dtl>", max_new_tokens=8)
+    assert [len(t) for t in texts] == [3, 3]
+    assert texts == expand(
+        model, tok, ["a red circle", "two stars"], n=3, prefix="<dtl>", max_new_tokens=8
+    )
+    with pytest.raises(ValueError, match="unknown prefix"):
+        expand(model, tok, ["a star"], n=1, prefix="<hast>")
+
+
+def test_a_pretrained_causal_lm_gets_the_prefixes_and_is_sampled(tmp_path):
+    """The full profile's path: any causal LM folder, here a tiny random GPT-2."""
+    tok = train_bpe_tokenizer([CAPTION] * 10, vocab_size=280)
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model, loaded = load_expander(folder)
+    assert SEP in loaded.get_vocab() and "<mstp>" in loaded.get_vocab()
+    assert model.get_input_embeddings().num_embeddings == len(loaded)
+    assert len(expand(model, loaded, ["a red circle"], n=2, max_new_tokens=5)[0]) == 2
+
+
+def test_a_missing_expander_says_what_to_provide(tmp_path):
+    with pytest.raises(MissingExpanderError, match=r"prompt_expander\.pretrained"):
+        load_expander(tmp_path / "nothing-here")
