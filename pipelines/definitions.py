@@ -13,6 +13,7 @@ from assets import diffusion_model as diffusion_mod
 from assets import eval_report as eval_mod
 from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
+from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from pipelines.ablation import caption_ablation
@@ -54,6 +55,7 @@ ASSET_MODULES = [
     diffusion_mod,
     evaluators_mod,
     eval_mod,
+    expander_mod,
 ]
 
 defs = dg.Definitions(

@@ -88,6 +88,14 @@ TINY_STAGE_PARAMS = {
     },
     "world_judge": {"train_images": 256, "eval_images": 32, "max_steps": 3, "batch_size": 32},
     "reference_clip": {"train_images": 64, "eval_images": 16, "max_steps": 2, "batch_size": 16},
+    "prompt_expander": {
+        "lm": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 300, "max_length": 160},
+        "max_steps": 2,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "expansions": 1,
+        "eval_queries": 2,
+    },
     "eval_report": {
         "images_per_prompt": 2,
         "prompts_per_category": 1,

@@ -18,7 +18,7 @@ from collections import Counter
 
 from corpus.caption_metrics import Claims, extract_claims
 from corpus.scene_text import NUMBER_WORDS, plural
-from corpus.world import SHAPES, SIZES
+from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES
 
 _SHAPE_WORDS = {s: s for s in SHAPES} | {plural(s): s for s in SHAPES}
 _UNCOLOURED = re.compile(
@@ -28,11 +28,43 @@ _UNCOLOURED = re.compile(
 _NUMBERS = {"a": 1, "an": 1} | {w: n for n, w in NUMBER_WORDS.items()}
 
 
+_PHRASE = (
+    rf"an? (?:({'|'.join(COLORS)}) )?({'|'.join(sorted(_SHAPE_WORDS, key=len, reverse=True))})"
+)
+_QUERY_RELATION = re.compile(
+    rf"\b{_PHRASE} (?:to the )?(left of|right of|above|below) {_PHRASE}\b", re.IGNORECASE
+)
+_ROW_COL = {name: rc for rc, name in CELL_NAMES.items()}
+
+
+def query_relations(text: str) -> list[tuple]:
+    """The relations a short query asks for ("a star above a square"), as caption metrics
+    store them: ((colour or None, shape), "left of" | "above", (colour or None, shape))."""
+    out = []
+    for c1, s1, rel, c2, s2 in _QUERY_RELATION.findall(text.lower()):
+        a, b = (c1 or None, _SHAPE_WORDS[s1]), (c2 or None, _SHAPE_WORDS[s2])
+        if rel in ("right of", "below"):
+            a, b, rel = b, a, "left of" if rel == "right of" else "above"
+        out.append((a, rel, b))
+    return out
+
+
+def _relation_kept(rel: tuple, e: Claims) -> bool:
+    """The expansion states the relation, or places two such objects so."""
+    (c1, s1), kind, (c2, s2) = rel
+    if any(_states((c1, s1, kind, c2, s2), [(*a, k, *b)]) for a, k, b in e.relations):
+        return True
+    axis = 1 if kind == "left of" else 0
+    firsts = [_ROW_COL[cell] for _, c, s, cell in e.placed if s == s1 and c1 in (None, c)]
+    seconds = [_ROW_COL[cell] for _, c, s, cell in e.placed if s == s2 and c2 in (None, c)]
+    return any(a[axis] < b[axis] for a in firsts for b in seconds)
+
+
 def uncoloured_counts(text: str) -> dict[str, int]:
     """The number of objects of each shape a text states without a colour ("two
     circles", "a large star"); a coloured mention elsewhere leaves that shape out."""
     counts: Counter = Counter()
-    for det, word in _UNCOLOURED.findall(text.lower()):
+    for det, word in _UNCOLOURED.findall(_QUERY_RELATION.sub(" ", text.lower())):
         counts[_SHAPE_WORDS[word]] += _NUMBERS[det]
     coloured = {shape for _, shape in extract_claims(text).colors}
     return {s: n for s, n in counts.items() if s not in coloured}
@@ -58,13 +90,15 @@ def check(query: str, expansion: str) -> dict[str, list[str]]:
     for colour, shape, cell in q.positions:
         if not _states((colour, shape, cell), e.positions):
             dropped.append(f"position {colour or ''} {shape} {cell}".replace("  ", " "))
-    for rel in q.relations:
-        if rel not in e.relations:
+    for rel in q.relations + query_relations(query):
+        if not _relation_kept(rel, e):
             dropped.append(f"relation {rel}")
     # "two circles" claims the number of circles, which an expansion states by placing
     # them; "a red circle" only that of red ones
     placed = dict(Counter(shape for _, _, shape, _ in e.placed))
-    for counts, other in ((q.counts, e.counts), (uncoloured_counts(query), placed)):
+    # "a red star above a square" asks where a red star is, not that there is only one
+    coloured = extract_claims(_QUERY_RELATION.sub(" ", query)).counts
+    for counts, other in ((coloured, e.counts), (uncoloured_counts(query), placed)):
         for key, n in counts.items():
             if key in other and other[key] != n:
                 contradicted.append(f"count {key}: {n} -> {other[key]}")

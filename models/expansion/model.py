@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerBase
 
 from models.common.tokenizer import load_tokenizer, train_bpe_tokenizer
+from models.expansion.faithfulness import faithful
 from models.expansion.queries import PREFIXES
 
 SEP = "<sep>"
@@ -118,3 +119,15 @@ def expand(
         texts = [t.strip() for t in texts]
         out += [texts[j : j + n] for j in range(0, len(texts), n)]
     return out
+
+
+def expand_faithfully(
+    model, tok: PreTrainedTokenizerBase, queries: list[str], n: int, candidates: int, **sampling
+) -> tuple[list[list[str]], int]:
+    """Up to `n` expansions of each query that keep every claim of it (the caption
+    metrics check each of `candidates` samples, in order), and how many queries got
+    fewer than `n`. The check is exact and cheap, so it runs at every use, as the
+    re-fine-tuning filter of Prompt Expansion runs once on its training pairs."""
+    sampled = expand(model, tok, queries, max(n, candidates), **sampling)
+    kept = [[t for t in ts if faithful(q, t)][:n] for q, ts in zip(queries, sampled, strict=True)]
+    return kept, sum(len(k) < n for k in kept)

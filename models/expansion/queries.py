@@ -69,8 +69,34 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def relation_query(claims: Claims, with_colour: bool, rng: random.Random) -> str:
+    """The caption's first relation in the prompt suite's short form ("a star above a
+    square"), either way round."""
+    (c1, s1), rel, (c2, s2) = claims.relations[0]
+    a = noun_phrase(1, [c1] if with_colour and c1 else [], s1)
+    b = noun_phrase(1, [c2] if with_colour and c2 else [], s2)
+    if rng.random() < 0.5:
+        return f"{a} {rel} {b}"
+    return f"{b} {'right of' if rel == 'left of' else 'below'} {a}"
+
+
 def derive_query(claims: Claims, level: str, rng: random.Random) -> str:
-    """The query of a caption's claims at `level` (one of LEVELS)."""
+    """The query of a caption's claims at `level` (one of LEVELS). Half the queries of a
+    caption with a relation or a word keep it (the suite asks for both)."""
+    if level in ("<abst>", "<dtl>"):
+        query = _objects_query(claims, level, rng)
+        if claims.relations and rng.random() < 0.5:
+            query = relation_query(claims, level == "<dtl>", rng)
+        if claims.words and rng.random() < 0.5:
+            word = f'the word "{claims.words[0]}"'
+            query = word if level == "<abst>" else f"{query} and {word}"
+        return query
+    if level == "<mstp>":
+        return _join([g.placed() for g in groups(claims)])
+    raise ValueError(f"unknown query level {level!r}; expected one of {LEVELS}")
+
+
+def _objects_query(claims: Claims, level: str, rng: random.Random) -> str:
     gs = groups(claims)
     if level == "<abst>":
         main = gs[0]
@@ -81,12 +107,8 @@ def derive_query(claims: Claims, level: str, rng: random.Random) -> str:
         ]
         colour = [main.colour] if coloured else []
         return noun_phrase(sum(len(g.cells) for g in same), colour, main.shape)
-    if level == "<dtl>":
-        with_size = rng.random() < 0.5
-        return _join([g.phrase(with_size=with_size) for g in gs])
-    if level == "<mstp>":
-        return _join([g.placed() for g in gs])
-    raise ValueError(f"unknown query level {level!r}; expected one of {LEVELS}")
+    with_size = rng.random() < 0.5
+    return _join([g.phrase(with_size=with_size) for g in gs])
 
 
 def unusable(caption: str, claims: Claims) -> str | None:
@@ -100,6 +122,11 @@ def unusable(caption: str, claims: Claims) -> str | None:
     placed = Counter((colour, shape) for _, colour, shape, _ in claims.placed)
     if any(placed[pair] != n for pair, n in claims.counts.items()):
         return "count_not_placed"
+    named = {
+        (colour, shape) for colour, shape in (d for a, _, b in claims.relations for d in (a, b))
+    }
+    if named - set(placed):
+        return "relation_names_unplaced_object"
     occupied = Counter(cell for *_, cell in claims.placed)
     if max(occupied.values()) > 1:
         return "cell_stated_twice"

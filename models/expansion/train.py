@@ -111,7 +111,7 @@ def measure(
     out: dict = {}
     runs = {f"{p}": [q for q in held_out if q.prefix == p] for p in LEVELS}
     sets = {
-        **{f"held_out{lv}": ([q.query for q in qs], lv) for lv, qs in runs.items()},
+        **{f"held_out_{lv.strip('<>')}": ([q.query for q in qs], lv) for lv, qs in runs.items()},
         "held_out_no_prefix": ([q.query for q in held_out], None),
         "suite_short": (short_prompts, None),
     }

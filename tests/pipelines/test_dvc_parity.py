@@ -31,6 +31,7 @@ STAGES = {
     "world_judge",
     "reference_clip",
     "eval_report",
+    "prompt_expander",
 }
 DOWNSTREAM_OF_SAMPLER = {"mixed_sampler", "diffusion_model", "eval_report"}
 UP_TO_DATE = "Data and pipelines are up to date."

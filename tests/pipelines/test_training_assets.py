@@ -30,9 +30,11 @@ from assets import diffusion_model as diffusion_mod
 from assets import eval_report as eval_mod
 from assets import evaluators as evaluators_mod
 from assets import mixed_sampler as sampler_mod
+from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
+from models.expansion.model import expand, load_expander
 from pipelines import stale
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
@@ -55,6 +57,7 @@ ASSETS = [
     evaluators_mod.reference_clip,
     eval_mod.eval_report,
     eval_mod.not_worse_than_champion,
+    expander_mod.prompt_expander,
 ]
 
 
@@ -245,6 +248,17 @@ def evaluated(lineage, trained, retrained):
         artifacts={a.path for a in client.list_artifacts(trained.run_id, "eval_report")},
     )
 
+
+
+@pytest.fixture(scope="module")
+def expanded(lineage, upstream):
+    """prompt_expander, trained for 2 steps on the lineage's recaptions."""
+    res = _materialize(lineage, ["prompt_expander"])
+    return SimpleNamespace(
+        res=res,
+        md=res.asset_materializations_for_node("prompt_expander")[0].metadata,
+        folder=lineage.project_dir / "data" / "prompt_expander",
+    )
 
 @pytest.fixture(scope="module")
 def promoted(lineage, evaluated):
@@ -463,6 +477,17 @@ def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):
     assert evaluated.run.data.tags["eval.promoted_to_champion"] == "false"
     assert {"eval_report/index.html", "eval_report/gate.json"} <= evaluated.artifacts
 
+
+
+def test_prompt_expander_trains_on_the_recaptions_and_reports_its_faithfulness(lineage, expanded):
+    assert expanded.res.success
+    assert "| suite_short | 112 |" in expanded.md["faithfulness"].value
+    assert "| suite_short |" in expanded.md["diversity_bits"].value
+    assert 0 <= expanded.md["suite_short_unfaithful"].value <= 1
+    run = lineage.client.get_run(expanded.md["mlflow_run_id"].value)
+    assert "suite_short_unfaithful" in run.data.metrics
+    model, tok = load_expander(expanded.folder)
+    assert len(expand(model, tok, ["a red circle"], n=2, max_new_tokens=4)[0]) == 2
 
 def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):
     gate = promoted.first_gate

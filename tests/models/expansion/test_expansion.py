@@ -17,7 +17,7 @@ from corpus.caption_metrics import extract_claims
 from models.common.tokenizer import train_bpe_tokenizer
 from models.expansion.faithfulness import check, diversity, faithful
 from models.expansion.model import SEP, MissingExpanderError, expand, load_expander
-from models.expansion.queries import derive_query, inversion_pairs, unusable
+from models.expansion.queries import derive_query, inversion_pairs, relation_query, unusable
 from models.expansion.train import ExpanderConfig, prefix_dropout, train_expander
 
 CAPTION = (
@@ -35,16 +35,28 @@ def test_each_level_drops_what_it_names_and_keeps_the_rest():
         "two small red circles in the top left and the center and "
         "a large blue square in the bottom right"
     )
-    dtl = {derive_query(claims, "<dtl>", random.Random(s)) for s in range(20)}
-    assert dtl == {
-        "two small red circles and a large blue square",
-        "two red circles and a blue square",
-    }
-    abst = {derive_query(claims, "<abst>", random.Random(s)) for s in range(20)}
-    assert abst == {"two red circles", "two circles"}
+    dtl = {derive_query(claims, "<dtl>", random.Random(s)) for s in range(40)}
+    objects = {"two small red circles and a large blue square", "two red circles and a blue square"}
+    assert dtl == objects | {f'{q} and the word "CAT"' for q in objects}
+    abst = {derive_query(claims, "<abst>", random.Random(s)) for s in range(40)}
+    assert abst == {"two red circles", "two circles", 'the word "CAT"'}
     for query in {mstp} | dtl | abst:
         assert faithful(query, CAPTION), query
-        assert "background" not in query and "CAT" not in query
+        assert "background" not in query and "top right" not in query
+
+
+def test_a_relation_query_is_in_the_suites_short_form_either_way_round():
+    caption = "A red star in the top left and a blue square in the center" + ON_WHITE
+    caption += " The red star is to the left of and above the blue square."
+    claims = extract_claims(caption)
+    queries = {relation_query(claims, False, random.Random(s)) for s in range(20)}
+    assert queries == {"a star left of a square", "a square right of a star"}
+    assert all(faithful(q, caption) for q in queries)
+    assert not faithful("a star right of a square", caption)
+    # placed so, though no sentence says it
+    assert faithful(
+        "a square below a star", "A star in the top left and a square in the center" + ON_WHITE
+    )
 
 
 def test_an_uncoloured_query_counts_every_object_of_its_shape():
@@ -64,6 +76,10 @@ def test_an_uncoloured_query_counts_every_object_of_its_shape():
         ("Three red circles in the top left and the center" + ON_WHITE, "count_not_placed"),
         ("A red circle in the top left.", "not_one_background"),
         ("perfect for any room.", "no_placed_object"),
+        (
+            "A red star in the top left" + ON_WHITE + " The red star is above the blue square.",
+            "relation_names_unplaced_object",
+        ),
         ("A red circle in the top left" + ON_WHITE + ' It says "CAT.', "broken_word"),
     ],
 )
@@ -165,7 +181,7 @@ def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
     metrics = train_expander(cfg, _recaptioned(tmp_path / "rec", captions), out, progress=False)
     assert metrics["skipped_captions"] == {"truncated": 1}
     assert metrics["suite_short"]["queries"] == 112
-    for name in ("held_out<abst>", "held_out<dtl>", "held_out<mstp>", "held_out_no_prefix"):
+    for name in ("held_out_abst", "held_out_dtl", "held_out_mstp", "held_out_no_prefix"):
         assert 0 <= metrics[name]["unfaithful"] <= 1
     assert json.loads((out / "metrics.json").read_text())["pairs"] == metrics["pairs"]
     assert (out / "model.safetensors").is_file()
