@@ -94,6 +94,7 @@ TINY_STAGE_PARAMS = {
         "batch_size": 4,
         "warmup_steps": 1,
         "expansions": 1,
+        "candidates": 2,
         "eval_queries": 2,
     },
     "eval_report": {

@@ -114,6 +114,11 @@ def faithful(query: str, expansion: str) -> bool:
     return not verdict["dropped"] and not verdict["contradicted"]
 
 
+def keep_faithful(queries: list[str], sampled: list[list[str]], n: int) -> list[list[str]]:
+    """Per query, the first `n` of its sampled expansions that are faithful to it."""
+    return [[t for t in ts if faithful(q, t)][:n] for q, ts in zip(queries, sampled, strict=True)]
+
+
 def _free_attributes(c: Claims) -> dict[str, str]:
     """What an expansion chose that a short query leaves open."""
     return {

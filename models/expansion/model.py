@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerBase
 
 from models.common.tokenizer import load_tokenizer, train_bpe_tokenizer
-from models.expansion.faithfulness import faithful
+from models.expansion.faithfulness import keep_faithful
 from models.expansion.queries import PREFIXES
 
 SEP = "<sep>"
@@ -128,6 +128,5 @@ def expand_faithfully(
     metrics check each of `candidates` samples, in order), and how many queries got
     fewer than `n`. The check is exact and cheap, so it runs at every use, as the
     re-fine-tuning filter of Prompt Expansion runs once on its training pairs."""
-    sampled = expand(model, tok, queries, max(n, candidates), **sampling)
-    kept = [[t for t in ts if faithful(q, t)][:n] for q, ts in zip(queries, sampled, strict=True)]
+    kept = keep_faithful(queries, expand(model, tok, queries, max(n, candidates), **sampling), n)
     return kept, sum(len(k) < n for k in kept)

@@ -29,7 +29,7 @@ from corpus.atomic import replace_dir, write_text_atomic
 from corpus.config import build_config
 from corpus.prompt_suite import load_suite
 from models.common.clip import warmup_cosine_adamw
-from models.expansion.faithfulness import check, diversity
+from models.expansion.faithfulness import check, diversity, keep_faithful
 from models.expansion.model import LMConfig, expand, load_expander, new_expander, source_text
 from models.expansion.queries import LEVELS, Pair, inversion_pairs
 
@@ -44,6 +44,7 @@ class ExpanderConfig:
     warmup_steps: int = 100
     prefix_dropout: tuple[float, ...] = (0.4, 1.0)  # at the first step, at the last
     expansions: int = 4  # per query, when measured
+    candidates: int = 16  # samples per query from which the faithful ones are kept
     eval_queries: int = 64  # held-out captions per level
     temperature: float = 1.0
     top_p: float = 0.95
@@ -103,11 +104,17 @@ def _share(verdicts: list[dict], *kinds: str) -> float:
     return float(np.mean([any(v[k] for k in kinds) for v in verdicts]))
 
 
+def _diversity(expansions: list[list[str]]) -> dict[str, float]:
+    per_query = [diversity(ts) for ts in expansions]
+    return {k: float(np.mean([d[k] for d in per_query])) for k in per_query[0]} if per_query else {}
+
+
 def measure(
     model, tok, cfg: ExpanderConfig, held_out: list[Pair], short_prompts: list[str]
 ) -> dict:
     """Faithfulness and diversity of expansions of held-out queries (with and without
-    their prefix) and of the suite's short prompts (no prefix)."""
+    their prefix) and of the suite's short prompts (no prefix): of the first `expansions`
+    samples as drawn, and of the faithful ones among `candidates` (what a user is given)."""
     out: dict = {}
     runs = {f"{p}": [q for q in held_out if q.prefix == p] for p in LEVELS}
     sets = {
@@ -115,20 +122,25 @@ def measure(
         "held_out_no_prefix": ([q.query for q in held_out], None),
         "suite_short": (short_prompts, None),
     }
+    n = cfg.expansions
     for name, (queries, prefix) in sets.items():
-        texts = expand(
-            model, tok, queries, cfg.expansions, prefix, cfg.temperature, cfg.top_p, seed=cfg.seed
-        )
-        verdicts = [check(q, t) for q, ts in zip(queries, texts, strict=True) for t in ts]
-        div = [diversity(ts) for ts in texts]
+        sampled = expand(
+            model, tok, queries, max(n, cfg.candidates), prefix, cfg.temperature, cfg.top_p,
+            seed=cfg.seed,
+        )  # fmt: skip
+        raw = [ts[:n] for ts in sampled]
+        kept = keep_faithful(queries, sampled, n)
+        verdicts = [check(q, t) for q, ts in zip(queries, raw, strict=True) for t in ts]
         out[name] = {
             "queries": len(queries),
             "unfaithful": _share(verdicts, "dropped", "contradicted"),
             "dropped": _share(verdicts, "dropped"),
             "contradicted": _share(verdicts, "contradicted"),
-            "diversity": {k: float(np.mean([d[k] for d in div])) for k in div[0]},
+            "short_of_faithful": float(np.mean([len(k) < n for k in kept])),
+            "diversity": _diversity(raw),
+            "diversity_faithful": _diversity([k for k in kept if k]),
             "examples": [
-                {"query": q, "expansions": ts} for q, ts in zip(queries[:3], texts[:3], strict=True)
+                {"query": q, "expansions": ks} for q, ks in zip(queries[:3], kept[:3], strict=True)
             ],
         }
     return out

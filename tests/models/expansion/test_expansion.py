@@ -174,6 +174,7 @@ def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
             "batch_size": 8,
             "warmup_steps": 1,
             "expansions": 2,
+            "candidates": 3,
             "eval_queries": 2,
         }
     )
@@ -181,6 +182,7 @@ def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
     metrics = train_expander(cfg, _recaptioned(tmp_path / "rec", captions), out, progress=False)
     assert metrics["skipped_captions"] == {"truncated": 1}
     assert metrics["suite_short"]["queries"] == 112
+    assert 0 <= metrics["suite_short"]["short_of_faithful"] <= 1
     for name in ("held_out_abst", "held_out_dtl", "held_out_mstp", "held_out_no_prefix"):
         assert 0 <= metrics[name]["unfaithful"] <= 1
     assert json.loads((out / "metrics.json").read_text())["pairs"] == metrics["pairs"]
