@@ -21,13 +21,13 @@ def faithfulness_table(metrics: dict) -> dg.MetadataValue:
     n = metrics["config"]["expansions"]
     lines = [
         "| queries | n | unfaithful (as sampled) | dropped a claim | contradicted one "
-        f"| short of {n} faithful among {metrics['config']['candidates']} |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| incoherent | short of {n} faithful among {metrics['config']['candidates']} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {s} | {metrics[s]['queries']} | {metrics[s]['unfaithful']:.3f} "
         f"| {metrics[s]['dropped']:.3f} | {metrics[s]['contradicted']:.3f} "
-        f"| {metrics[s]['short_of_faithful']:.3f} |"
+        f"| {metrics[s]['incoherent']:.3f} | {metrics[s]['short_of_faithful']:.3f} |"
         for s in SETS
     ]
     return dg.MetadataValue.md("\n".join(lines))

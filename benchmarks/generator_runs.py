@@ -139,6 +139,34 @@ def denoise_once(model: Path, raw: Path, n: int = 64) -> dict[int, float]:
     return errors
 
 
+@torch.no_grad()
+def single_objects(model: Path, judge_dir: Path, images_per_prompt: int = 8) -> dict:
+    """The suite's single-object prompts per asked size (the descriptive form names it):
+    pass rate, objects the judge finds per image, and the size it reads of the prompted
+    shape (of any object when that shape is absent)."""
+    prompts = [
+        p for p in load_suite(Path("prompts/suite-v1.json")) if p.category == "single_object"
+    ]
+    pipe, judge = load_text_to_image(model), load_judge(judge_dir)
+    out: dict = {}
+    for form in FORMS:
+        texts = [p.text(form) for p in prompts for _ in range(images_per_prompt)]
+        scenes = judge.predict(pipe(texts, seed=0))
+        for i, scene in enumerate(scenes):
+            prompt = prompts[i // images_per_prompt]
+            asked = prompt.scene.objects[0]
+            same = [o.size for o in scene.objects if o.shape == asked.shape]
+            drawn = (same or [o.size for o in scene.objects] or ["none"])[0]
+            row = out.setdefault(form, {}).setdefault(
+                asked.size, {"n": 0, "passed": 0, "objects": 0, "drawn": {}}
+            )
+            row["n"] += 1
+            row["passed"] += judge_prompt(prompt, scene)["passed"]
+            row["objects"] += len(scene.objects)
+            row["drawn"][drawn] = row["drawn"].get(drawn, 0) + 1
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -156,12 +184,22 @@ def main() -> None:
     f.add_argument("--clip-sample", type=float, default=None, help="x0 clipped to +-this")
     f.add_argument("--guidance-min-t", type=int, default=None, help="guidance only at t >= it")
     f.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    s = sub.add_parser("single", help="single-object prompts per asked size")
+    s.add_argument("--model", type=Path, required=True)
+    s.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     d = sub.add_parser("denoise", help="error of one-step x0 estimates per noise level")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--raw", type=Path, default=Path("data/raw"))
     args = ap.parse_args()
     if args.command == "oracle":
         oracle(args.raw, args.out, args.params, args.max_objects)
+        return
+    if args.command == "single":
+        for form, sizes in single_objects(args.model, args.judge).items():
+            for size, r in sizes.items():
+                n, read = r["n"], r["drawn"]
+                print(f"{form}, asked {size}: {n} images, passed {r['passed'] / n:.3f}, "
+                      f"objects per image {r['objects'] / n:.2f}, sizes read {read}")  # fmt: skip
         return
     if args.command == "denoise":
         print(json.dumps(denoise_once(args.model, args.raw), indent=1))

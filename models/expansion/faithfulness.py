@@ -19,6 +19,7 @@ from collections import Counter
 from corpus.caption_metrics import Claims, extract_claims
 from corpus.scene_text import NUMBER_WORDS, plural
 from corpus.world import CELL_NAMES, COLORS, SHAPES, SIZES
+from models.expansion.queries import unusable
 
 _SHAPE_WORDS = {s: s for s in SHAPES} | {plural(s): s for s in SHAPES}
 _UNCOLOURED = re.compile(
@@ -114,9 +115,19 @@ def faithful(query: str, expansion: str) -> bool:
     return not verdict["dropped"] and not verdict["contradicted"]
 
 
+def coherent(expansion: str) -> bool:
+    """The expansion hangs together as a training caption must (one background, one object
+    per cell, counts its places add up to...: `queries.unusable`)."""
+    return unusable(expansion, extract_claims(expansion)) is None
+
+
 def keep_faithful(queries: list[str], sampled: list[list[str]], n: int) -> list[list[str]]:
-    """Per query, the first `n` of its sampled expansions that are faithful to it."""
-    return [[t for t in ts if faithful(q, t)][:n] for q, ts in zip(queries, sampled, strict=True)]
+    """Per query, the first `n` of its sampled expansions that are faithful to it and
+    coherent: what a generator may be given."""
+    return [
+        [t for t in ts if faithful(q, t) and coherent(t)][:n]
+        for q, ts in zip(queries, sampled, strict=True)
+    ]
 
 
 def _free_attributes(c: Claims) -> dict[str, str]:

@@ -29,7 +29,7 @@ from corpus.atomic import replace_dir, write_text_atomic
 from corpus.config import build_config
 from corpus.prompt_suite import load_suite
 from models.common.clip import warmup_cosine_adamw
-from models.expansion.faithfulness import check, diversity, keep_faithful
+from models.expansion.faithfulness import check, coherent, diversity, keep_faithful
 from models.expansion.model import LMConfig, expand, load_expander, new_expander, source_text
 from models.expansion.queries import LEVELS, Pair, inversion_pairs
 
@@ -136,6 +136,7 @@ def measure(
             "unfaithful": _share(verdicts, "dropped", "contradicted"),
             "dropped": _share(verdicts, "dropped"),
             "contradicted": _share(verdicts, "contradicted"),
+            "incoherent": float(np.mean([not coherent(t) for ts in raw for t in ts])),
             "short_of_faithful": float(np.mean([len(k) < n for k in kept])),
             "diversity": _diversity(raw),
             "diversity_faithful": _diversity([k for k in kept if k]),

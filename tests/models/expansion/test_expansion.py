@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from corpus.caption_metrics import extract_claims
 from models.common.tokenizer import train_bpe_tokenizer
-from models.expansion.faithfulness import check, diversity, faithful
+from models.expansion.faithfulness import check, coherent, diversity, faithful, keep_faithful
 from models.expansion.model import SEP, MissingExpanderError, expand, load_expander
 from models.expansion.queries import derive_query, inversion_pairs, relation_query, unusable
 from models.expansion.train import ExpanderConfig, prefix_dropout, train_expander
@@ -26,6 +26,7 @@ CAPTION = (
     'The word "CAT" is written in the top right.'
 )
 ON_WHITE = ", on a white background."
+OK_EXPANSION = "A small red circle in the bottom right" + ON_WHITE
 
 
 def test_each_level_drops_what_it_names_and_keeps_the_rest():
@@ -144,6 +145,14 @@ def test_filling_in_what_the_query_leaves_free_is_faithful_and_counts_as_diversi
     assert div["background"] == pytest.approx(1.0) and div["sizes"] == pytest.approx(1.0)
     assert div["word"] == 0 and div["distinct_texts"] == 1.0
     assert diversity([expansions[0]] * 3)["distinct_texts"] == pytest.approx(1 / 3)
+
+
+def test_only_faithful_expansions_that_hang_together_are_kept():
+    two_in_one_cell = "A red circle in the center and a blue star in the center" + ON_WHITE
+    sampled = [["A blue circle in the top left" + ON_WHITE, two_in_one_cell, *[OK_EXPANSION] * 3]]
+    kept = keep_faithful(["a circle"], sampled, n=2)
+    assert kept == [[sampled[0][0], OK_EXPANSION]]
+    assert faithful("a circle", two_in_one_cell) and not coherent(two_in_one_cell)
 
 
 def test_prefix_dropout_rises_from_the_first_step_to_the_last():
