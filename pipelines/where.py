@@ -44,6 +44,7 @@ LINEAGE = (
     "mixed_sampler",
     "diffusion_model",
     "eval_report",
+    "prompt_expander",
 )
 
 
@@ -157,6 +158,13 @@ def summary(root: Path) -> str:
         lines.append(
             "                        gate: "
             + ("promoted to champion" if promoted else f"not promoted (see {gate})")
+        )
+    expander = root / "data" / "prompt_expander" / "metrics.json"
+    if expander.exists():
+        suite = json.loads(expander.read_text(encoding="utf-8"))["suite_short"]
+        lines.append(
+            f"  prompt expander       {expander.parent}  (suite short prompts: "
+            f"{suite['unfaithful']:.3f} of expansions drop or contradict a claim as sampled)"
         )
     lines += [
         f"  Dagster UI            make ui      -> http://127.0.0.1:3000  ({root}/.dagster_home)",

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import dagster as dg
 
 from assets.reuse import REBUILD_ENV, REBUILD_TAG, build_or_reuse, rebuild_requested
-from pipelines.where import step_table, step_times
+from pipelines.where import step_table, step_times, summary
 
 
 @dg.asset(name="captioner")
@@ -62,3 +62,14 @@ def test_a_step_make_run_did_not_launch_is_shown_current():
     dg.materialize([fake_captioner], instance=instance)
     since = time.time()
     assert step_times(instance, since) == [("captioner", 0.0, "current, not run")]
+
+
+def test_the_printout_says_how_faithful_the_prompt_expander_is(tmp_path):
+    folder = tmp_path / "data" / "prompt_expander"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"suite_short": {"unfaithful": 0.25}}')
+    line = [ln for ln in summary(tmp_path).splitlines() if "prompt expander" in ln]
+    assert line == [
+        f"  prompt expander       {folder}  (suite short prompts: 0.250 of expansions "
+        "drop or contradict a claim as sampled)"
+    ]

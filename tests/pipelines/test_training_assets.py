@@ -249,7 +249,6 @@ def evaluated(lineage, trained, retrained):
     )
 
 
-
 @pytest.fixture(scope="module")
 def expanded(lineage, upstream):
     """prompt_expander, trained for 2 steps on the lineage's recaptions."""
@@ -259,6 +258,7 @@ def expanded(lineage, upstream):
         md=res.asset_materializations_for_node("prompt_expander")[0].metadata,
         folder=lineage.project_dir / "data" / "prompt_expander",
     )
+
 
 @pytest.fixture(scope="module")
 def promoted(lineage, evaluated):
@@ -478,7 +478,6 @@ def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):
     assert {"eval_report/index.html", "eval_report/gate.json"} <= evaluated.artifacts
 
 
-
 def test_prompt_expander_trains_on_the_recaptions_and_reports_its_faithfulness(lineage, expanded):
     assert expanded.res.success
     assert "| suite_short | 112 |" in expanded.md["faithfulness"].value
@@ -488,6 +487,7 @@ def test_prompt_expander_trains_on_the_recaptions_and_reports_its_faithfulness(l
     assert "suite_short_unfaithful" in run.data.metrics
     model, tok = load_expander(expanded.folder)
     assert len(expand(model, tok, ["a red circle"], n=2, max_new_tokens=4)[0]) == 2
+
 
 def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):
     gate = promoted.first_gate
