@@ -1,5 +1,5 @@
 """UNet layouts side by side: training images/s of candidate layouts, of channels-last
-memory, of torch.compile and of a smaller batch, each as a ratio to params.yaml's
+memory, of torch.compile and of batch 64, each as a ratio to params.yaml's
 default in the same run.
 
 The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
@@ -9,7 +9,7 @@ times as long, compilation included, and the compile time is reported) on random
 latents and text states of the right shapes; rounds alternate over the runs so drift in
 the machine's speed hits all of them; the median round is reported.
 
-    python -m benchmarks.unet_layouts [--steps 20] [--rounds 3] [--batch 64] [--compile]
+    python -m benchmarks.unet_layouts [--steps 20] [--rounds 3] [--batch N] [--compile]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ RUNS = {
     "attention at 4x4 only": Run(overrides=_ATTN_AT_4),
     "widths 32/64/64": Run(overrides={"block_out_channels": [32, 64, 64]}),
     "channels-last memory": Run(channels_last=True),
-    "batch 32": Run(batch=32),
+    "batch 64": Run(batch=64),
 }
 
 
@@ -97,13 +97,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default: params.yaml's")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--compile", action="store_true", help="also the default, compiled")
     ap.add_argument("--out", default="benchmarks/results/unet_layouts.json")
     args = ap.parse_args()
     section = load_params(args.params)["diffusion_model"]
     unet_params, context = section["unet"], section["text_encoder"]["context_length"]
+    args.batch = args.batch or section["batch_size"]
     runs = dict(RUNS)
     if args.compile:
         runs["torch.compile"] = Run(compile=True)
