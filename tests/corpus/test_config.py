@@ -20,6 +20,7 @@ from models.diffusion.train import DiffusionTrainConfig
 from models.evaluation.reference_clip import ReferenceClipConfig
 from models.evaluation.report import EvalReportConfig
 from models.evaluation.world_judge import JudgeConfig
+from models.expansion.train import ExpanderConfig
 from tests.conftest import REPO
 
 EVAL_PATHS = {"model": "m", "judge": "j", "reference_clip": "r", "out": "o"}
@@ -34,6 +35,7 @@ SECTIONS = {
     "world_judge": JudgeConfig.from_dict,
     "reference_clip": ReferenceClipConfig.from_dict,
     "eval_report": lambda d: EvalReportConfig.from_dict({**d, **EVAL_PATHS}),
+    "prompt_expander": ExpanderConfig.from_dict,
 }
 
 

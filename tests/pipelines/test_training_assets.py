@@ -58,6 +58,7 @@ ASSETS = [
     eval_mod.eval_report,
     eval_mod.not_worse_than_champion,
     expander_mod.prompt_expander,
+    expander_mod.prompt_expander_faithful,
 ]
 
 
@@ -251,7 +252,8 @@ def evaluated(lineage, trained, retrained):
 
 @pytest.fixture(scope="module")
 def expanded(lineage, upstream):
-    """prompt_expander, trained for 2 steps on the lineage's recaptions."""
+    """prompt_expander on the lineage's recaptions: a captioner trained for 3 steps writes
+    no usable caption, so nothing is learnt and the asset check says so."""
     res = _materialize(lineage, ["prompt_expander"])
     return SimpleNamespace(
         res=res,
@@ -478,11 +480,15 @@ def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):
     assert {"eval_report/index.html", "eval_report/gate.json"} <= evaluated.artifacts
 
 
-def test_prompt_expander_trains_on_the_recaptions_and_reports_its_faithfulness(lineage, expanded):
+def test_prompt_expander_reports_its_faithfulness_and_a_check_says_why_it_fails(lineage, expanded):
     assert expanded.res.success
     assert "| suite_short | 112 |" in expanded.md["faithfulness"].value
     assert "| suite_short |" in expanded.md["diversity_bits"].value
     assert 0 <= expanded.md["suite_short_unfaithful"].value <= 1
+    assert expanded.md["pairs"].value == 0 and expanded.md["trained_steps"].value == 0
+    [check] = expanded.res.get_asset_check_evaluations()
+    assert not check.passed
+    assert check.description.startswith("no usable caption to learn from: skipped {")
     run = lineage.client.get_run(expanded.md["mlflow_run_id"].value)
     assert "suite_short_unfaithful" in run.data.metrics
     model, tok = load_expander(expanded.folder)

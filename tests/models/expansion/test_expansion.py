@@ -206,6 +206,24 @@ def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
         expand(model, tok, ["a star"], n=1, prefix="<hast>")
 
 
+def test_without_a_usable_caption_nothing_is_learnt_and_the_metrics_say_so(tmp_path):
+    garbage = ["the the the", "a a red red", "perfect for any room."]
+    cfg = ExpanderConfig.from_dict(
+        {
+            "lm": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 280},
+            "max_steps": 3,
+            "expansions": 1,
+            "candidates": 1,
+        }
+    )
+    out = tmp_path / "expander"
+    metrics = train_expander(cfg, _recaptioned(tmp_path / "rec", garbage), out, progress=False)
+    assert metrics["pairs"] == 0 and metrics["trained_steps"] == 0
+    assert metrics["final_loss"] is None
+    assert metrics["skipped_captions"] == {"no_placed_object": 3}
+    assert load_expander(out)[0] is not None
+
+
 def test_a_pretrained_causal_lm_gets_the_prefixes_and_is_sampled(tmp_path):
     """The full profile's path: any causal LM folder, here a tiny random GPT-2."""
     tok = train_bpe_tokenizer([CAPTION] * 10, vocab_size=280)
