@@ -26,19 +26,27 @@ def faithfulness_table(metrics: dict) -> dg.MetadataValue:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {s} | {metrics[s]['queries']} | {metrics[s]['unfaithful']:.3f} "
-        f"| {metrics[s]['dropped']:.3f} | {metrics[s]['contradicted']:.3f} "
-        f"| {metrics[s]['incoherent']:.3f} | {metrics[s]['short_of_faithful']:.3f} |"
+        f"| {s} | {metrics[s]['queries']} | "
+        + " | ".join(
+            _number(metrics[s][k])
+            for k in ("unfaithful", "dropped", "contradicted", "incoherent", "short_of_faithful")
+        )
+        + " |"
         for s in SETS
     ]
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def _number(x: float | None) -> str:
+    """A table cell; '-' for a query set with no query (no usable held-out caption)."""
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
 def diversity_table(metrics: dict) -> dg.MetadataValue:
-    kinds = list(metrics["suite_short"]["diversity"])
+    kinds = list(metrics["suite_short"]["diversity"])  # the suite always has queries
     lines = ["| queries | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     lines += [
-        f"| {s} | " + " | ".join(f"{metrics[s]['diversity'][k]:.2f}" for k in kinds) + " |"
+        f"| {s} | " + " | ".join(_number(metrics[s]["diversity"].get(k)) for k in kinds) + " |"
         for s in SETS
     ]
     return dg.MetadataValue.md("\n".join(lines))

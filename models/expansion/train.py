@@ -101,7 +101,14 @@ def _batch(rows, drop: float, pad: int, max_length: int, rng: random.Random):
     return x, mask, y
 
 
+def _mean(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else float("nan")
+
+
 def _share(verdicts: list[dict], *kinds: str) -> float:
+    """The share of verdicts with any of `kinds`; NaN for none (no usable held-out caption)."""
+    if not verdicts:
+        return float("nan")
     return float(np.mean([any(v[k] for k in kinds) for v in verdicts]))
 
 
@@ -137,8 +144,8 @@ def measure(
             "unfaithful": _share(verdicts, "dropped", "contradicted"),
             "dropped": _share(verdicts, "dropped"),
             "contradicted": _share(verdicts, "contradicted"),
-            "incoherent": float(np.mean([not coherent(t) for ts in raw for t in ts])),
-            "short_of_faithful": float(np.mean([len(k) < n for k in kept])),
+            "incoherent": _mean([not coherent(t) for ts in raw for t in ts]),
+            "short_of_faithful": _mean([len(k) < n for k in kept]),
             "diversity": _diversity(raw),
             "diversity_faithful": _diversity([k for k in kept if k]),
             "examples": [

@@ -5,6 +5,7 @@ and the full-profile path on a tiny random GPT-2 saved locally (no hub here)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -221,7 +222,14 @@ def test_without_a_usable_caption_nothing_is_learnt_and_the_metrics_say_so(tmp_p
     assert metrics["pairs"] == 0 and metrics["trained_steps"] == 0
     assert metrics["final_loss"] is None
     assert metrics["skipped_captions"] == {"no_placed_object": 3}
+    assert metrics["held_out_abst"]["queries"] == 0
+    assert math.isnan(metrics["held_out_abst"]["unfaithful"])
     assert load_expander(out)[0] is not None
+    # the asset's tables show an empty query set as "-"
+    from assets.prompt_expander import diversity_table, faithfulness_table
+
+    assert "| held_out_abst | 0 | - | - | - | - | - |" in faithfulness_table(metrics).value
+    assert "| held_out_abst | - |" in diversity_table(metrics).value
 
 
 def test_a_pretrained_causal_lm_gets_the_prefixes_and_is_sampled(tmp_path):
