@@ -23,7 +23,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # (grep's own status is masked so that pipefail reports pip's).
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install run test ui mlflow bench retrain ablation lint format dvc-repro dvc-exp dvc-push dvc-pull clean
+.PHONY: install run test generate ui mlflow bench retrain ablation lint format dvc-repro dvc-exp dvc-push dvc-pull clean
 
 install: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -74,6 +74,13 @@ run: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Draw prompts with the registered champion: make generate PROMPT="a red star" [EXPAND=4]
+# (expanded by the prompt expander, unfaithful expansions replaced by the prompt itself).
+PROMPT ?= a red star in the center
+EXPAND ?= 0
+generate: install
+	$(PY) -m models.serving.generate "$(PROMPT)" --expand $(EXPAND) --expander data/prompt_expander --out generated
 
 ui: install
 	$(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000

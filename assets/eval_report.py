@@ -111,7 +111,7 @@ def partial_progress_table(metrics: dict) -> str:
 
 @dg.asset(
     name=STAGE,
-    deps=["diffusion_model", "world_judge", "reference_clip"],
+    deps=["diffusion_model", "world_judge", "reference_clip", "prompt_expander"],
     group_name="evaluation",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",  # samples the model: one GPU job at a time (dagster.yaml)
@@ -134,6 +134,12 @@ def _build_eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "model": str(project.data_path("diffusion_model")),
             "judge": str(project.data_path("world_judge")),
             "reference_clip": str(project.data_path("reference_clip")),
+            # The upsampled form needs the expander; without one the report notes it.
+            "expander": (
+                str(project.data_path("prompt_expander"))
+                if project.data_path("prompt_expander", "config.json").exists()
+                else None
+            ),
             "out": str(project.data_path(STAGE)),
             "metrics_dir": str(project.path / "metrics"),
             "mlflow_tracking_uri": mlflow_res.tracking_uri,
@@ -174,6 +180,11 @@ def _build_eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     for form, m in metrics["forms"].items():
         meta[f"{form}_overall"] = m["prompt_following"]["overall"]
         meta[f"{form}_clip_score"] = m["clip_score"]
+    if "upsampled" in metrics["forms"]:
+        up = metrics["forms"]["upsampled"]
+        meta["upsampled_minus_short"] = dg.MetadataValue.json(
+            {k: up[k] for k in ("minus_short", "minus_short_ci", "expanded_share")}
+        )
     if run_id:
         meta.update(mlflow_res.run_metadata(MlflowClient(mlflow_res.tracking_uri).get_run(run_id)))
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(dvc_hash))

@@ -167,6 +167,7 @@ def summary(root: Path) -> str:
             f"{suite['unfaithful']:.3f} of expansions drop or contradict a claim as sampled)"
         )
     lines += [
+        '  draw prompts          make generate PROMPT="a red star" EXPAND=4  -> generated/grid.png',
         f"  Dagster UI            make ui      -> http://127.0.0.1:3000  ({root}/.dagster_home)",
         f"  MLflow UI             make mlflow  -> http://127.0.0.1:5000  ({tracking})",
     ]

@@ -1,10 +1,14 @@
 """The eval report: prompt following measured exactly, and CLIP score, for one model.
 
 Every prompt of the suite, in its short and its descriptive form, is sampled
-`images_per_prompt` times with fixed seeds. The world judge reads each image back into
-a scene; an image passes only when every condition of its prompt holds (GenEval's rule).
-Partial progress goes next to it: each attribute's accuracy given that its object exists,
-and why the failed images failed (`corpus.prompt_suite.diagnose`).
+`images_per_prompt` times with fixed seeds; with a prompt expander, a third form,
+`upsampled`: each short prompt expanded `images_per_prompt` times (only expansions that
+keep all its claims; the short prompt stands in for any other) and judged by the short
+prompt's conditions, with the paired difference against the short form and its interval.
+The world judge reads each image back into a scene; an image passes only when every
+condition of its prompt holds (GenEval's rule). Partial progress goes next to it: each
+attribute's accuracy given that its object exists, and why the failed images failed
+(`corpus.prompt_suite.diagnose`).
 Accuracy per category and form, the mean over categories (GenEval's overall), a
 bootstrap interval over prompts, and CLIP score against each form (the two panels of the
 report's Figure 4) go to `metrics.json`; grids per category, plots and an HTML page
@@ -67,6 +71,8 @@ class EvalReportConfig:
     n_boot: int = 2000
     hpsv2: str | None = None  # full: a local HPS v2 checkpoint; absent: skipped, noted
     hpsv2_model: str = "ViT-H-14"
+    expander: str | None = None  # a prompt expander folder: adds the `upsampled` form
+    upsample_candidates: int = 16  # expansions sampled per short prompt to find faithful ones
     metrics_dir: str | None = None  # also write metrics and plot data here (dvc.yaml)
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None  # the model's run; default: from its metrics.json
@@ -124,22 +130,28 @@ def evaluate_model(
     (tmp / "grids").mkdir(parents=True)
     records, per_prompt, by_form = [], {}, {}
     timings = {}
-    for form in FORMS:
-        texts = [p.text(form) for p in prompts for _ in range(cfg.images_per_prompt)]
+    upsampled = _upsampled(cfg, prompts) if cfg.expander else None
+    for form in [*FORMS, "upsampled"] if upsampled else FORMS:
+        if form == "upsampled":
+            texts = [d.prompt for d in upsampled]
+        else:
+            texts = [p.text(form) for p in prompts for _ in range(cfg.images_per_prompt)]
+        # An upsampled image is held to what the user asked: the short prompt's conditions.
+        asked = "short" if form == "upsampled" else form
         t = time.time()
         with torch.inference_mode():
             images = pipe(texts, seed=cfg.seed, steps=cfg.steps, guidance_scale=cfg.guidance_scale)
         timings[f"generate_{form}_s"] = round(time.time() - t, 1)
         scenes = judge.predict(images)
         scores = clip.score(images, texts)
-        truncated = clip.truncated([p.text(form) for p in prompts])
+        truncated = clip.truncated(texts[:: cfg.images_per_prompt])
         hps = hps_v2_scores(cfg.hpsv2, cfg.hpsv2_model, images, texts)
         passed, diagnoses = [], []
         for i, (scene, score) in enumerate(zip(scenes, scores, strict=True)):
             p = prompts[i // cfg.images_per_prompt]
             verdict = judge_prompt(p, scene)
             passed.append(verdict["passed"])
-            diagnoses.append(diagnose(p, scene, form))
+            diagnoses.append(diagnose(p, scene, asked))
             records.append(
                 {
                     "prompt_id": p.id,
@@ -174,6 +186,8 @@ def evaluate_model(
             "hps_v2": hps.get("mean"),
             **summarise_diagnoses(diagnoses),
         }
+        if form == "upsampled":
+            by_form[form].update(_against_short(upsampled, per_prompt, prompts, cfg.n_boot))
         for c in cats:
             idx = [i for i, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
             tiles, caps = [], []
@@ -181,7 +195,7 @@ def evaluate_model(
                 for k in range(cfg.images_per_prompt):
                     j = i * cfg.images_per_prompt + k
                     tiles.append(_tile(images[j], bool(passed_arr[i, k])))
-                    caps.append(prompts[i].text(form) if k == 0 else " ")
+                    caps.append(texts[j] if k == 0 or form == "upsampled" else " ")
             grid = caption_grid(tiles, caps, cols=cfg.images_per_prompt, tile=96, lines=4)
             grid.save(tmp / "grids" / f"{c}-{form}.png")
 
@@ -191,7 +205,8 @@ def evaluate_model(
         "prompts": len(prompts),
         "images_per_prompt": cfg.images_per_prompt,
         "forms": by_form,
-        "notes": [hps["skipped"]] if "skipped" in hps else [],
+        "notes": ([hps["skipped"]] if "skipped" in hps else [])
+        + ([] if upsampled else ["upsampled form skipped: no prompt expander given"]),
         "judge_accuracy": json.loads((Path(cfg.judge) / "metrics.json").read_text())["accuracy"],
         "reference_clip": {
             k: v
@@ -205,9 +220,12 @@ def evaluate_model(
     }
     per_prompt_doc = {
         "fingerprint": fingerprint(cfg, suite_version),
-        # A prompt's score: the share of its images that pass, averaged over its forms
-        # (the forms of one prompt are not independent samples for the gate).
-        "scores": {pid: float(np.mean(list(f.values()))) for pid, f in per_prompt.items()},
+        # A prompt's score: the share of its images that pass, averaged over the suite's
+        # own forms (the forms of one prompt are not independent samples for the gate;
+        # the upsampled form depends on the expander too, so the gate reads it apart).
+        "scores": {
+            pid: float(np.mean([f[form] for form in FORMS])) for pid, f in per_prompt.items()
+        },
         "by_form": per_prompt,
     }
     run_id = cfg.mlflow_run_id or model_metrics.get("mlflow_run_id")
@@ -222,6 +240,27 @@ def evaluate_model(
     if decision is not None:
         metrics["gate"] = decision
     return metrics
+
+
+def _upsampled(cfg: EvalReportConfig, prompts) -> list:
+    """`images_per_prompt` upsampled prompts per suite prompt, prompt-major."""
+    from models.expansion.model import load_expander
+    from models.expansion.upsample import upsample
+
+    expander = load_expander(Path(cfg.expander))
+    queries = [p.short for p in prompts]
+    return upsample(queries, cfg.images_per_prompt, expander, cfg.upsample_candidates, cfg.seed)
+
+
+def _against_short(upsampled: list, per_prompt: dict, prompts, n_boot: int) -> dict:
+    """How many images were drawn from an expansion, and upsampled minus short per
+    prompt (the same prompts and seeds: a paired difference) with its interval."""
+    diff = np.array([per_prompt[p.id]["upsampled"] - per_prompt[p.id]["short"] for p in prompts])
+    return {
+        "expanded_share": float(np.mean([d.expanded for d in upsampled])),
+        "minus_short": float(diff.mean()),
+        "minus_short_ci": bootstrap_ci(diff, n_boot),
+    }
 
 
 def summarise_diagnoses(diagnoses: list[dict]) -> dict:

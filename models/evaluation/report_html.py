@@ -119,6 +119,16 @@ def write_html_report(
             rows,
         ),
     ]
+    if "upsampled" in metrics["forms"]:
+        up = metrics["forms"]["upsampled"]
+        lo, hi = up["minus_short_ci"]
+        parts.append(
+            "<p>Short prompts upsampled by the prompt expander, judged by the short prompt's "
+            f"conditions: {up['minus_short']:+.3f} against the short form (95% CI "
+            f"{lo:+.3f} to {hi:+.3f}, paired over prompts); {up['expanded_share']:.0%} of "
+            "its images were drawn from a faithful expansion, the rest from the short "
+            "prompt itself.</p>"
+        )
     for note in metrics.get("notes", []):
         parts.append(f"<p><em>{_e(note)}</em></p>")
     if any(metrics["forms"][f].get("hps_v2") is not None for f in forms):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from functools import lru_cache
 
 from corpus.caption_metrics import Claims, extract_claims
 from corpus.scene_text import NUMBER_WORDS, plural
@@ -61,14 +62,25 @@ def _relation_kept(rel: tuple, e: Claims) -> bool:
     return any(a[axis] < b[axis] for a in firsts for b in seconds)
 
 
-def uncoloured_counts(text: str) -> dict[str, int]:
+def uncoloured_counts(text: str, claims: Claims | None = None) -> dict[str, int]:
     """The number of objects of each shape a text states without a colour ("two
-    circles", "a large star"); a coloured mention elsewhere leaves that shape out."""
+    circles", "a large star"); a coloured mention elsewhere leaves that shape out.
+    `claims`: the text's, when already parsed."""
     counts: Counter = Counter()
     for det, word in _UNCOLOURED.findall(_QUERY_RELATION.sub(" ", text.lower())):
         counts[_SHAPE_WORDS[word]] += _NUMBERS[det]
-    coloured = {shape for _, shape in extract_claims(text).colors}
+    coloured = {shape for _, shape in (claims or extract_claims(text)).colors}
     return {s: n for s, n in counts.items() if s not in coloured}
+
+
+@lru_cache(maxsize=4096)
+def _query(query: str) -> tuple[Claims, list[tuple], dict, dict[str, int]]:
+    """A query parsed once for all its candidate expansions: its claims, the relations
+    of its short form, the counts it claims for coloured objects ("a red star above a
+    square" asks where a red star is, not that there is only one) and uncoloured ones."""
+    q = extract_claims(query)
+    coloured = extract_claims(_QUERY_RELATION.sub(" ", query)).counts
+    return q, q.relations + query_relations(query), coloured, uncoloured_counts(query, q)
 
 
 def _states(claim: tuple, stated: list[tuple]) -> bool:
@@ -77,7 +89,7 @@ def _states(claim: tuple, stated: list[tuple]) -> bool:
 
 def check(query: str, expansion: str) -> dict[str, list[str]]:
     """The query's claims the expansion drops and contradicts, as readable strings."""
-    q, e = extract_claims(query), extract_claims(expansion)
+    (q, relations, coloured, uncoloured), e = _query(query), extract_claims(expansion)
     dropped, contradicted = [], []
     for shape in q.shapes:
         if shape not in e.shapes:
@@ -91,15 +103,13 @@ def check(query: str, expansion: str) -> dict[str, list[str]]:
     for colour, shape, cell in q.positions:
         if not _states((colour, shape, cell), e.positions):
             dropped.append(f"position {colour or ''} {shape} {cell}".replace("  ", " "))
-    for rel in q.relations + query_relations(query):
+    for rel in relations:
         if not _relation_kept(rel, e):
             dropped.append(f"relation {rel}")
     # "two circles" claims the number of circles, which an expansion states by placing
     # them; "a red circle" only that of red ones
     placed = dict(Counter(shape for _, _, shape, _ in e.placed))
-    # "a red star above a square" asks where a red star is, not that there is only one
-    coloured = extract_claims(_QUERY_RELATION.sub(" ", query)).counts
-    for counts, other in ((coloured, e.counts), (uncoloured_counts(query), placed)):
+    for counts, other in ((coloured, e.counts), (uncoloured, placed)):
         for key, n in counts.items():
             if key in other and other[key] != n:
                 contradicted.append(f"count {key}: {n} -> {other[key]}")

@@ -13,9 +13,33 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_text_to_image.py")
 REPO = Path(__file__).resolve().parents[2]
+
+# Without a params schema MLflow drops every `params` a caller gives `predict`. 0 steps
+# and a negative guidance scale stand for the model's own sampling settings.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "query"),
+            ColSpec("string", "prompt"),
+            ColSpec("boolean", "expanded"),
+            ColSpec("binary", "png"),
+        ]
+    ),
+    params=ParamSchema(
+        [
+            ParamSpec("seed", "long", 0),
+            ParamSpec("steps", "long", 0),
+            ParamSpec("guidance_scale", "double", -1.0),
+            ParamSpec("expand", "long", 0),
+        ]
+    ),
+)
 
 
 def register_text_to_image(
@@ -25,16 +49,22 @@ def register_text_to_image(
     name: str = "recapflow-text-to-image",
     alias: str = "challenger",
     tags: dict[str, str] | None = None,
+    expander_dir: Path | None = None,
 ) -> dict[str, str]:
     """Log `model_dir` under the run as a pyfunc model, register a new version, set
-    `alias` on it and tag it; returns name, version and the models:/ URI."""
+    `alias` on it and tag it; returns name, version and the models:/ URI. With
+    `expander_dir` (a prompt expander folder) the model also takes `params={"expand": N}`."""
+    artifacts = {"pipeline": str(model_dir)}
+    if expander_dir is not None:
+        artifacts["expander"] = str(expander_dir)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"pipeline": str(model_dir)},
+            artifacts=artifacts,
+            signature=SIGNATURE,
             code_paths=[str(REPO / "models"), str(REPO / "corpus")],
             pip_requirements=[
                 "torch==2.15.0",

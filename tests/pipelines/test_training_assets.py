@@ -35,6 +35,7 @@ from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
 from models.expansion.model import expand, load_expander
+from models.serving.generate import main as generate_command
 from pipelines import stale
 from pipelines.ablation import caption_ablation
 from pipelines.definitions import build_resources
@@ -230,10 +231,11 @@ def retrained(lineage, trained):
 
 
 @pytest.fixture(scope="module")
-def evaluated(lineage, trained, retrained):
-    """world_judge, reference_clip and eval_report of the retrained challenger. A judge
-    trained for 3 steps is far below its 0.98 bar: its check says so, the gate promotes
-    nothing. The report's files are read now: the promotion below rewrites them."""
+def evaluated(lineage, trained, retrained, expanded):
+    """world_judge, reference_clip and eval_report of the retrained challenger (with the
+    prompt expander: the upsampled form). A judge trained for 3 steps is far below its
+    0.98 bar: its check says so, the gate promotes nothing. The report's files are read
+    now: the promotion below rewrites them."""
     res = _materialize(lineage, ["world_judge", "reference_clip", "eval_report"])
     report = lineage.project_dir / "data" / "eval_report"
     client = lineage.client
@@ -460,9 +462,15 @@ def test_eval_report_html_shows_the_grids_and_the_gate_decision(evaluated):
 def test_eval_report_writes_its_metrics_and_per_prompt_scores(evaluated):
     metrics = evaluated.metrics
     assert metrics["prompts"] == 7 and metrics["images_per_prompt"] == 2
-    assert set(metrics["forms"]) == {"short", "descriptive"}
+    assert set(metrics["forms"]) == {"short", "descriptive", "upsampled"}
     per_prompt = evaluated.per_prompt
     assert len(per_prompt["scores"]) == 7 and per_prompt["fingerprint"]["images_per_prompt"] == 2
+    # The gate's score of a prompt is over the suite's two forms; the upsampled one is apart.
+    for pid, forms in per_prompt["by_form"].items():
+        assert set(forms) == {"short", "descriptive", "upsampled"}
+        assert per_prompt["scores"][pid] == pytest.approx(
+            (forms["short"] + forms["descriptive"]) / 2
+        )
     assert evaluated.dvc_metrics["short"]
     # Partial progress per form: attribute scores in [0, 1]; every failed image has a
     # reason, so the primary-reason shares add up to 1 when any image failed.
@@ -478,6 +486,19 @@ def test_eval_report_is_logged_to_the_challengers_mlflow_run(evaluated):
     assert "eval/descriptive/overall" in evaluated.run.data.metrics
     assert evaluated.run.data.tags["eval.promoted_to_champion"] == "false"
     assert {"eval_report/index.html", "eval_report/gate.json"} <= evaluated.artifacts
+
+
+def test_the_report_holds_the_short_prompts_upsampled_by_the_expander(evaluated):
+    metrics = evaluated.metrics
+    assert "upsampled form skipped: no prompt expander given" not in metrics["notes"]
+    assert evaluated.md["upsampled_minus_short"].data["expanded_share"] == 0.0
+    forms = metrics["forms"]
+    up, short = forms["upsampled"], forms["short"]
+    # The lineage's expander learnt nothing, so every image is drawn from the short prompt
+    # itself, with its seed: the same images, the same scores, a difference of exactly 0.
+    assert up["expanded_share"] == 0.0
+    assert up["prompt_following"] == short["prompt_following"]
+    assert up["minus_short"] == 0.0 and up["minus_short_ci"] == [0.0, 0.0]
 
 
 def test_prompt_expander_reports_its_faithfulness_and_a_check_says_why_it_fails(lineage, expanded):
@@ -499,6 +520,19 @@ def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained
     gate = promoted.first_gate
     assert gate["promote"] and gate["reason"] == "no champion yet"
     assert promoted.champion.version == retrained.version.version
+
+
+def test_the_generate_command_draws_through_the_champion_with_expansion(
+    lineage, promoted, expanded, tmp_path
+):
+    out = tmp_path / "generated"
+    expand_args = ["--expand", "2", "--expander", str(expanded.folder)]
+    where = ["--tracking-uri", lineage.tracking, "--out", str(out)]
+    rows = generate_command(["a red circle", *expand_args, "--steps", "2", *where])
+    # The lineage's expander learnt nothing (no usable caption): the prompt itself is drawn.
+    assert [(r.prompt, r.expanded) for r in rows] == [("a red circle", False)] * 2
+    assert json.loads((out / "prompts.json").read_text())[1]["image"] == "001.png"
+    assert (out / "grid.png").is_file()
 
 
 def test_a_champion_evaluated_again_is_not_compared_with_itself(promoted):

@@ -327,9 +327,11 @@ def check_eval_report(page, report: Path, out: Path) -> None:
     assert page.title() == "recapflow eval report"
     assert page.locator("h1").inner_text() == "recapflow eval report"
     summary = page.locator("h2:text-is('Summary') + table")
-    assert summary.locator("tr").count() == 3  # a header, then the short and descriptive forms
+    # A header, then the short, descriptive and upsampled (by the prompt expander) forms.
+    assert summary.locator("tr").count() == 4
     rows = summary.locator("tr").all_inner_texts()
-    assert rows[1].startswith("short") and rows[2].startswith("descriptive"), rows
+    assert [r.split()[0] for r in rows[1:]] == ["short", "descriptive", "upsampled"], rows
+    assert "against the short form" in page.locator("h2:text-is('Summary') ~ p").first.inner_text()
     categories = page.locator("h2:text-is('Prompt following by category') + table tr")
     assert categories.count() >= 2
     assert page.locator("h2:text-is('Regression gate') + p").inner_text().strip()
