@@ -1,28 +1,54 @@
 """Faithfulness of a trained prompt expander, measured as the asset measures it, with
 params.yaml's defaults (docs/log/2026-12-expansion.md):
 
-    python -m benchmarks.expander_measure data/exp/<run>
+    python -m benchmarks.expander_measure data/exp/<run> [--temperatures 1.0 0.7 0.5 0.3]
 
 Per query set: the share of expansions that drop or contradict a claim of their query as
 sampled, and the share of queries with fewer than `expansions` faithful among `candidates`.
+With `--temperatures`: for the suite's short prompts at each sampling temperature, the
+share of `candidates` samples that are unfaithful or incoherent, the share of prompts
+with fewer than `expansions` good ones, and the distinct good ones per prompt.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from corpus.params import load_section
 from corpus.prompt_suite import load_suite
-from models.expansion.faithfulness import faithful
+from models.expansion.faithfulness import coherent, faithful
 from models.expansion.model import expand, load_expander
 from models.expansion.queries import inversion_pairs
 from models.expansion.train import ExpanderConfig, measure, read_captions
 
 
+def temperature_sweep(model, tok, cfg: ExpanderConfig, short: list[str], temps) -> None:
+    print("| temperature | unfaithful or incoherent | fewer than "
+          f"{cfg.expansions} good of {cfg.candidates} | distinct good per prompt |")  # fmt: skip
+    print("|---:|---:|---:|---:|")
+    for t in temps:
+        sampled = expand(model, tok, short, cfg.candidates, temperature=t, seed=cfg.seed)
+        good = [
+            [faithful(q, x) and coherent(x) for x in xs]
+            for q, xs in zip(short, sampled, strict=True)
+        ]
+        bad = 1 - sum(map(sum, good)) / (cfg.candidates * len(short))
+        few = sum(sum(g) < cfg.expansions for g in good) / len(short)
+        distinct = sum(
+            len({x for x, ok in zip(xs, g, strict=True) if ok})
+            for xs, g in zip(sampled, good, strict=True)
+        ) / len(short)
+        print(f"| {t} | {bad:.3f} | {few:.3f} | {distinct:.2f} |")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("expander", type=Path)
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[])
+    args = ap.parse_args()
     cfg = ExpanderConfig.from_dict(load_section("params.yaml", "prompt_expander"))
-    model, tok = load_expander(Path(sys.argv[1]))
+    model, tok = load_expander(args.expander)
     captions = read_captions(Path("data/recaptioned"))["eval"][: cfg.eval_queries]
     held_out, _ = inversion_pairs(captions, cfg.seed + 1)
     short = [p.short for p in load_suite(Path(cfg.suite))]
@@ -36,6 +62,8 @@ def main() -> None:
         by_category.setdefault(p.category, []).extend(faithful(p.short, t) for t in texts)
     print("faithful as sampled, per suite category:")
     print({c: round(sum(v) / len(v), 3) for c, v in by_category.items()})
+    if args.temperatures:
+        temperature_sweep(model, tok, cfg, short, args.temperatures)
 
 
 if __name__ == "__main__":
