@@ -174,20 +174,18 @@ def _recaptioned(folder: Path, captions: list[str]) -> Path:
     return folder
 
 
+def tiny_expander_config(**overrides) -> ExpanderConfig:
+    """A 1-layer, 32-wide expander trained for a few steps and measured on a few queries."""
+    sizes = {"lm": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300}}
+    steps = {"max_steps": 4, "batch_size": 8, "warmup_steps": 1}
+    measured = {"expansions": 2, "candidates": 3, "eval_queries": 2}
+    return ExpanderConfig.from_dict({**sizes, **steps, **measured, **overrides})
+
+
 def test_training_writes_a_loadable_expander_and_measures_it(tmp_path):
     captions = [CAPTION, "A large red circle in the top left, on a white background."] * 20
     captions.append("A large red circle in the top left, on a white background")  # truncated
-    cfg = ExpanderConfig.from_dict(
-        {
-            "lm": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300},
-            "max_steps": 4,
-            "batch_size": 8,
-            "warmup_steps": 1,
-            "expansions": 2,
-            "candidates": 3,
-            "eval_queries": 2,
-        }
-    )
+    cfg = tiny_expander_config()
     out = tmp_path / "expander"
     metrics = train_expander(cfg, _recaptioned(tmp_path / "rec", captions), out, progress=False)
     assert metrics["skipped_captions"] == {"truncated": 1}

@@ -16,12 +16,12 @@ from PIL import Image
 
 import models.expansion.model as expansion_model
 from models.diffusion.text_to_image import load_text_to_image
-from models.expansion.train import ExpanderConfig, train_expander
+from models.expansion.train import train_expander
 from models.expansion.upsample import Drawn
 from models.registry.model_registry import register_text_to_image
 from models.serving.generate import main, text_to_images
 from tests.models.diffusion.test_diffusers_export import _recapflow_export
-from tests.models.expansion.test_expansion import CAPTION, _recaptioned
+from tests.models.expansion.test_expansion import CAPTION, _recaptioned, tiny_expander_config
 
 QUERY = "a red circle"
 FAITHFUL = "A large red circle in the top left, on a white background."
@@ -39,17 +39,7 @@ def exported(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expander_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("expander")
-    cfg = ExpanderConfig.from_dict(
-        {
-            "lm": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300},
-            "max_steps": 2,
-            "batch_size": 8,
-            "warmup_steps": 1,
-            "expansions": 1,
-            "candidates": 1,
-            "eval_queries": 1,
-        }
-    )
+    cfg = tiny_expander_config(max_steps=2, expansions=1, candidates=1, eval_queries=1)
     out = tmp / "prompt_expander"
     train_expander(cfg, _recaptioned(tmp / "rec", [CAPTION, FAITHFUL] * 10), out, progress=False)
     return out
