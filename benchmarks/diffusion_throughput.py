@@ -212,7 +212,9 @@ def measure(cfg, params, resolution, batch, args, device, precision, ceiling) ->
     latent = latent_shape(params, resolution)
     data = _data(max(args.samples, batch * 4), latent, cfg.text_encoder.context_length, width)
     build = lambda c=False: _module(cfg, latent, width, device, c)  # noqa: E731
-    flops = flops_per_image(build(), data, min(batch, 64), device, precision)
+    first = build()
+    n_params = sum(x.numel() for x in first.unet.parameters())
+    flops = flops_per_image(first, data, min(batch, 64), device, precision)
     plain, light = [], []
     for _ in range(args.repeats):
         plain.append(plain_rate(build(), data, batch, args, device, precision))
@@ -225,7 +227,7 @@ def measure(cfg, params, resolution, batch, args, device, precision, ceiling) ->
         "resolution": resolution,
         "latent": list(latent),
         "batch": batch,
-        "unet_params_M": round(sum(x.numel() for x in build().unet.parameters()) / 1e6, 3),
+        "unet_params_M": round(n_params / 1e6, 3),
         "gflops_per_image": round(flops / 1e9, 3),
         "plain_images_per_s": [round(x, 1) for x in plain],
         "lightning_images_per_s": [round(x, 1) for x in light],

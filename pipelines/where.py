@@ -93,19 +93,24 @@ def _clock(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+def _json(path: Path) -> dict | None:
+    """A stage's JSON output, or None when the stage has not written it yet."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def summary(root: Path) -> str:
     tracking = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     lines = ["", "recapflow: lineage materialized"]
     manifest = root / "data" / "raw" / "manifest.json"
-    if manifest.exists():
-        counts = json.loads(manifest.read_text(encoding="utf-8"))["counts"]
+    if raw := _json(manifest):
+        counts = raw["counts"]
         lines.append(
             f"  raw alt-text dataset  {manifest.parent}"
             f"  ({counts['kept']} kept, {counts['rejected']} rejected)"
         )
     metrics = root / "data" / "captioner" / "metrics.json"
-    if metrics.exists():
-        q = json.loads(metrics.read_text(encoding="utf-8"))["quality"]
+    if captioner := _json(metrics):
+        q = captioner["quality"]
         dsc, alt = q["descriptive_caption"], q["alt_text"]
         lines.append(
             f"  captioner             {metrics.parent}  (held-out DSC object/colour recall "
@@ -118,16 +123,14 @@ def summary(root: Path) -> str:
         n = len(list(recaptioned.glob("*.parquet")))
         lines.append(f"  recaptioned dataset   {recaptioned}  ({n} shards)")
     sampler = root / "data" / "mixed_sampler" / "sampler.json"
-    if sampler.exists():
-        info = json.loads(sampler.read_text(encoding="utf-8"))
+    if info := _json(sampler):
         ratio = sum(e["synthetic_ratio"] for e in info["epochs"]) / len(info["epochs"])
         lines.append(
             f"  mixed sampler         {sampler.parent}  ({info['config']['caption_kind']}, "
             f"ratio {info['config']['synthetic_ratio']} configured, {ratio:.4f} realized)"
         )
     model = root / "data" / "diffusion_model" / "metrics.json"
-    if model.exists():
-        m = json.loads(model.read_text(encoding="utf-8"))
+    if m := _json(model):
         lines.append(
             f"  diffusion model       {model.parent}  ({m['steps']} steps; single-object colour "
             f"following {m['colour_following']:.3f} vs chance {m['colour_following_chance']:.3f}; "
@@ -137,22 +140,21 @@ def summary(root: Path) -> str:
             "  registered model      models:/recapflow-text-to-image@challenger (MLflow registry)"
         )
     judge = root / "data" / "world_judge" / "metrics.json"
-    if judge.exists():
-        acc = json.loads(judge.read_text(encoding="utf-8"))["accuracy"]
+    if judged := _json(judge):
+        acc = judged["accuracy"]
         lines.append(
             f"  world judge           {judge.parent}  (held-out accuracy, lowest kind "
             f"{min(acc.values()):.3f})"
         )
     report = root / "data" / "eval_report" / "metrics.json"
-    if report.exists():
-        m = json.loads(report.read_text(encoding="utf-8"))
+    if m := _json(report):
         scores = ", ".join(
             f"{form} prompts {f['prompt_following']['overall']:.3f} (CLIP score "
             f"{f['clip_score']:.1f})"
             for form, f in m["forms"].items()
         )
         gate = report.parent / "gate.json"
-        promoted = gate.exists() and json.loads(gate.read_text(encoding="utf-8"))["promote"]
+        promoted = bool((_json(gate) or {}).get("promote"))
         lines.append(f"  eval report           {report.parent / 'index.html'}")
         lines.append(f"                        prompt following: {scores}")
         lines.append(
@@ -160,8 +162,8 @@ def summary(root: Path) -> str:
             + ("promoted to champion" if promoted else f"not promoted (see {gate})")
         )
     expander = root / "data" / "prompt_expander" / "metrics.json"
-    if expander.exists():
-        suite = json.loads(expander.read_text(encoding="utf-8"))["suite_short"]
+    if expanded := _json(expander):
+        suite = expanded["suite_short"]
         lines.append(
             f"  prompt expander       {expander.parent}  (suite short prompts: "
             f"{suite['unfaithful']:.3f} of expansions drop or contradict a claim as sampled)"
