@@ -99,10 +99,15 @@ bench: install
 retrain: install
 	$(VENV)/bin/dagster job execute -m pipelines.definitions -j retrain --tags "$$($(PY) -m pipelines.where --retrain-tags)"
 
-# The caption ablation (pipelines/ablation.py) on the materialized lineage of `make run`;
-# its defaults are the reduced CPU version of docs/ablation.md.
+# The caption ablation (pipelines/ablation.py, docs/ablation.md) on the materialized
+# lineage of `make run`: 15 runs of the default length. Finished runs are recorded in
+# metrics/ablation/runs/ and reused, so a stopped study resumes. ABLATION_CONFIG: a run
+# config for another study (e.g. configs/sweep-blend.yaml).
+ABLATION_CONFIG ?=
 ablation: install
-	$(VENV)/bin/dagster job execute -m pipelines.definitions -j caption_ablation
+	$(PY) -m pipelines.slots
+	$(VENV)/bin/dagster job execute -m pipelines.definitions -j caption_ablation \
+		$(if $(ABLATION_CONFIG),-c $(ABLATION_CONFIG))
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

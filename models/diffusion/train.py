@@ -44,6 +44,7 @@ from corpus.atomic import replace_dir, write_atomic, write_text_atomic
 from corpus.caption_mix import read_manifest, read_sampler
 from corpus.config import ConfigError, build_config
 from corpus.params import flatten, json_digest, load_section
+from corpus.prompt_suite import FORMS, judge_prompt, load_suite
 from models.common.data import load_images
 from models.common.optimizer_steps import OptimizerStepCallback
 from models.common.pipes_report import Reporter, open_reporter
@@ -100,6 +101,11 @@ class TrainEvalConfig:
     # A reference CLIP folder (the reference_clip asset): each point of the curve then
     # also has the CLIP score of its samples against their prompts (the report's Fig. 4/5).
     reference_clip: str | None = None
+    # A world judge folder: each point of the curve then also has all-conditions prompt
+    # following on the suite's first `suite_prompts` prompts of each category, one image
+    # per prompt and form (what the eval report measures, on fewer prompts).
+    judge: str | None = None
+    suite_prompts: int = 2
 
 
 @dataclass(frozen=True)
@@ -393,17 +399,16 @@ class TrainContext:
     curve_file: Path
     curve: list[dict] = field(default_factory=list)
     reference_clip: Any = None  # models.evaluation.reference_clip.ReferenceClip
+    judge: Any = None  # models.evaluation.world_judge.WorldJudge
     text_probes: dict | None = None
 
-    def evaluate(self, module: LatentDiffusion, step: int, n_prompts: int) -> dict:
+    def _sample(self, module: LatentDiffusion, texts: list[str]) -> torch.Tensor:
         e = self.cfg.eval
-        unet = module.ema_unet()
-        prompts = colour_prompts(n_prompts, self.style)
-        images = generate(
-            unet,
+        return generate(
+            module.ema_unet(),
             self.vae.to(module.device),
             self.text_encoder.to(module.device),
-            [p.text for p in prompts],
+            texts,
             self.cfg.diffusion,
             seed=self.cfg.seed,
             steps=e.steps,
@@ -413,13 +418,43 @@ class TrainContext:
             clip_sample=e.clip_sample,
             guidance_min_t=e.guidance_min_t,
         )
+
+    def _all_conditions(self, module: LatentDiffusion) -> dict[str, float]:
+        """all_conditions/<form>: the share of the suite's first prompts per category whose
+        one image passes every condition, averaged over categories."""
+        taken: dict[str, int] = {}
+        prompts = []
+        for p in load_suite():
+            if taken.get(p.category, 0) < self.cfg.eval.suite_prompts:
+                prompts.append(p)
+                taken[p.category] = taken.get(p.category, 0) + 1
+        out = {}
+        for form in FORMS:
+            scenes = self.judge.predict(self._sample(module, [p.text(form) for p in prompts]))
+            passed: dict[str, list[bool]] = {}
+            for p, scene in zip(prompts, scenes, strict=True):
+                passed.setdefault(p.category, []).append(judge_prompt(p, scene)["passed"])
+            out[f"all_conditions/{form}"] = float(np.mean([np.mean(v) for v in passed.values()]))
+        return out
+
+    def evaluate(self, module: LatentDiffusion, step: int, n_prompts: int) -> dict:
+        e = self.cfg.eval
+        prompts = colour_prompts(n_prompts, self.style)
+        images = self._sample(module, [p.text for p in prompts])
         score = score_colours(images, prompts)
         if self.reference_clip is not None:
             texts = [p.text for p in prompts]
             score["clip_score"] = float(self.reference_clip.score(images, texts).mean())
+        if self.judge is not None:
+            score.update(self._all_conditions(module))
         # One point per step: a resumed run re-evaluates steps after its checkpoint, and
         # the final evaluation (more prompts) replaces the periodic one at the last step.
-        keys = ("colour_following", "no_object", "clip_score")
+        keys = (
+            "colour_following",
+            "no_object",
+            "clip_score",
+            *(f"all_conditions/{f}" for f in FORMS),
+        )
         point = {"step": step, **{k: score[k] for k in keys if k in score}}
         self.curve = sorted(
             [c for c in self.curve if c["step"] != step] + [point], key=lambda c: c["step"]
@@ -690,6 +725,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         from models.evaluation.reference_clip import load_reference_clip
 
         ctx.reference_clip = load_reference_clip(Path(cfg.eval.reference_clip))
+    if cfg.eval.judge:
+        from models.evaluation.world_judge import load_judge
+
+        ctx.judge = load_judge(Path(cfg.eval.judge))
     if ctx.curve_file.exists():
         ctx.curve = json.loads(ctx.curve_file.read_text())
     ckpts = StepCheckpoint(work / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)

@@ -283,27 +283,35 @@ def promoted(lineage, evaluated):
 
 @pytest.fixture(scope="module")
 def ablation(lineage, promoted):
-    """The caption ablation, quick: two variants, same steps and seeds."""
+    """The caption ablation, quick: two variants, two seeds each, same steps; then the
+    same study again, which trains nothing (every run's record is reused)."""
     job = dg.Definitions(jobs=[caption_ablation], resources=lineage.resources).get_job_def(
         "caption_ablation"
     )
-    config = {"variants": ["alt_text", "descriptive_95"], "max_steps": 4, "eval_every": 2,
-              "eval_prompts": 8, "prompts_per_category": 1, "images_per_prompt": 1}  # fmt: skip
-    res = job.execute_in_process(
-        run_config={"ops": {"ablation_variants": {"config": config}}}, instance=lineage.instance
-    )
+    config = {"variants": ["alt_text", "descriptive_95"], "seeds": 2, "max_steps": 4,
+              "eval_every": 2, "eval_prompts": 8, "suite_prompts": 1, "prompts_per_category": 1,
+              "images_per_prompt": 1, "encoder_pairs": 300, "n_boot": 200}  # fmt: skip
+    run_config = {"ops": {"ablation_variants": {"config": config}}}
+    res = job.execute_in_process(run_config=run_config, instance=lineage.instance)
     out = lineage.project_dir / "data" / "ablation"
     summary = json.loads((out / "summary.json").read_text())
+    metrics = json.loads((lineage.project_dir / "metrics" / "ablation.json").read_text())
+    records = sorted((lineage.project_dir / "metrics" / "ablation" / "runs").glob("*.json"))
     client = lineage.client
-    children = [client.get_run(r["run_id"]) for r in summary]
+    children = [client.get_run(i) for v in summary["variants"] for i in v["run_ids"]]
     parent_id = children[0].data.tags["mlflow.parentRunId"]
+    again = job.execute_in_process(run_config=run_config, instance=lineage.instance)
     return SimpleNamespace(
         res=res,
         summary=summary,
+        metrics=metrics,
+        records=[json.loads(r.read_text()) for r in records],
         table=(out / "summary.md").read_text(),
         children=children,
         parent_id=parent_id,
         parent=client.get_run(parent_id),
+        again=again.output_for_node("compare_variants"),
+        again_metrics=json.loads((lineage.project_dir / "metrics" / "ablation.json").read_text()),
     )
 
 
@@ -574,25 +582,48 @@ def test_the_rebuild_tag_builds_an_unchanged_step_again(retrained):
 # --- the caption ablation -------------------------------------------------------------------
 
 
-def test_caption_ablation_trains_each_variant_for_the_same_steps(ablation):
+def test_caption_ablation_trains_each_variant_and_seed_for_the_same_steps(ablation):
     assert ablation.res.success
-    summary = ablation.summary
-    assert [r["name"] for r in summary] == ["alt_text", "descriptive_95"]
-    assert summary[0]["realized_ratio"] == 0.0 and summary[1]["realized_ratio"] > 0.5
-    assert all(r["steps"] == 4 and [c["step"] for c in r["curve"]] == [2, 4] for r in summary)
-    assert all("clip_score" in c for r in summary for c in r["curve"])
+    variants = ablation.summary["variants"]
+    assert [v["name"] for v in variants] == ["alt_text", "descriptive_95"]
+    assert [v["seeds"] for v in variants] == [[0, 1], [0, 1]]
+    assert variants[0]["realized_ratio"] == 0.0 and variants[1]["realized_ratio"] > 0.5
+    assert [(r["name"], r["seed"]) for r in ablation.records] == [
+        ("alt_text", 0), ("alt_text", 1), ("descriptive_95", 0), ("descriptive_95", 1)
+    ]  # fmt: skip
+    for r in ablation.records:
+        assert r["steps"] == 4 and [c["step"] for c in r["curve"]] == [2, 4]
+        assert {"clip_score", "all_conditions/short", "all_conditions/descriptive"} <= set(
+            r["curve"][-1]
+        )
 
 
-def test_caption_ablation_compares_the_variants_in_a_table(ablation):
+def test_caption_ablation_shares_one_text_encoder_across_variants(ablation):
+    assert len({r["encoder_digest"] for r in ablation.records}) == 1
+
+
+def test_caption_ablation_reports_differences_with_intervals(ablation):
+    variants = ablation.metrics["variants"]
+    for form in ("short", "descriptive"):
+        m = variants["descriptive_95"][form]
+        assert m["low"] <= m["mean"] <= m["high"] and len(m["per_seed"]) == 2
+    diffs = {(d["a"], d["b"], d["form"]) for d in ablation.metrics["differences"]}
+    assert diffs == {("descriptive_95", "alt_text", f) for f in ("short", "descriptive")}
     table = ablation.table
-    assert "| alt_text | 0.00" in table and "| descriptive_95 | 0.95 descriptive" in table
+    assert "| alt_text | 0.00" in table and "| descriptive_95 - alt_text | short |" in table
 
 
 def test_caption_ablation_runs_are_children_of_one_finished_parent(ablation):
-    assert ablation.children[1].data.tags["mlflow.parentRunId"] == ablation.parent_id
-    assert "descriptive_95/descriptive/overall" in ablation.parent.data.metrics
+    assert len(ablation.children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == ablation.parent_id for c in ablation.children)
+    assert "descriptive_95/descriptive/all_conditions" in ablation.parent.data.metrics
     statuses = {r.info.status for r in (ablation.parent, *ablation.children)}
     assert statuses == {"FINISHED"}
+
+
+def test_caption_ablation_run_again_reuses_every_finished_run(ablation):
+    assert ablation.again["runs"] == 4 and ablation.again_metrics["reused_runs"] == 4
+    assert ablation.again_metrics["variants"] == ablation.metrics["variants"]
 
 
 # --- the UI -----------------------------------------------------------------------------------
