@@ -291,21 +291,19 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, run: dict, encode
     tags = {"mlflow.parentRunId": run["parent_run_id"], "ablation.variant": name,
             "ablation.seed": str(seed), "ablation.key": key}  # fmt: skip
     old = json.loads(record_file.read_text()) if record_file.exists() else None
-    if old and old["key"] == key:
-        child = client.create_run(
-            exp.experiment_id,
-            run_name=f"ablation/{name}/seed{seed}",
-            tags={**tags, "ablation.reused_from": old["run_id"]},
-        ).info.run_id
-        _log_record(client, child, old)
-        client.set_terminated(child)
-        context.log.info(f"{name} seed {seed}: reused {record_file} (key {key})")
-        return {**old, "reused": True}
+    reused = bool(old and old["key"] == key)
+    if reused:
+        tags["ablation.reused_from"] = old["run_id"]
     child = client.create_run(
         exp.experiment_id, run_name=f"ablation/{name}/seed{seed}", tags=tags
     ).info.run_id
     for k, v in {"synthetic_ratio": ratio, "caption_kind": kind, "seed": seed}.items():
         client.log_param(child, f"ablation.{k}", v)
+    if reused:
+        _log_record(client, child, old)
+        client.set_terminated(child)
+        context.log.info(f"{name} seed {seed}: reused {record_file} (key {key})")
+        return {**old, "reused": True}
     try:
         train["mlflow_run_id"] = child
         context.resources.launcher.run(
