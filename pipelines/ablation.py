@@ -153,11 +153,11 @@ def ablation_variants(context: dg.OpExecutionContext, config: AblationConfig):
     context.log.info(f"parent MLflow run {parent}; runs per variant {seeds}")
     plan = {"parent_run_id": parent, "config": config.model_dump(), "seeds": seeds}
     yield dg.Output(plan, "plan")
-    for seed in range(max(seeds.values())):
-        for name in config.variants:
-            if seed < seeds[name]:
-                key = f"s{seed}_" + name.replace("@", "_").replace(".", "_")
-                yield dg.DynamicOutput({**plan, "name": name, "seed": seed}, key, "runs")
+    order = [(s, n) for s in range(max(seeds.values())) for n in config.variants if s < seeds[n]]
+    for i, (seed, name) in enumerate(order):
+        # Dagster starts ready steps in the order of their mapping keys, as strings.
+        key = f"r{i:02d}_s{seed}_" + name.replace("@", "_").replace(".", "_")
+        yield dg.DynamicOutput({**plan, "name": name, "seed": seed}, key, "runs")
 
 
 @dg.op(pool="gpu", required_resource_keys={"project", "mlflow"})
