@@ -82,8 +82,8 @@ def test_sweep_variants_are_named_blends_and_bad_ones_are_refused():
 
     from pipelines.ablation import parse_variant
 
-    assert parse_variant("short_95") == (0.95, "short")
-    assert parse_variant("descriptive@0.8") == (0.8, "descriptive")
+    assert parse_variant("short_95") == (0.95, "short", 3)  # (ratio, kind, seeds)
+    assert parse_variant("descriptive@0.8") == (0.8, "descriptive", 2)
     for bad in ("long@0.5", "short@1.5", "short@x", "nope"):
         with pytest.raises(ValueError, match="unknown ablation variant"):
             parse_variant(bad)
