@@ -31,7 +31,7 @@ from assets.diffusion_model import checked_training_config, training_config
 from assets.eval_report import eval_params
 from corpus.atomic import write_text_atomic
 from corpus.caption_mix import MixConfig, build_mixed_sampler
-from corpus.params import RawDatasetParams
+from corpus.params import RawDatasetParams, json_digest
 from models.diffusion.shared_text_encoder import build_shared_text_encoder, weights_digest
 from models.diffusion.text_encoder import TextEncoderConfig
 from models.evaluation.ablation_report import ablation_tables, compare, plot_curves
@@ -96,10 +96,6 @@ class AblationConfig(dg.Config):
     n_boot: int = 2000
     # More diffusion_model settings for every run (e.g. unet).
     overrides: dict = {}  # noqa: RUF012
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _files_digest(root: Path, paths: list[str]) -> str:
@@ -242,7 +238,7 @@ def run_key(project, run: dict, train: dict, evaluation: dict, encoder: dict, sa
     }
     dropped = paths | {"judge", "reference_clip", "suite", "mlflow_tracking_uri"}
     scoring = {k: v for k, v in evaluation.items() if k not in dropped}
-    return _digest(
+    return json_digest(
         {
             "name": run["name"],
             "seed": run["seed"],
@@ -253,7 +249,8 @@ def run_key(project, run: dict, train: dict, evaluation: dict, encoder: dict, sa
             "autoencoder": _weights(project.data_path("autoencoder")),
             "judge": _weights(project.data_path("world_judge")),
             "reference_clip": _weights(project.data_path("reference_clip")),
-        }
+        },
+        length=16,
     )
 
 
@@ -317,10 +314,8 @@ def train_and_evaluate_variant(context: dg.OpExecutionContext, run: dict, encode
         raise
     model = json.loads((run_dir / "model" / "metrics.json").read_text())
     per_prompt = json.loads((run_dir / "eval" / "per_prompt.json").read_text())["by_form"]
-    categories = {
-        json.loads(line)["prompt_id"]: json.loads(line)["category"]
-        for line in (run_dir / "eval" / "per_image.jsonl").read_text().splitlines()
-    }
+    images = map(json.loads, (run_dir / "eval" / "per_image.jsonl").read_text().splitlines())
+    categories = {i["prompt_id"]: i["category"] for i in images}
     forms = report["forms"]
     record = {
         "key": key,
