@@ -12,6 +12,7 @@ from assets import captioner as captioner_mod
 from assets import diffusion_model as diffusion_mod
 from assets import eval_report as eval_mod
 from assets import evaluators as evaluators_mod
+from assets import feedback as feedback_mod
 from assets import mixed_sampler as sampler_mod
 from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
@@ -56,6 +57,7 @@ ASSET_MODULES = [
     evaluators_mod,
     eval_mod,
     expander_mod,
+    feedback_mod,
 ]
 
 defs = dg.Definitions(

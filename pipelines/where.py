@@ -45,6 +45,8 @@ LINEAGE = (
     "diffusion_model",
     "eval_report",
     "prompt_expander",
+    "feedback_pool",
+    "preference_model",
 )
 
 
@@ -167,6 +169,15 @@ def summary(root: Path) -> str:
         lines.append(
             f"  prompt expander       {expander.parent}  (suite short prompts: "
             f"{suite['unfaithful']:.3f} of expansions drop or contradict a claim as sampled)"
+        )
+    preference = root / "data" / "preference_model" / "metrics.json"
+    if pm := _json(preference):
+        test = pm["preference_model"]["test"]
+        base = pm["clip_score_baseline"]["test"]["agreement"]
+        lines.append(
+            f"  preference model      {preference.parent}  (agrees with annotators on "
+            f"{test['agreement']:.3f} of held-out pairs; ceiling {test['ceiling']:.3f}, "
+            f"CLIP score {base:.3f})"
         )
     lines += [
         '  draw prompts          make generate PROMPT="a red star" EXPAND=4  -> generated/grid.png',

@@ -97,6 +97,14 @@ TINY_STAGE_PARAMS = {
         "candidates": 2,
         "eval_queries": 2,
     },
+    "feedback_pool": {
+        "guidance_scales": [1.0, 3.0],
+        "images_per_generator": 2,
+        "prompts_per_category": 2,
+        "sampling_steps": 2,
+        "test_share": 0.4,
+    },
+    "preference_model": {"max_steps": 2, "batch_size": 8, "warmup_steps": 1, "ablation_steps": 1},
     "eval_report": {
         "images_per_prompt": 2,
         "prompts_per_category": 1,

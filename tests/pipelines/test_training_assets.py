@@ -29,12 +29,14 @@ from assets import captioner as captioner_mod
 from assets import diffusion_model as diffusion_mod
 from assets import eval_report as eval_mod
 from assets import evaluators as evaluators_mod
+from assets import feedback as feedback_mod
 from assets import mixed_sampler as sampler_mod
 from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
 from models.expansion.model import expand, load_expander
+from models.feedback.pool import load_pool
 from models.serving.generate import main as generate_command
 from pipelines import stale
 from pipelines.ablation import caption_ablation
@@ -60,6 +62,10 @@ ASSETS = [
     eval_mod.not_worse_than_champion,
     expander_mod.prompt_expander,
     expander_mod.prompt_expander_faithful,
+    feedback_mod.feedback_pool,
+    feedback_mod.feedback_pool_annotators_calibrated,
+    feedback_mod.preference_model,
+    feedback_mod.preference_model_near_ceiling,
 ]
 
 
@@ -261,6 +267,28 @@ def expanded(lineage, upstream):
         res=res,
         md=res.asset_materializations_for_node("prompt_expander")[0].metadata,
         folder=lineage.project_dir / "data" / "prompt_expander",
+    )
+
+
+@pytest.fixture(scope="module")
+def feedback(lineage, evaluated):
+    """feedback_pool from the trained model (EMA and raw weights, two guidance scales) and
+    preference_model on its pairs; then the pool again, which draws nothing."""
+    res = _materialize(lineage, ["feedback_pool", "preference_model"])
+    pool_dir = lineage.project_dir / "data" / "feedback_pool"
+    summary = json.loads((pool_dir / "pool.json").read_text())
+    again = _materialize(lineage, ["feedback_pool"], tags={REBUILD_TAG: "feedback_pool"})
+    return SimpleNamespace(
+        res=res,
+        summary=summary,
+        pairs=[json.loads(x) for x in (pool_dir / "pairs.jsonl").read_text().splitlines()],
+        checks={c.check_name: c for c in res.get_asset_check_evaluations()},
+        pool_md=res.asset_materializations_for_node("feedback_pool")[0].metadata,
+        md=res.asset_materializations_for_node("preference_model")[0].metadata,
+        metrics=json.loads(
+            (lineage.project_dir / "data" / "preference_model" / "metrics.json").read_text()
+        ),
+        again=again.asset_materializations_for_node("feedback_pool")[0].metadata,
     )
 
 
@@ -522,6 +550,51 @@ def test_prompt_expander_reports_its_faithfulness_and_a_check_says_why_it_fails(
     assert "suite_short_unfaithful" in run.data.metrics
     model, tok = load_expander(expanded.folder)
     assert len(expand(model, tok, ["a red circle"], n=2, max_new_tokens=4)[0]) == 2
+
+
+def test_the_feedback_pool_draws_every_prompt_from_every_generator(lineage, feedback):
+    s = feedback.summary
+    gens = ["default/ema/g1", "default/ema/g3", "default/raw/g1", "default/raw/g3"]
+    assert s["generators"] == gens
+    assert s["held_out"] == ["default/ema/g1", "default/raw/g1"]
+    assert s["images"] == s["prompts"] * len(gens) * 2  # 2 images per generator
+    per_prompt = len(gens) * 2
+    assert s["pairs"] == s["prompts"] * per_prompt * (per_prompt - 1) // 2
+    # annotators calibrated to HPD v2's agreement, the ceiling above it, and the check says so
+    assert s["annotator_agreement"] == pytest.approx(0.781, abs=1e-3)
+    assert feedback.checks["feedback_pool_annotators_calibrated"].passed
+    # raw weights draw other images than the EMA ones: four generators, not two
+    assert "| default/raw/g3 |" in feedback.pool_md["generators"].value
+    assert "data:image/png;base64," in feedback.pool_md["examples"].value
+    # a pair joins images of one prompt, and is held out when it touches a held-out generator
+    pool = load_pool(lineage.project_dir / "data" / "feedback_pool")
+    for pair in feedback.pairs:
+        a, b = pool.labels[pair["a"]], pool.labels[pair["b"]]
+        assert a["prompt"] == b["prompt"] == pair["prompt"]
+        assert pair["held_out"] == (a["generator"].endswith("g1") or b["generator"].endswith("g1"))
+
+
+def test_a_second_pool_build_draws_nothing_again(feedback):
+    assert feedback.again["reused_generators"].value == 4
+
+
+def test_the_preference_model_is_measured_against_the_ceiling_and_clip_score(feedback):
+    m = feedback.metrics
+    test = m["preference_model"]["test"]
+    assert test["pairs"] > 0 and 0.5 <= test["ceiling"] <= 1
+    assert 0 <= test["agreement"] <= 1
+    assert set(m["ablations"]) == {
+        "without_alignment",
+        "without_plausibility",
+        "without_composition",
+    }
+    assert m["best_of_n"]["n"] == 2
+    assert "| test |" in feedback.md["measures"].value
+    assert "| default/" in feedback.md["generators_ranked"].value
+    assert "| preference model | all_conditions |" in feedback.md["best_of_n"].value
+    # trained 2 steps: far from the ceiling; the check fails and says by how much
+    check = feedback.checks["preference_model_near_ceiling"]
+    assert "ceiling" in check.description
 
 
 def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):

@@ -1,0 +1,2 @@
+"""Human-preference feedback: the pool, simulated annotators, preference and
+rich-feedback models."""
