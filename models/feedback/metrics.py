@@ -55,22 +55,22 @@ def ranking_agreement(scores: np.ndarray, truth: np.ndarray, prompt_of: np.ndarr
     return float(np.mean([inversion_score(scores[g], truth[g]) for g in _groups(prompt_of)]))
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
+def ranks(x: np.ndarray) -> np.ndarray:
     """Ranks from 1, ties given their average rank."""
     order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
     for v in np.unique(x):
         tied = x == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+        r[tied] = r[tied].mean()
+    return r
 
 
 def spearman(scores: np.ndarray, truth: np.ndarray, prompt_of: np.ndarray) -> float:
     """Mean within-prompt Spearman rho (prompts whose truth is all equal are skipped)."""
     scores, truth = np.asarray(scores), np.asarray(truth)
     rhos = [
-        np.corrcoef(_ranks(scores[g]), _ranks(truth[g]))[0, 1]
+        np.corrcoef(ranks(scores[g]), ranks(truth[g]))[0, 1]
         for g in _groups(prompt_of)
         if np.ptp(truth[g]) > 0 and np.ptp(scores[g]) > 0
     ]
