@@ -1,11 +1,12 @@
-"""Assets `feedback_pool` and `preference_model`: human preference, HPS v2 style, with a
-known truth (models/feedback/).
+"""Assets `feedback_pool`, `preference_model` and `rich_feedback_model`: human feedback,
+HPS v2 and RAHF style, with a known truth (models/feedback/).
 
 `feedback_pool` draws the same prompts from several generators (the trained model's EMA
 and raw weights at several guidance scales), labels every image exactly from the world
 and lets simulated annotators choose within pairs. `preference_model` fine-tunes a
 CLIP-style scorer on those choices and measures it against the exact ceiling, a
-CLIP-score-only baseline, held-out generators and best-of-N sampling."""
+CLIP-score-only baseline, held-out generators and best-of-N sampling.
+`rich_feedback_model` learns where an image is wrong and which words it missed."""
 
 import json
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from corpus.preview import caption_grid
 from models.feedback.build_pool import build_pool
 from models.feedback.pool import PoolConfig, load_pool
 from models.feedback.preference import PreferenceConfig, train_preference
+from models.feedback.rich_train import RichConfig, train_rich_feedback
 
 POOL, PREFERENCE = "feedback_pool", "preference_model"
 
@@ -271,4 +273,104 @@ def preference_model_near_ceiling(context: dg.AssetCheckExecutionContext) -> dg.
             f"agreement {test['agreement']:.3f}, ceiling {test['ceiling']:.3f} (gap {gap:.3f}, "
             f"allowed {max_gap}), CLIP score {base['agreement']:.3f}"
         ),
+    )
+
+
+RICH = "rich_feedback_model"
+
+
+def rich_table(metrics: dict) -> dg.MetadataValue:
+    """RAHF's table: recapflow's model on exact truth beside the reproduction's numbers on
+    RichHF-18K (a different world and model: shown for scale, not compared)."""
+    test, rep = metrics["test"], metrics["reproduction"]
+    lines = ["| measure | recapflow (test) | RAHF reproduction |", "|---|---:|---:|"]
+    for score, m in test["scores"].items():
+        theirs = rep["plcc"].get("aesthetics" if score == "composition" else score)
+        lines.append(
+            f"| {score} PLCC / SRCC | {m['plcc']:.3f} / {m['srcc']:.3f} | "
+            + (f"{theirs:.3f} |" if theirs is not None else "- |")
+        )
+    for name in ("implausibility", "misalignment"):
+        h = test[name]
+        for k in ("cc", "kld", "nss", "auc_judd"):
+            theirs = rep["implausibility"][k] if name == "implausibility" else None
+            mine = f"{h[k]:.3f}" if h.get("images") else "-"
+            lines.append(
+                f"| {name} {k} | {mine} | " + (f"{theirs:.3f} |" if theirs is not None else "- |")
+            )
+    kw = test["keywords"]
+    lines.append(
+        f"| keywords P / R / F1 | {kw['precision']:.3f} / {kw['recall']:.3f} / {kw['f1']:.3f} | "
+        f"F1 {rep['keywords']['f1']:.2f} |"
+    )
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def by_kind_table(metrics: dict) -> dg.MetadataValue:
+    lines = [
+        "| kind | examples | overall PLCC | implausibility CC | misalignment CC | keyword F1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, m in metrics["by_kind"].items():
+        cells = [
+            f"{m['scores']['overall']['plcc']:.3f}",
+            f"{m['implausibility']['cc']:.3f}" if m["implausibility"].get("images") else "-",
+            f"{m['misalignment']['cc']:.3f}" if m["misalignment"].get("images") else "-",
+            f"{m['keywords']['f1']:.3f}",
+        ]
+        lines.append(f"| {kind} | {m['examples']} | " + " | ".join(cells) + " |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+@dg.asset(
+    name=RICH,
+    deps=[POOL, "reference_clip"],
+    group_name="feedback",
+    kinds={"pytorch", "mlflow", "dvc"},
+    pool="gpu",
+    required_resource_keys={"project", "dvc", "mlflow"},
+    description="RAHF-style rich feedback: implausibility and misalignment maps, four "
+    "scores and misaligned words, from exact labels (models/feedback/rich_train.py).",
+)
+def rich_feedback_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return build_or_reuse(context, RICH, lambda: _build_rich(context))
+
+
+def _build_rich(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    project, dvc, mlflow_res = (
+        context.resources.project,
+        context.resources.dvc,
+        context.resources.mlflow,
+    )
+    cfg = RichConfig.from_dict(project.params(RICH))
+    out = project.data_path(RICH)
+    with mlflow_res.start_run(RICH, tags={"dagster_run_id": context.run.run_id}) as run:
+        mlflow.log_params(flatten(asdict(cfg)))
+        logger = MLFlowLogger(
+            tracking_uri=mlflow_res.tracking_uri,
+            experiment_name=mlflow_res.experiment,
+            run_id=run.info.run_id,
+        )
+        metrics = train_rich_feedback(
+            cfg, project.data_path(POOL), project.data_path("reference_clip"), out, logger
+        )
+        mlflow.log_dict(metrics, "rich_feedback_metrics.json")
+        mlflow.log_artifact(str(out / "overlays.png"))
+        run_meta = mlflow_res.run_metadata(run)
+    dvc_hash = dvc.commit(RICH)[f"data/{RICH}"]
+    grid = Image.open(out / "overlays.png")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "dvc_md5": dvc_hash,
+            "examples": dg.MetadataValue.json(metrics["examples"]),
+            "rich_feedback": rich_table(metrics),
+            "by_kind": by_kind_table(metrics),
+            "overlays": preview_metadata(
+                grid, "test examples: predicted implausibility (red), misalignment (blue)"
+            ),
+            "train_seconds": metrics["seconds"],
+            **run_meta,
+        },
+        data_version=dg.DataVersion(dvc_hash),
     )

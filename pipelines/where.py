@@ -47,6 +47,7 @@ LINEAGE = (
     "prompt_expander",
     "feedback_pool",
     "preference_model",
+    "rich_feedback_model",
 )
 
 

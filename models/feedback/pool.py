@@ -195,12 +195,16 @@ class Pool:
     labels: list[dict]
     texts: list[str]  # per image, its prompt's text
     pairs: dict[str, np.ndarray]  # a, b, prompt, p, choice, split, held_out columns
-    splits: list[str]  # per prompt
+    prompts: list[dict]  # prompts.json: per prompt, the suite prompt, its form, text, split
     tau: float  # the annotators' noise (pool.json)
     config: PoolConfig = field(default_factory=PoolConfig)
 
+    @property
+    def splits(self) -> list[str]:
+        return [r["split"] for r in self.prompts]
+
     def split_of(self, prompt: int) -> str:
-        return self.splits[prompt]
+        return self.prompts[prompt]["split"]
 
 
 def load_pool(path: Path) -> Pool:
@@ -216,4 +220,4 @@ def load_pool(path: Path) -> Pool:
     texts = [prompts[row["prompt"]]["text"] for row in labels]
     rows = [json.loads(line) for line in (path / "pairs.jsonl").read_text().splitlines()]
     pairs = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    return Pool(images, labels, texts, pairs, [r["split"] for r in prompts], summary["tau"], cfg)
+    return Pool(images, labels, texts, pairs, prompts, summary["tau"], cfg)

@@ -66,6 +66,7 @@ ASSETS = [
     feedback_mod.feedback_pool_annotators_calibrated,
     feedback_mod.preference_model,
     feedback_mod.preference_model_near_ceiling,
+    feedback_mod.rich_feedback_model,
 ]
 
 
@@ -274,7 +275,7 @@ def expanded(lineage, upstream):
 def feedback(lineage, evaluated):
     """feedback_pool from the trained model (EMA and raw weights, two guidance scales) and
     preference_model on its pairs; then the pool again, which draws nothing."""
-    res = _materialize(lineage, ["feedback_pool", "preference_model"])
+    res = _materialize(lineage, ["feedback_pool", "preference_model", "rich_feedback_model"])
     pool_dir = lineage.project_dir / "data" / "feedback_pool"
     summary = json.loads((pool_dir / "pool.json").read_text())
     again = _materialize(lineage, ["feedback_pool"], tags={REBUILD_TAG: "feedback_pool"})
@@ -289,6 +290,10 @@ def feedback(lineage, evaluated):
             (lineage.project_dir / "data" / "preference_model" / "metrics.json").read_text()
         ),
         again=again.asset_materializations_for_node("feedback_pool")[0].metadata,
+        rich_md=res.asset_materializations_for_node("rich_feedback_model")[0].metadata,
+        rich=json.loads(
+            (lineage.project_dir / "data" / "rich_feedback_model" / "metrics.json").read_text()
+        ),
     )
 
 
@@ -595,6 +600,19 @@ def test_the_preference_model_is_measured_against_the_ceiling_and_clip_score(fee
     # trained 2 steps: far from the ceiling; the check fails and says by how much
     check = feedback.checks["preference_model_near_ceiling"]
     assert "ceiling" in check.description
+
+
+def test_the_rich_feedback_model_is_measured_with_rahfs_metrics_per_kind(feedback):
+    m = feedback.rich
+    # every pool image, and one corruption per pool prompt
+    assert m["examples"]["generated"] == feedback.summary["images"]
+    assert sum(m["examples"].values()) == feedback.summary["images"] + feedback.summary["prompts"]
+    assert set(m["test"]["scores"]) == {"plausibility", "alignment", "composition", "overall"}
+    assert {"precision", "recall", "f1"} <= set(m["test"]["keywords"])
+    assert "generated" in m["by_kind"]
+    table = feedback.rich_md["rich_feedback"].value
+    assert "| implausibility auc_judd |" in table and "0.905" in table  # the reproduction's
+    assert "data:image/png;base64," in feedback.rich_md["overlays"].value
 
 
 def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):

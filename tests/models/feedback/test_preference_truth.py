@@ -163,8 +163,9 @@ def _fake_pool(scores_by_image, passed, splits=("test",)):
         for i in range(n)
     ]
     cfg = PoolConfig(images_per_generator=n)
+    prompts = [{"text": "p", "split": s} for s in splits]
     return Pool(
-        torch.zeros(n, 3, 4, 4, dtype=torch.uint8), labels, ["p"] * n, {}, list(splits), 1.0, cfg
+        torch.zeros(n, 3, 4, 4, dtype=torch.uint8), labels, ["p"] * n, {}, prompts, 1.0, cfg
     )
 
 
