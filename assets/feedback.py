@@ -322,9 +322,33 @@ def by_kind_table(metrics: dict) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def uses_table(uses: dict) -> dg.MetadataValue:
+    """Region repair and data selection, each against its random baseline."""
+    lines = ["| use | chosen by | result |", "|---|---|---|"]
+    if r := uses.get("repair"):
+        for who in ("predicted", "random"):
+            m = r[who]
+            lines.append(
+                f"| repair ({r['flagged_share']:.1%} of latents) | {who} | {m['fixed']} of "
+                f"{m['failed_before']} failed conditions fixed, {m['broken']} broken; all "
+                f"conditions {m['all_conditions_before']:.3f} -> {m['all_conditions_after']:.3f} |"
+            )
+    if s := uses.get("selection"):
+        for who in ("predicted_top", "random"):
+            m = s[who]
+            lines.append(
+                f"| fine-tune on {s['k']} of {s['candidates']} | {who} | chosen pass "
+                f"{m['chosen_all_conditions']:.3f}; all conditions {s['before']:.3f} -> "
+                f"{m['after']:.3f} |"
+            )
+    if len(lines) == 2:
+        lines.append("| - | - | not measured (repair_images and selection_candidates are 0) |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
 @dg.asset(
     name=RICH,
-    deps=[POOL, "reference_clip"],
+    deps=[POOL, "reference_clip", "world_judge", "diffusion_model"],
     group_name="feedback",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",
@@ -352,7 +376,13 @@ def _build_rich(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             run_id=run.info.run_id,
         )
         metrics = train_rich_feedback(
-            cfg, project.data_path(POOL), project.data_path("reference_clip"), out, logger
+            cfg,
+            project.data_path(POOL),
+            project.data_path("reference_clip"),
+            out,
+            logger,
+            judge_dir=project.data_path("world_judge"),
+            root=project.path,
         )
         mlflow.log_dict(metrics, "rich_feedback_metrics.json")
         mlflow.log_artifact(str(out / "overlays.png"))
@@ -366,6 +396,7 @@ def _build_rich(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "examples": dg.MetadataValue.json(metrics["examples"]),
             "rich_feedback": rich_table(metrics),
             "by_kind": by_kind_table(metrics),
+            "uses": uses_table(metrics.get("uses", {})),
             "overlays": preview_metadata(
                 grid, "test examples: predicted implausibility (red), misalignment (blue)"
             ),

@@ -105,7 +105,15 @@ TINY_STAGE_PARAMS = {
         "test_share": 0.4,
     },
     "preference_model": {"max_steps": 2, "batch_size": 8, "warmup_steps": 1, "ablation_steps": 1},
-    "rich_feedback_model": {"max_steps": 2, "batch_size": 4, "warmup_steps": 1},
+    "rich_feedback_model": {
+        "max_steps": 2,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "repair_images": 4,
+        "selection_candidates": 4,
+        "selection_k": 2,
+        "selection_steps": 1,
+    },
     "eval_report": {
         "images_per_prompt": 2,
         "prompts_per_category": 1,

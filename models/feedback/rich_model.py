@@ -58,7 +58,7 @@ class RichFeedbackNet(nn.Module):
         self.txt_proj = nn.Linear(txt_width, width)
         self.type_emb = nn.Parameter(torch.zeros(2, width))
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, batch_first=True)
-        self.joint = nn.TransformerEncoder(layer, layers)
+        self.joint = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         grid = self.image_size // clip.visual.patch_size[0]
         ups = []
         while grid < self.image_size:

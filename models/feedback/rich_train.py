@@ -66,6 +66,14 @@ class RichConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 50
+    # The two uses (models/feedback/uses.py), with the pool's first model at its own
+    # sampling settings; 0 images or candidates: not measured.
+    repair_images: int = 112
+    repair_threshold: float = 0.5
+    selection_candidates: int = 448
+    selection_k: int = 112
+    selection_steps: int = 200
+    selection_lr: float = 1e-4
     seed: int = 6_000_059
 
     @classmethod
@@ -142,11 +150,13 @@ class RichModule(L.LightningModule):
         self.size, self.mean, self.std = clip_preprocess_cfg(net.clip)
 
     def forward(self, batch: dict) -> dict:
+        """Maps at the images' own size, whatever the CLIP's input size."""
         x = normalize_images(batch["images"], self.size, self.mean, self.std)
         out = self.net(x, batch["ids"])
-        if out["heatmaps"].shape[-1] != batch["heatmaps"].shape[-1]:
+        size = batch["images"].shape[-2:]
+        if out["heatmaps"].shape[-2:] != size:
             out["heatmaps"] = torch.nn.functional.interpolate(
-                out["heatmaps"], size=batch["heatmaps"].shape[-2:], mode="bilinear"
+                out["heatmaps"], size=size, mode="bilinear"
             )
         return out
 
@@ -231,12 +241,61 @@ def _safe(fn, a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if np.ptp(a) == 0 or np.ptp(b) == 0 else fn(a, b)
 
 
+def measure_uses(
+    module: RichModule, tok, pool: Pool, judge_dir: Path, cfg: RichConfig, root: Path
+) -> dict:
+    """Region repair on the pool's test prompts and data selection from its train
+    prompts, with the pool's first model (EMA weights)."""
+    from models.diffusion.text_to_image import load_text_to_image
+    from models.evaluation.world_judge import load_judge
+    from models.feedback.uses import repair_study, selection_study
+
+    pipe = load_text_to_image(root / pool.config.models[0].path)
+    judge = load_judge(judge_dir)
+    rows = [(Prompt.from_dict(r["prompt"]), r["text"], r["split"]) for r in pool.prompts]
+    test = [(p, t) for p, t, s in rows if s == "test"]
+    train = [(p, t) for p, t, s in rows if s == "train"]
+    out = {}
+    if cfg.repair_images:
+        chosen = [test[i % len(test)] for i in range(cfg.repair_images)]
+        texts = [t for _, t in chosen]
+        images = pipe(texts, seed=cfg.seed)
+        out["repair"] = repair_study(
+            pipe,
+            module,
+            tok,
+            judge,
+            images,
+            [p for p, _ in chosen],
+            texts,
+            threshold=cfg.repair_threshold,
+            seed=cfg.seed,
+        )
+    if cfg.selection_candidates:
+        chosen = [train[i % len(train)] for i in range(cfg.selection_candidates)]
+        out["selection"] = selection_study(
+            pipe,
+            module,
+            tok,
+            judge,
+            chosen,
+            test,
+            k=cfg.selection_k,
+            steps=cfg.selection_steps,
+            lr=cfg.selection_lr,
+            seed=cfg.seed,
+        )
+    return out
+
+
 def train_rich_feedback(
     cfg: RichConfig,
     pool_dir: Path,
     reference_clip: Path,
     out: Path,
     logger: L.pytorch.loggers.Logger | None = None,
+    judge_dir: Path = Path("data/world_judge"),
+    root: Path = Path("."),
 ) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -269,6 +328,8 @@ def train_rich_feedback(
             for key, v in pred.items()
         }
         metrics["by_kind"][kind] = measure(sub, ex, [test[r] for r in rows])
+    if cfg.repair_images or cfg.selection_candidates:
+        metrics["uses"] = measure_uses(module, tok, pool, judge_dir, cfg, root)
     metrics.update(
         {
             "examples": {k: ex["kinds"].count(k) for k in sorted(set(ex["kinds"]))},
@@ -307,11 +368,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=Path, required=True)
     ap.add_argument("--reference-clip", type=Path, required=True)
+    ap.add_argument("--judge", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     add_config_flags(ap, RichConfig)
     args = ap.parse_args()
     cfg = config_from_args(RichConfig, args, "rich_feedback_model")
-    metrics = train_rich_feedback(cfg, args.pool, args.reference_clip, args.out)
+    metrics = train_rich_feedback(cfg, args.pool, args.reference_clip, args.out, None, args.judge)
     print(
         json.dumps(
             {k: v for k, v in metrics.items() if k not in ("config", "reproduction")}, indent=2

@@ -613,6 +613,9 @@ def test_the_rich_feedback_model_is_measured_with_rahfs_metrics_per_kind(feedbac
     table = feedback.rich_md["rich_feedback"].value
     assert "| implausibility auc_judd |" in table and "0.905" in table  # the reproduction's
     assert "data:image/png;base64," in feedback.rich_md["overlays"].value
+    uses = m["uses"]
+    assert uses["repair"]["images"] == 4 and uses["selection"]["k"] == 2
+    assert "| repair (" in feedback.rich_md["uses"].value
 
 
 def test_with_a_judge_meeting_its_bar_the_first_challenger_is_promoted(retrained, promoted):
