@@ -20,11 +20,18 @@ def upsample(
     queries: list[str], n: int, expander, candidates: int = 16, seed: int = 0
 ) -> list[Drawn]:
     """`n` prompts per query, query-major: its faithful expansions among `candidates`
-    samples of `expander` (a (model, tokenizer) pair), then the query for each missing."""
-    from models.expansion.model import expand_faithfully
+    samples of `expander`, then the query for each missing. `expander`: a trained
+    expander's (model, tokenizer) pair, or a few-shot LLM (`few_shot.FewShotUpsampler`)."""
+    from models.expansion.faithfulness import keep_faithful
+    from models.expansion.model import expand
 
-    model, tok = expander
-    kept, _ = expand_faithfully(model, tok, queries, n, candidates, seed=seed)
+    k = max(n, candidates)
+    if hasattr(expander, "expand"):
+        sampled = expander.expand(queries, k, seed=seed)
+    else:
+        model, tok = expander
+        sampled = expand(model, tok, queries, k, seed=seed)
+    kept = keep_faithful(queries, sampled, n)
     rows = []
     for query, prompts in zip(queries, kept, strict=True):
         rows += [Drawn(query, p, True) for p in prompts]

@@ -42,7 +42,8 @@ def text_to_images(
     guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, list[Drawn]]:
     """uint8 (N, 3, H, W) images and what drew each: one per query, or `expand` per query
-    through `expander` (a (model, tokenizer) pair from `load_expander`)."""
+    through `expander` (a (model, tokenizer) pair from `load_expander`, or a few-shot LLM
+    from `models.expansion.few_shot.load_few_shot`)."""
     if not queries or any(not q.strip() for q in queries):
         raise ValueError(f"every prompt must be non-empty text, got {queries!r}")
     if expand < 0:
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> list[Drawn]:
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     ap.add_argument("--expand", type=int, default=0, help="expanded prompts per prompt")
     ap.add_argument("--expander", type=Path, help="a prompt expander folder")
+    ap.add_argument(
+        "--few-shot-llm",
+        help="expand with an instruction-following LLM (hub id or folder) used few-shot, "
+        "as the DALL-E 3 report did, instead of a trained expander",
+    )
     ap.add_argument("--candidates", type=int, default=16, help="samples checked per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int)
@@ -117,11 +123,19 @@ def main(argv: list[str] | None = None) -> list[Drawn]:
     args = ap.parse_args(argv)
     expander = None
     if args.expand:
-        if args.expander is None:
-            ap.error("--expand needs --expander (the prompt_expander asset's data/prompt_expander)")
-        from models.expansion.model import load_expander
+        if args.few_shot_llm:
+            from models.expansion.few_shot import load_few_shot
 
-        expander = load_expander(args.expander)
+            expander = load_few_shot(args.few_shot_llm)
+        elif args.expander is None:
+            ap.error(
+                "--expand needs --expander (the prompt_expander asset's data/prompt_expander) "
+                "or --few-shot-llm"
+            )
+        else:
+            from models.expansion.model import load_expander
+
+            expander = load_expander(args.expander)
     pipeline = load_text_to_image(resolve_model(args.model, args.tracking_uri))
     images, rows = text_to_images(
         pipeline,
