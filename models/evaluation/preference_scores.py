@@ -1,12 +1,13 @@
-"""Optional human-preference scorers for the `full` profile, from local checkpoints.
+"""HPS v2 in the eval report (`full` profile), from a local checkpoint.
 
 HPS v2 (Wu et al. 2023) is open_clip ViT-H-14 fine-tuned on human preference pairs; its
 score is the cosine of the image and prompt embeddings (about 0.2-0.3 for real images),
-comparable only across images of the same prompt. recapflow loads it through open_clip
-from a local file (`HPS_v2_compressed.pt` or a safetensors export; torch files are read
-with `weights_only=True`). No hub is reachable from the machines that test this
-project, so an absent checkpoint is skipped with a note saying how to provide one.
-ImageReward and PickScore are not wired in.
+comparable only across images of the same prompt and only within one version (v2.0 and
+v2.1 are different fine-tunes). The loading, HPS v2's own preprocessing and the version
+come from `models/feedback/real_scorers.py`; the version is read from the checkpoint's
+file name (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.pt`) and recorded with the
+scores. No hub is reachable from the machines that test this project, so an absent
+checkpoint is skipped with a note saying how to provide one.
 """
 
 from __future__ import annotations
@@ -17,23 +18,34 @@ import numpy as np
 import torch
 
 HPS_NOTE = (
-    "HPS v2 skipped: no checkpoint configured. Download HPS_v2_compressed.pt (or HPS v2.1) "
-    "on a machine with internet, copy it here, and set eval_report.hpsv2 in params.yaml to "
-    "its local path (eval_report.hpsv2_model: ViT-H-14)."
+    "HPS v2 skipped: no checkpoint configured. Download HPS_v2_compressed.pt (or "
+    "HPS_v2.1_compressed.pt) on a machine with internet, copy it here, and set "
+    "eval_report.hpsv2 in params.yaml to its local path (eval_report.hpsv2_model: ViT-H-14)."
 )
 
 
 def hps_v2_scores(
     checkpoint: str | None, model_name: str, images_uint8: torch.Tensor, texts: list[str]
 ) -> dict:
-    """{"mean", "per_image"} of HPS v2, or {"skipped": why} without a checkpoint."""
+    """{"mean", "per_image", "version"} of HPS v2, or {"skipped": why}."""
+    from models.feedback.real_scorers import hps_version_in_name, load_hps
+
     if not checkpoint:
         return {"skipped": HPS_NOTE}
-    if not Path(checkpoint).is_file():
+    path = Path(checkpoint)
+    if not path.is_file():
         return {"skipped": f"HPS v2 checkpoint {checkpoint} does not exist. " + HPS_NOTE}
-    from models.common.clip import create_clip
-    from models.evaluation.reference_clip import ReferenceClip
-
-    scorer = ReferenceClip(create_clip(model_name, checkpoint), model_name)
-    cos = scorer.score(images_uint8, texts) / 100.0
-    return {"mean": float(np.mean(cos)), "per_image": [float(x) for x in cos]}
+    version = hps_version_in_name(path.name)
+    if version is None:
+        return {
+            "skipped": f"HPS v2 checkpoint {path.name}: its file name does not say whether it "
+            "is v2.0 or v2.1, whose scores are not comparable; keep the released name "
+            "(HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)."
+        }
+    kind = "hpsv2.1" if version == "hpsv2.1" else "hpsv2"
+    scores = load_hps(kind, path, model_name=model_name).score(images_uint8, texts)
+    return {
+        "mean": float(np.mean(scores)),
+        "per_image": [float(x) for x in scores],
+        "version": version,
+    }

@@ -197,7 +197,7 @@ class HpsScorer(RealScorer):
         return (img * txt).sum(-1)  # the cosine, as hpsv2/img_score.py reports it
 
 
-def _hps_version_in_name(name: str) -> str | None:
+def hps_version_in_name(name: str) -> str | None:
     """The HPS version a checkpoint's file name claims, if any (HPS_v2.1_compressed.pt)."""
     n = name.lower()
     if "v2.1" in n or "v2_1" in n:
@@ -243,7 +243,7 @@ def load_hps(
             f"reachable from here: download {HPS_FILES[kind]} from the hub repo xswu/HPSv2 on "
             "a machine with internet, copy it to this machine and pass its local path."
         )
-    claimed = _hps_version_in_name(path.name)
+    claimed = hps_version_in_name(path.name)
     if claimed and claimed != HPS_VERSIONS[kind]:  # a mislabelled version is worse than none
         raise ValueError(
             f"{path.name} looks like a {claimed} checkpoint but was asked for as {kind!r} "

@@ -289,3 +289,7 @@ def test_hps_v2_loads_a_local_checkpoint_or_says_how_to_provide_one(tmp_path):
     torch.save({"state_dict": create_clip(TINY_MODEL).state_dict()}, ckpt)
     scored = hps_v2_scores(str(ckpt), TINY_MODEL, images, texts)
     assert len(scored["per_image"]) == 2 and -1.0 <= scored["mean"] <= 1.0
+    assert scored["version"] == "hpsv2.0"  # from the released file name
+    unnamed = tmp_path / "my_scorer.pt"
+    unnamed.write_bytes(ckpt.read_bytes())
+    assert "v2.0 or v2.1" in hps_v2_scores(str(unnamed), TINY_MODEL, images, texts)["skipped"]
