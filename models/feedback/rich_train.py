@@ -237,8 +237,10 @@ def overlay_grid(pred: dict, ex: dict, index: list[int], n: int = 12):
 
 
 def _safe(fn, a: np.ndarray, b: np.ndarray) -> float:
-    """A correlation, or nan where either side is constant (no ranking to agree with)."""
-    return float("nan") if np.ptp(a) == 0 or np.ptp(b) == 0 else fn(a, b)
+    """A correlation, or nan where either side is constant or single (nothing to rank)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return fn(a, b)
 
 
 def measure_uses(
@@ -321,7 +323,7 @@ def train_rich_feedback(
     ).fit(module, loader)
     pred = predict(module, _Data(ex, test, tok, cfg.context))
     metrics = {"test": measure(pred, ex, test), "by_kind": {}}
-    for kind in sorted(set(ex["kinds"])):
+    for kind in sorted({ex["kinds"][i] for i in test}):
         rows = [k for k, i in enumerate(test) if ex["kinds"][i] == kind]
         sub = {
             key: (v[rows] if isinstance(v, np.ndarray) else [v[r] for r in rows])
