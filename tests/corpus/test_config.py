@@ -21,6 +21,9 @@ from models.evaluation.reference_clip import ReferenceClipConfig
 from models.evaluation.report import EvalReportConfig
 from models.evaluation.world_judge import JudgeConfig
 from models.expansion.train import ExpanderConfig
+from models.feedback.pool import PoolConfig
+from models.feedback.preference import PreferenceConfig
+from models.feedback.rich_train import RichConfig
 from tests.conftest import REPO
 
 EVAL_PATHS = {"model": "m", "judge": "j", "reference_clip": "r", "out": "o"}
@@ -36,6 +39,9 @@ SECTIONS = {
     "reference_clip": ReferenceClipConfig.from_dict,
     "eval_report": lambda d: EvalReportConfig.from_dict({**d, **EVAL_PATHS}),
     "prompt_expander": ExpanderConfig.from_dict,
+    "feedback_pool": PoolConfig.from_dict,
+    "preference_model": PreferenceConfig.from_dict,
+    "rich_feedback_model": RichConfig.from_dict,
 }
 
 

@@ -32,8 +32,18 @@ STAGES = {
     "reference_clip",
     "eval_report",
     "prompt_expander",
+    "feedback_pool",
+    "preference_model",
+    "rich_feedback_model",
 }
-DOWNSTREAM_OF_SAMPLER = {"mixed_sampler", "diffusion_model", "eval_report"}
+DOWNSTREAM_OF_SAMPLER = {
+    "mixed_sampler",
+    "diffusion_model",
+    "eval_report",
+    "feedback_pool",
+    "preference_model",
+    "rich_feedback_model",
+}
 UP_TO_DATE = "Data and pipelines are up to date."
 
 
