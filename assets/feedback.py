@@ -20,9 +20,10 @@ from assets.metadata import flatten, md_escape, preview_metadata
 from assets.reuse import build_or_reuse
 from corpus.preview import caption_grid
 from models.feedback.build_pool import build_pool
-from models.feedback.pool import PoolConfig, load_pool
+from models.feedback.pool import Pool, PoolConfig, load_pool
 from models.feedback.preference import PreferenceConfig, train_preference
 from models.feedback.rich_train import RichConfig, train_rich_feedback
+from models.feedback.utility import terms, utility
 
 POOL, PREFERENCE = "feedback_pool", "preference_model"
 
@@ -54,7 +55,8 @@ def _build_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         mlflow.log_metrics(
             {k: summary[k] for k in ("tau", "pairs", "annotator_agreement", "bayes_ceiling")}
         )
-        grid = _pool_grid(out)
+        pool = load_pool(out)
+        grid = _pool_grid(pool)
         mlflow.log_image(grid, "pool_examples.png")
         run_meta = mlflow_res.run_metadata(run)
     dvc_hash = dvc.commit(POOL)[f"data/{POOL}"]
@@ -70,7 +72,7 @@ def _build_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "bayes_ceiling": summary["bayes_ceiling"],
             "held_out_generators": dg.MetadataValue.json(summary["held_out"]),
             "reused_generators": len(summary["reused_generators"]),
-            "generators": _pool_table(out),
+            "generators": _pool_table(pool),
             "examples": preview_metadata(grid, "one test prompt drawn by every generator"),
             **run_meta,
         },
@@ -78,14 +80,11 @@ def _build_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-def _pool_table(out) -> dg.MetadataValue:
-    pool = load_pool(out)
+def _pool_table(pool: Pool) -> dg.MetadataValue:
     lines = [
         "| generator | images | all conditions | mean utility | mean plausibility |",
         "|---|---:|---:|---:|---:|",
     ]
-    from models.feedback.utility import terms, utility
-
     cap = pool.config.utility.error_cap
     for gen in dict.fromkeys(r["generator"] for r in pool.labels):
         rows = [r for r in pool.labels if r["generator"] == gen]
@@ -97,13 +96,10 @@ def _pool_table(out) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def _pool_grid(out) -> Image.Image:
+def _pool_grid(pool: Pool) -> Image.Image:
     """The first test prompt's first sample from every generator, captioned with the
     generator, the utility and whether every condition holds."""
-    pool = load_pool(out)
     prompt = next(q for q, s in enumerate(pool.splits) if s == "test")
-    from models.feedback.utility import utility
-
     picked = [i for i, r in enumerate(pool.labels) if r["prompt"] == prompt and r["sample"] == 0]
     images = [Image.fromarray(pool.images[i].permute(1, 2, 0).numpy()) for i in picked]
     captions = [

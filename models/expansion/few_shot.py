@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from models.common.tokenizer import load_tokenizer
-from models.expansion.model import MissingExpanderError
+from models.expansion.model import load_causal_lm
 
 INSTRUCTION = (
     "You rewrite a short image prompt as one detailed caption of the picture. Keep every "
@@ -104,13 +102,10 @@ class FewShotUpsampler:
 
 def load_few_shot(path_or_id: str | Path, examples: int = 4) -> FewShotUpsampler:
     """An instruction-following (or base) causal LM by hub id or local folder."""
-    try:
-        tok = load_tokenizer(path_or_id)
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id))
-    except OSError as e:
-        raise MissingExpanderError(
-            f"cannot load the few-shot LLM {path_or_id!r} ({e}). No model hub is reachable "
-            "here: download the model elsewhere (e.g. `huggingface-cli download "
-            "<instruct model>`), copy its folder to this machine and give its path."
-        ) from e
+    model, tok = load_causal_lm(
+        path_or_id,
+        "No model hub is reachable here: download the model elsewhere (e.g. "
+        "`huggingface-cli download <instruct model>`), copy its folder to this machine "
+        "and give its path.",
+    )
     return FewShotUpsampler(model, tok, suite_examples(examples))

@@ -57,18 +57,27 @@ def new_expander(cfg: LMConfig, texts: list[str], seed: int):
     return AutoModelForCausalLM.from_config(config), tok
 
 
-def load_expander(path_or_id: str | Path):
-    """A saved expander folder, or a pretrained causal LM by hub id or folder (then its
-    tokenizer gets the prefixes and the separator, and its embeddings grow to match)."""
+def load_causal_lm(path_or_id: str | Path, remedy: str):
+    """A causal LM and its tokenizer by hub id or local folder; a load that fails names
+    the model and what to do (`remedy`), never falls back to another model."""
     try:
         tok = load_tokenizer(path_or_id)
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id))
     except OSError as e:
         raise MissingExpanderError(
-            f"cannot load a causal LM from {path_or_id!r} ({e}). Offline, set "
-            "prompt_expander.pretrained to a local folder saved with save_pretrained, "
-            "or to null to train the tiny expander."
+            f"cannot load a causal LM from {path_or_id!r} ({e}). {remedy}"
         ) from e
+    return model, tok
+
+
+def load_expander(path_or_id: str | Path):
+    """A saved expander folder, or a pretrained causal LM by hub id or folder (then its
+    tokenizer gets the prefixes and the separator, and its embeddings grow to match)."""
+    model, tok = load_causal_lm(
+        path_or_id,
+        "Offline, set prompt_expander.pretrained to a local folder saved with "
+        "save_pretrained, or to null to train the tiny expander.",
+    )
     if SEP not in tok.get_vocab():
         add_special_tokens(tok)
         model.resize_token_embeddings(len(tok))

@@ -246,15 +246,10 @@ def _paired_interval(
 
 
 def _both_held_out(pool: Pool) -> np.ndarray:
-
-    gen = [x["generator"] for x in pool.labels]
     pats = pool.config.held_out_generators
-    return np.array(
-        [
-            held_out(gen[a], pats) and held_out(gen[b], pats)
-            for a, b in zip(pool.pairs["a"], pool.pairs["b"], strict=True)
-        ]
-    )
+    per_gen = {g: held_out(g, pats) for g in {x["generator"] for x in pool.labels}}
+    per_image = np.array([per_gen[x["generator"]] for x in pool.labels])
+    return per_image[pool.pairs["a"]] & per_image[pool.pairs["b"]]
 
 
 def ablated_choices(pool: Pool, term: str, seed: int) -> np.ndarray:

@@ -88,5 +88,8 @@ def keyword_metrics(predicted: list[set[str]], true: list[set[str]]) -> dict:
     n_pred, n_true = sum(map(len, predicted)), sum(map(len, true))
     precision = hit / n_pred if n_pred else float("nan")
     recall = hit / n_true if n_true else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
+    if not (n_pred and n_true):
+        f1 = float("nan")  # undefined, not a failure: nothing to find or nothing claimed
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}

@@ -1,5 +1,7 @@
 """RAHF's metrics on fabricated maps, scores and keywords, whose answers are known."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,9 @@ def test_scores_and_keywords():
     assert got["precision"] == pytest.approx(0.5)
     assert got["recall"] == pytest.approx(0.5)
     assert got["f1"] == pytest.approx(0.5)
+
+
+def test_keyword_f1_is_undefined_when_nothing_was_missed_or_nothing_claimed() -> None:
+    assert math.isnan(R.keyword_metrics([set()], [set()])["f1"])
+    assert math.isnan(R.keyword_metrics([{"red"}], [set()])["f1"])
+    assert R.keyword_metrics([{"red"}], [{"star"}])["f1"] == 0.0
