@@ -101,6 +101,53 @@ def _batch(rows, drop: float, pad: int, max_length: int, rng: random.Random):
     return x, mask, y
 
 
+@dataclass(frozen=True)
+class FitSchedule:
+    steps: int  # taken (0: none)
+    schedule_steps: int  # the learning-rate schedule's length
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    seed: int
+
+
+def fit(
+    model,
+    tok,
+    rows: list[tuple[list[int], list[int], list[int]]],
+    run: FitSchedule,
+    dropout: Callable[[int], float],
+    max_length: int,
+    log: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+    desc: str = "prompt_expander",
+) -> float | None:
+    """Fine-tune on tokenized pairs (`tokenize_pairs`), the prefix dropped with
+    probability `dropout(step)`; the last loss (None: no step taken)."""
+    optim = warmup_cosine_adamw(model, run.lr, 0.01, run.warmup_steps, run.schedule_steps)
+    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+    rng = random.Random(run.seed)
+    torch.manual_seed(run.seed)
+    model.train()
+    loss = None
+    bar = tqdm(range(run.steps), desc=desc, disable=not progress)
+    for step in bar:
+        drop = dropout(step)
+        rows_now = rng.choices(rows, k=run.batch_size)
+        x, mask, y = _batch(rows_now, drop, tok.pad_token_id, max_length, rng)
+        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == run.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log:
+                log({"expander_loss": loss.item(), "prefix_dropout": drop}, step)
+    return None if loss is None else loss.item()
+
+
 def _mean(flags: list[bool]) -> float:
     return float(np.mean(flags)) if flags else float("nan")
 
@@ -176,35 +223,23 @@ def train_expander(
     else:
         model, tok = new_expander(cfg.lm, captions["train"], cfg.seed)
     max_length = min(cfg.lm.max_length, getattr(model.config, "n_positions", cfg.lm.max_length))
-    optim = warmup_cosine_adamw(model, cfg.lr, 0.01, cfg.warmup_steps, cfg.max_steps)
-    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
-    rows = tokenize_pairs(train, tok) if train else []
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model.train()
-    loss = None
-    bar = tqdm(range(steps), desc="prompt_expander", disable=not progress)
-    for step in bar:
-        drop = prefix_dropout(cfg, step)
-        rows_now = rng.choices(rows, k=cfg.batch_size)
-        x, mask, y = _batch(rows_now, drop, tok.pad_token_id, max_length, rng)
-        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == cfg.max_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log:
-                log({"expander_loss": loss.item(), "prefix_dropout": drop}, step)
+    loss = fit(
+        model,
+        tok,
+        tokenize_pairs(train, tok) if train else [],
+        FitSchedule(steps, cfg.max_steps, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.seed),
+        lambda step: prefix_dropout(cfg, step),
+        max_length,
+        log=log,
+        progress=progress,
+    )
     t_train = time.time() - t0
     short = [p.short for p in load_suite(Path(cfg.suite))]
     metrics = {
         "pairs": len(train),
         "skipped_captions": dict(skipped + skipped_eval),
         "trained_steps": steps,
-        "final_loss": None if loss is None else loss.item(),
+        "final_loss": loss,
         **measure(model, tok, cfg, held_out, short),
         "seconds": {"train": round(t_train, 1), "measure": round(time.time() - t0 - t_train, 1)},
         "config": asdict(cfg),
