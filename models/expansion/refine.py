@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from models.expansion.train import ExpanderConfig, FitSchedule, fit, measure, to
 from models.expansion.upsample import upsample
 
 RFT = "<rft>"
+log = logging.getLogger(__name__)
 Draw = Callable[[list[str], int], torch.Tensor]  # prompts, seed -> uint8 images
 Read = Callable[[torch.Tensor], list]  # images -> judged scenes
 
@@ -115,12 +117,18 @@ def collect_pairs(
 ) -> tuple[list[Pair], dict]:
     """Sample, keep the faithful, draw, judge: the pairs to re-fine-tune on, and counts."""
     queries = [p.short for p in prompts]
+    log.info("sampling %d expansions of each of %d queries", cfg.candidates, len(queries))
     sampled = expand(model, tok, queries, cfg.candidates, seed=cfg.seed)
     faithful = keep_faithful(queries, sampled, cfg.candidates)
     texts = [t for ts in faithful for t in ts]
     owners = [p for p, ts in zip(prompts, faithful, strict=True) for _ in ts]
     if not texts:
         return [], {"sampled": len(queries) * cfg.candidates, "faithful": 0, "kept": 0}
+    log.info(
+        "drawing and judging %d images of %d faithful expansions",
+        len(texts) * cfg.images,
+        len(texts),
+    )
     images = draw([t for t in texts for _ in range(cfg.images)], cfg.seed)
     passed = _verdicts(owners, read(images), cfg.images)
     pairs = passing_pairs(prompts, faithful, passed, cfg.min_pass)
@@ -169,6 +177,7 @@ def compare(
         expanded[name] = float(np.mean([d.expanded for d in drawn]))
     out: dict = {"forms": {}, "differences": []}
     for form, texts in forms.items():
+        log.info("comparing: drawing and judging %d images of the %s form", len(texts), form)
         passed = _verdicts([p for p in suite for _ in range(n)], read(draw(texts, cfg.seed)), 1)
         scores = np.array([v[0] for v in passed], dtype=float).reshape(len(suite), n).mean(1)
         per_prompt[form] = scores
@@ -287,6 +296,7 @@ def main() -> None:
     add_config_flags(ap, RefineConfig)
     args = ap.parse_args()
     cfg = config_from_args(RefineConfig, args, "refine")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     pipe = load_text_to_image(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
     judge = load_judge(args.judge)
 
