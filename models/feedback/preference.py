@@ -35,6 +35,7 @@ from models.common.data import normalize_images
 from models.evaluation.reference_clip import ReferenceClip, load_reference_clip
 from models.feedback import metrics as M
 from models.feedback.pool import Pool, held_out, load_pool
+from models.feedback.trainer import fine_tune_trainer
 from models.feedback.utility import (
     TERMS,
     annotate,
@@ -132,16 +133,7 @@ def train_scorer(
         drop_last=True,
     )
     module = PreferenceModule(clip, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=logger or False,
-        enable_checkpointing=False,
-        log_every_n_steps=25,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader)
+    fine_tune_trainer(max_steps, logger).fit(module, loader)
     return ReferenceClip(module.model.cpu().eval(), clip.model_name)
 
 

@@ -46,6 +46,7 @@ from models.feedback.rich_model import (
     token_tags,
     word_tokens,
 )
+from models.feedback.trainer import fine_tune_trainer
 
 # RAHF's reproduction (github youweiliang/RichHF) on RichHF-18K's test set, for the table.
 REPRODUCTION = {
@@ -312,15 +313,7 @@ def train_rich_feedback(
     loader = torch.utils.data.DataLoader(
         _Data(ex, train, tok, cfg.context), batch_size=cfg.batch_size, shuffle=True, drop_last=True
     )
-    L.Trainer(
-        max_steps=cfg.max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=logger or False,
-        enable_checkpointing=False,
-        log_every_n_steps=25,
-        enable_model_summary=False,
-    ).fit(module, loader)
+    fine_tune_trainer(cfg.max_steps, logger).fit(module, loader)
     pred = predict(module, _Data(ex, test, tok, cfg.context))
     metrics = {"test": measure(pred, ex, test), "by_kind": {}}
     for kind in sorted({ex["kinds"][i] for i in test}):
