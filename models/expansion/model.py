@@ -3,10 +3,17 @@ expanded prompt. `tiny` builds a small GPT-2 on the corpus's own BPE; `full` loa
 causal LM by hub id or folder (a Promptist-style GPT-2) through the same
 `AutoModelForCausalLM` / `AutoTokenizer` calls, and both are fine-tuned and sampled
 alike. The prefixes and the separator are added to any tokenizer as special tokens.
+
+A query's quoted word ('the word "CAT"') is copied, not generated: the expander sees the
+special token `<word>` in its place, learns to write `<word>` wherever its prompt states
+the query's word, and the word goes back in after sampling (delexicalisation, as
+data-to-text generators treat names and numbers). A small LM writes the word tens of
+tokens after reading it and otherwise picks any word it has seen.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +25,8 @@ from models.expansion.faithfulness import keep_faithful
 from models.expansion.queries import PREFIXES
 
 SEP = "<sep>"
+WORD = "<word>"
+_QUOTED = re.compile(r'"([^"]+)"')
 
 
 class MissingExpanderError(FileNotFoundError):
@@ -36,7 +45,25 @@ class LMConfig:
 
 
 def add_special_tokens(tok: PreTrainedTokenizerBase) -> None:
-    tok.add_special_tokens({"additional_special_tokens": [*PREFIXES, SEP]})
+    tok.add_special_tokens({"additional_special_tokens": [*PREFIXES, SEP, WORD]})
+
+
+def word_slot(tok: PreTrainedTokenizerBase) -> int | None:
+    """The id of `<word>`, or None for an expander trained without it (then words are
+    generated as any other token)."""
+    i = tok.convert_tokens_to_ids(WORD)
+    return None if i is None or i == tok.unk_token_id else i
+
+
+def quoted_word(query: str) -> str | None:
+    """The word a query quotes, when it quotes exactly one."""
+    found = _QUOTED.findall(query)
+    return found[0] if len(found) == 1 else None
+
+
+def delexicalise(text: str, word: str | None) -> str:
+    """`text` with the quoted `word` as `<word>`."""
+    return text if word is None else text.replace(f'"{word}"', f'"{WORD}"')
 
 
 def new_expander(cfg: LMConfig, texts: list[str], seed: int):
@@ -84,9 +111,14 @@ def load_expander(path_or_id: str | Path):
     return model, tok
 
 
-def source_text(query: str, prefix: str | None, tok: PreTrainedTokenizerBase) -> str:
-    """What the expander is given; None: no prefix (the model picks the level)."""
+def source_text(
+    query: str, prefix: str | None, tok: PreTrainedTokenizerBase, slot: bool = False
+) -> str:
+    """What the expander is given; None: no prefix (the model picks the level); `slot`:
+    the quoted word as `<word>`."""
     head = f"{prefix} " if prefix else ""
+    if slot:
+        query = delexicalise(query, quoted_word(query))
     return f"{tok.bos_token}{head}{query.strip()} {SEP}"
 
 
@@ -109,9 +141,11 @@ def expand(
     model.eval()
     tok.padding_side = "left"
     torch.manual_seed(seed)
+    slot = word_slot(tok)
     out: list[list[str]] = []
     for i in range(0, len(queries), batch_size):
-        chunk = [source_text(q, prefix, tok) for q in queries[i : i + batch_size]]
+        batch = queries[i : i + batch_size]
+        chunk = [source_text(q, prefix, tok, slot is not None) for q in batch]
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         ids = model.generate(
@@ -124,10 +158,22 @@ def expand(
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        rows = ids[:, enc["input_ids"].shape[1] :].tolist()
+        if slot is not None:
+            words = [quoted_word(q) for q in batch]
+            rows = [_fill_word(r, slot, words[j // n], tok) for j, r in enumerate(rows)]
+        texts = [t.strip() for t in tok.batch_decode(rows, skip_special_tokens=True)]
         out += [texts[j : j + n] for j in range(0, len(texts), n)]
     return out
+
+
+def _fill_word(ids: list[int], slot: int, word: str | None, tok) -> list[int]:
+    """A sampled row with `<word>` replaced by the query's word (dropped, as any special
+    token, when the query quotes none)."""
+    if word is None or slot not in ids:
+        return ids
+    fill = tok(word, add_special_tokens=False)["input_ids"]
+    return [t for i in ids for t in (fill if i == slot else [i])]
 
 
 def expand_faithfully(

@@ -30,7 +30,16 @@ from corpus.config import build_config
 from corpus.prompt_suite import load_suite
 from models.common.clip import warmup_cosine_adamw
 from models.expansion.faithfulness import check, coherent, diversity, keep_faithful
-from models.expansion.model import LMConfig, expand, load_expander, new_expander, source_text
+from models.expansion.model import (
+    LMConfig,
+    delexicalise,
+    expand,
+    load_expander,
+    new_expander,
+    quoted_word,
+    source_text,
+    word_slot,
+)
 from models.expansion.queries import LEVELS, Pair, inversion_pairs
 
 
@@ -76,14 +85,17 @@ def read_captions(recaptioned: Path) -> dict[str, list[str]]:
 
 
 def tokenize_pairs(pairs: list[Pair], tok) -> list[tuple[list[int], list[int], list[int]]]:
-    """Per pair: the source ids with its prefix, without it, and the target ids."""
+    """Per pair: the source ids with its prefix, without it, and the target ids (the
+    query's quoted word as `<word>` in both, when the tokenizer has it)."""
 
     def ids(texts: list[str]) -> list[list[int]]:
         return tok(texts, add_special_tokens=False)["input_ids"]
 
-    with_prefix = ids([source_text(p.query, p.prefix, tok) for p in pairs])
-    without = ids([source_text(p.query, None, tok) for p in pairs])
-    targets = [[*t, tok.eos_token_id] for t in ids([" " + p.prompt for p in pairs])]
+    slot = word_slot(tok) is not None
+    with_prefix = ids([source_text(p.query, p.prefix, tok, slot) for p in pairs])
+    without = ids([source_text(p.query, None, tok, slot) for p in pairs])
+    prompts = [delexicalise(p.prompt, quoted_word(p.query) if slot else None) for p in pairs]
+    targets = [[*t, tok.eos_token_id] for t in ids([" " + p for p in prompts])]
     return list(zip(with_prefix, without, targets, strict=True))
 
 

@@ -17,9 +17,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from corpus.caption_metrics import extract_claims
 from models.common.tokenizer import train_bpe_tokenizer
 from models.expansion.faithfulness import check, coherent, diversity, faithful, keep_faithful
-from models.expansion.model import SEP, MissingExpanderError, expand, load_expander
-from models.expansion.queries import derive_query, inversion_pairs, relation_query, unusable
-from models.expansion.train import ExpanderConfig, prefix_dropout, train_expander
+from models.expansion.model import (
+    SEP,
+    WORD,
+    MissingExpanderError,
+    add_special_tokens,
+    expand,
+    load_expander,
+    word_slot,
+)
+from models.expansion.queries import (
+    Pair,
+    derive_query,
+    inversion_pairs,
+    relation_query,
+    unusable,
+)
+from models.expansion.train import ExpanderConfig, prefix_dropout, tokenize_pairs, train_expander
 
 CAPTION = (
     "The image shows two small red circles in the top left and the center and a large "
@@ -243,6 +257,37 @@ def test_a_pretrained_causal_lm_gets_the_prefixes_and_is_sampled(tmp_path):
     assert SEP in loaded.get_vocab() and "<mstp>" in loaded.get_vocab()
     assert model.get_input_embeddings().num_embeddings == len(loaded)
     assert len(expand(model, loaded, ["a red circle"], n=2, max_new_tokens=5)[0]) == 2
+
+
+def test_the_quoted_word_is_copied_through_its_slot_not_generated():
+    tok = train_bpe_tokenizer([CAPTION] * 10, vocab_size=280)
+    add_special_tokens(tok)
+    slot = word_slot(tok)
+    prompt = 'A red star in the center, on a white background. The word "ZOO" is written.'
+    worded, plain = tokenize_pairs(
+        [Pair("<abst>", 'the word "ZOO"', prompt), Pair("<abst>", "a red star", prompt)], tok
+    )
+    # the word the query quotes is learnt as the slot, on both sides
+    assert all(slot in ids for ids in worded)
+    assert "ZOO" not in tok.decode(worded[2]) and '"<word>"' in tok.decode(worded[2])
+    # a word the query leaves free is written as it stands
+    assert slot not in plain[2] and '"ZOO"' in tok.decode(plain[2])
+
+    class SlotWriter(GPT2LMHeadModel):
+        """A model that has learnt to write nothing but the slot."""
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., slot] += 1e4
+            return out
+
+    torch.manual_seed(0)
+    model = SlotWriter(
+        GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    )
+    texts = expand(model, tok, ['the word "MAP"', "a red star"], n=1, max_new_tokens=2)
+    assert texts == [["MAPMAP"], [""]]
+    assert WORD not in texts[0][0]
 
 
 def test_a_missing_expander_says_what_to_provide(tmp_path):
