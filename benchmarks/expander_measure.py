@@ -4,7 +4,9 @@ params.yaml's defaults (docs/log/2026-12-expansion.md):
     python -m benchmarks.expander_measure data/exp/<run> [--temperatures 1.0 0.7 0.5 0.3]
 
 Per query set: the share of expansions that drop or contradict a claim of their query as
-sampled, and the share of queries with fewer than `expansions` faithful among `candidates`.
+sampled, and the share of queries with fewer than `expansions` faithful among `candidates`;
+for the suite's short prompts, the faithful share per category and the failed claims by
+kind.
 With `--temperatures`: for the suite's short prompts at each sampling temperature, the
 share of `candidates` samples that are unfaithful or incoherent, the share of prompts
 with fewer than `expansions` good ones, and the distinct good ones per prompt.
@@ -13,11 +15,12 @@ with fewer than `expansions` good ones, and the distinct good ones per prompt.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from corpus.params import load_section
 from corpus.prompt_suite import load_suite
-from models.expansion.faithfulness import coherent, faithful
+from models.expansion.faithfulness import check, coherent, faithful, query_relations
 from models.expansion.model import expand, load_expander
 from models.expansion.queries import inversion_pairs
 from models.expansion.train import ExpanderConfig, measure, read_captions
@@ -42,6 +45,22 @@ def temperature_sweep(model, tok, cfg: ExpanderConfig, short: list[str], temps) 
         print(f"| {t} | {bad:.3f} | {few:.3f} | {distinct:.2f} |")
 
 
+def relations(model, tok, cfg: ExpanderConfig, n_queries: int = 48) -> None:
+    """Relation queries of the training distribution: `<abst>` queries derived from
+    held-out captions, and how many training pairs have one."""
+    captions = read_captions(Path("data/recaptioned"))
+    train, _ = inversion_pairs(captions["train"], cfg.seed)
+    held_out, _ = inversion_pairs(captions["eval"], cfg.seed + 1)
+    queries = [p.query for p in held_out if p.prefix == "<abst>" and query_relations(p.query)]
+    queries = queries[:n_queries]
+    sampled = expand(model, tok, queries, cfg.expansions, seed=cfg.seed)
+    bad = [not faithful(q, t) for q, ts in zip(queries, sampled, strict=True) for t in ts]
+    with_relation = sum(bool(query_relations(p.query)) for p in train)
+    print(f"held-out <abst> relation queries: {len(queries)}, unfaithful as sampled "
+          f"{sum(bad) / len(bad):.3f}; training pairs with a relation query: "
+          f"{with_relation} of {len(train)}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("expander", type=Path)
@@ -58,10 +77,16 @@ def main() -> None:
     prompts = load_suite(Path(cfg.suite))
     sampled = expand(model, tok, [p.short for p in prompts], cfg.expansions, seed=cfg.seed)
     by_category: dict[str, list[bool]] = {}
+    claims: Counter = Counter()
     for p, texts in zip(prompts, sampled, strict=True):
         by_category.setdefault(p.category, []).extend(faithful(p.short, t) for t in texts)
+        for t in texts:
+            verdict = check(p.short, t)
+            claims.update(f"{how} {c.split()[0]}" for how in verdict for c in verdict[how])
     print("faithful as sampled, per suite category:")
     print({c: round(sum(v) / len(v), 3) for c, v in by_category.items()})
+    print("claims dropped or contradicted, by kind:", dict(claims.most_common()))
+    relations(model, tok, cfg)
     if args.temperatures:
         temperature_sweep(model, tok, cfg, short, args.temperatures)
 
