@@ -45,10 +45,11 @@ def temperature_sweep(model, tok, cfg: ExpanderConfig, short: list[str], temps) 
         print(f"| {t} | {bad:.3f} | {few:.3f} | {distinct:.2f} |")
 
 
-def relations(model, tok, cfg: ExpanderConfig, n_queries: int = 48) -> None:
+def relations(
+    model, tok, cfg: ExpanderConfig, captions: dict[str, list[str]], n_queries: int = 48
+) -> None:
     """Relation queries of the training distribution: `<abst>` queries derived from
     held-out captions, and how many training pairs have one."""
-    captions = read_captions(Path("data/recaptioned"))
     train, _ = inversion_pairs(captions["train"], cfg.seed)
     held_out, _ = inversion_pairs(captions["eval"], cfg.seed + 1)
     queries = [p.query for p in held_out if p.prefix == "<abst>" and query_relations(p.query)]
@@ -68,8 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = ExpanderConfig.from_dict(load_section("params.yaml", "prompt_expander"))
     model, tok = load_expander(args.expander)
-    captions = read_captions(Path("data/recaptioned"))["eval"][: cfg.eval_queries]
-    held_out, _ = inversion_pairs(captions, cfg.seed + 1)
+    captions = read_captions(Path("data/recaptioned"))
+    held_out, _ = inversion_pairs(captions["eval"][: cfg.eval_queries], cfg.seed + 1)
     short = [p.short for p in load_suite(Path(cfg.suite))]
     for name, m in measure(model, tok, cfg, held_out, short).items():
         print(f"{name}: {m['queries']} queries, unfaithful {m['unfaithful']:.3f}, "
@@ -86,7 +87,7 @@ def main() -> None:
     print("faithful as sampled, per suite category:")
     print({c: round(sum(v) / len(v), 3) for c, v in by_category.items()})
     print("claims dropped or contradicted, by kind:", dict(claims.most_common()))
-    relations(model, tok, cfg)
+    relations(model, tok, cfg, captions)
     if args.temperatures:
         temperature_sweep(model, tok, cfg, short, args.temperatures)
 
