@@ -90,6 +90,36 @@ def run_gate(tracking_uri: str, challenger_run: str, per_prompt: dict, judge: di
     return decision
 
 
+def _if_built(project, stage: str, marker: str) -> str | None:
+    """The folder of an optional input (the upsampled form, the feedback columns); the
+    report notes what it left out."""
+    return str(project.data_path(stage)) if project.data_path(stage, marker).exists() else None
+
+
+def feedback_table(metrics: dict) -> str | None:
+    """The feedback models' measures per form (Markdown), or None without them."""
+    forms = [f for f, m in metrics["forms"].items() if "feedback" in m]
+    if not forms:
+        return None
+    fb = [metrics["forms"][f]["feedback"] for f in forms]
+    rows = ["| | " + " | ".join(forms) + " |", "|---|" + "---:|" * len(forms)]
+    measures = [("preference", "preference (cosine)"),
+                ("preference_pass_auc", "preference: pass/fail AUC"),
+                ("rich_overall", "rich overall"),
+                ("rich_overall_pass_auc", "rich overall: pass/fail AUC")]  # fmt: skip
+    cells = [[m.get(k) for m in fb] for k, _ in measures]
+    cells += [[m.get("missed_words", {}).get(k) for m in fb] for k in ("precision", "recall", "f1")]
+    labels = [label for _, label in measures] + [
+        f"missed words: {k}" for k in ("precision", "recall", "F1")
+    ]
+    for label, row in zip(labels, cells, strict=True):
+        if any(v is not None for v in row):
+            rows.append(
+                f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in row) + " |"
+            )
+    return "\n".join(rows)
+
+
 def partial_progress_table(metrics: dict) -> str:
     """Attribute accuracy given that the object exists, and the primary reason failed
     images failed, one column per prompt form (Markdown for the asset's metadata)."""
@@ -111,7 +141,14 @@ def partial_progress_table(metrics: dict) -> str:
 
 @dg.asset(
     name=STAGE,
-    deps=["diffusion_model", "world_judge", "reference_clip", "prompt_expander"],
+    deps=[
+        "diffusion_model",
+        "world_judge",
+        "reference_clip",
+        "prompt_expander",
+        "preference_model",
+        "rich_feedback_model",
+    ],
     group_name="evaluation",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",  # samples the model: one GPU job at a time (dagster.yaml)
@@ -134,12 +171,9 @@ def _build_eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "model": str(project.data_path("diffusion_model")),
             "judge": str(project.data_path("world_judge")),
             "reference_clip": str(project.data_path("reference_clip")),
-            # The upsampled form needs the expander; without one the report notes it.
-            "expander": (
-                str(project.data_path("prompt_expander"))
-                if project.data_path("prompt_expander", "config.json").exists()
-                else None
-            ),
+            "expander": _if_built(project, "prompt_expander", "config.json"),
+            "preference_model": _if_built(project, "preference_model", "metrics.json"),
+            "rich_feedback_model": _if_built(project, "rich_feedback_model", "metrics.json"),
             "out": str(project.data_path(STAGE)),
             "metrics_dir": str(project.path / "metrics"),
             "mlflow_tracking_uri": mlflow_res.tracking_uri,
@@ -177,6 +211,15 @@ def _build_eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         ),
         "eval_seconds": metrics["seconds"]["total_s"],
     }
+    table = feedback_table(metrics)
+    if table:
+        meta["feedback"] = dg.MetadataValue.md(table)
+    overlays = out / "grids" / "colour_binding-descriptive-feedback.png"
+    if overlays.exists():
+        meta["grid_colour_binding_feedback"] = preview_metadata(
+            Image.open(overlays),
+            "the same images, predicted implausibility (red), misalignment (blue), missed words",
+        )
     for form, m in metrics["forms"].items():
         meta[f"{form}_overall"] = m["prompt_following"]["overall"]
         meta[f"{form}_clip_score"] = m["clip_score"]

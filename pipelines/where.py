@@ -43,11 +43,11 @@ LINEAGE = (
     "autoencoder",
     "mixed_sampler",
     "diffusion_model",
-    "eval_report",
     "prompt_expander",
     "feedback_pool",
     "preference_model",
     "rich_feedback_model",
+    "eval_report",
 )
 
 

@@ -5,6 +5,9 @@ Every prompt of the suite, in its short and its descriptive form, is sampled
 `upsampled`: each short prompt expanded `images_per_prompt` times (only expansions that
 keep all its claims; the short prompt stands in for any other) and judged by the short
 prompt's conditions, with the paired difference against the short form and its interval.
+With the feedback models (`preference_model`, `rich_feedback_model`), their scores of the
+same images, their predicted missed words against the judge's, and grids with their
+heatmaps over the images (`models/evaluation/feedback_columns.py`).
 The world judge reads each image back into a scene; an image passes only when every
 condition of its prompt holds (GenEval's rule). Partial progress goes next to it: each
 attribute's accuracy given that its object exists, and why the failed images failed
@@ -48,6 +51,7 @@ from corpus.prompt_suite import (
     load_suite,
 )
 from models.diffusion.text_to_image import load_text_to_image
+from models.evaluation.feedback_columns import load_feedback_models, score_form
 from models.evaluation.preference_scores import hps_v2_scores
 from models.evaluation.promotion_gate import bootstrap_ci
 from models.evaluation.reference_clip import load_reference_clip
@@ -73,6 +77,8 @@ class EvalReportConfig:
     hpsv2_model: str = "ViT-H-14"
     expander: str | None = None  # a prompt expander folder: adds the `upsampled` form
     upsample_candidates: int = 16  # expansions sampled per short prompt to find faithful ones
+    preference_model: str | None = None  # a preference_model folder: adds its scores
+    rich_feedback_model: str | None = None  # a rich_feedback_model folder: heatmaps, words
     metrics_dir: str | None = None  # also write metrics and plot data here (dvc.yaml)
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None  # the model's run; default: from its metrics.json
@@ -97,9 +103,17 @@ def _select(prompts, per_category: int):
     return out
 
 
-def _tile(image: torch.Tensor, passed: bool, scale: int = 3) -> Image.Image:
-    """An image upscaled with a green (passed) or red (failed) frame."""
-    img = Image.fromarray(image.permute(1, 2, 0).numpy())
+def _tile(
+    image: torch.Tensor, passed: bool, scale: int = 3, heatmaps: np.ndarray | None = None
+) -> Image.Image:
+    """An image upscaled with a green (passed) or red (failed) frame; with predicted
+    heatmaps, they are tinted over it."""
+    if heatmaps is None:
+        img = Image.fromarray(image.permute(1, 2, 0).numpy())
+    else:
+        from models.feedback.rich_train import overlay
+
+        img = overlay(image, heatmaps, full_at=0.5)  # the repair threshold: flagged
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     ImageDraw.Draw(img).rectangle(
         (0, 0, img.width - 1, img.height - 1),
@@ -124,6 +138,7 @@ def evaluate_model(
     judge = load_judge(Path(cfg.judge))
     clip = load_reference_clip(Path(cfg.reference_clip))
     suite_version = json.loads(Path(cfg.suite).read_text()).get("version", "?")
+    feedback = load_feedback_models(cfg.preference_model, cfg.rich_feedback_model)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,11 +161,15 @@ def evaluate_model(
         scores = clip.score(images, texts)
         truncated = clip.truncated(texts[:: cfg.images_per_prompt])
         hps = hps_v2_scores(cfg.hpsv2, cfg.hpsv2_model, images, texts)
-        passed, diagnoses = [], []
+        image_prompts = [prompts[i // cfg.images_per_prompt] for i in range(len(texts))]
+        verdicts = [judge_prompt(p, s) for p, s in zip(image_prompts, scenes, strict=True)]
+        passed = [v["passed"] for v in verdicts]
+        fb_images, fb_summary, heatmaps = score_form(
+            feedback, images, texts, image_prompts, scenes, passed
+        )
+        diagnoses = []
         for i, (scene, score) in enumerate(zip(scenes, scores, strict=True)):
-            p = prompts[i // cfg.images_per_prompt]
-            verdict = judge_prompt(p, scene)
-            passed.append(verdict["passed"])
+            p, verdict = image_prompts[i], verdicts[i]
             diagnoses.append(diagnose(p, scene, asked))
             records.append(
                 {
@@ -164,6 +183,7 @@ def evaluate_model(
                     "failure_reasons": diagnoses[-1]["reasons"],
                     "clip_score": float(score),
                     "judged_scene": scene.to_dict(),
+                    **fb_images[i],
                 }
             )
         passed_arr = np.array(passed).reshape(len(prompts), cfg.images_per_prompt)
@@ -185,6 +205,7 @@ def evaluate_model(
             "clip_truncated_prompts": int(sum(truncated)),
             "hps_v2": hps.get("mean"),
             **summarise_diagnoses(diagnoses),
+            **({"feedback": fb_summary} if fb_summary else {}),
         }
         if form == "upsampled":
             by_form[form].update(_against_short(upsampled, per_prompt, prompts, cfg.n_boot))
@@ -198,6 +219,19 @@ def evaluate_model(
                     caps.append(texts[j] if k == 0 or form == "upsampled" else " ")
             grid = caption_grid(tiles, caps, cols=cfg.images_per_prompt, tile=96, lines=4)
             grid.save(tmp / "grids" / f"{c}-{form}.png")
+            if heatmaps is not None:
+                tiles = [
+                    _tile(images[j], passed[j], heatmaps=heatmaps[j])
+                    for i in idx
+                    for j in range(i * cfg.images_per_prompt, (i + 1) * cfg.images_per_prompt)
+                ]
+                caps = [
+                    "missed: " + (", ".join(fb_images[j]["missed_words_predicted"]) or "-")
+                    for i in idx
+                    for j in range(i * cfg.images_per_prompt, (i + 1) * cfg.images_per_prompt)
+                ]
+                grid = caption_grid(tiles, caps, cols=cfg.images_per_prompt, tile=96, lines=2)
+                grid.save(tmp / "grids" / f"{c}-{form}-feedback.png")
 
     model_metrics = json.loads((Path(cfg.model) / "metrics.json").read_text())
     metrics = {
@@ -206,7 +240,15 @@ def evaluate_model(
         "images_per_prompt": cfg.images_per_prompt,
         "forms": by_form,
         "notes": ([hps["skipped"]] if "skipped" in hps else [])
-        + ([] if upsampled else ["upsampled form skipped: no prompt expander given"]),
+        + ([] if upsampled else ["upsampled form skipped: no prompt expander given"])
+        + [
+            f"{name} columns skipped: no {name} given"
+            for name, model in (
+                ("preference_model", feedback.preference),
+                ("rich_feedback_model", feedback.rich),
+            )
+            if model is None
+        ],
         "judge_accuracy": json.loads((Path(cfg.judge) / "metrics.json").read_text())["accuracy"],
         "reference_clip": {
             k: v
@@ -315,7 +357,8 @@ def fingerprint(cfg: EvalReportConfig, suite_version: str) -> dict:
 def flat_metrics(metrics: dict) -> dict[str, float]:
     """eval/<form>/<category> accuracies, eval/<form>/clip_score, and the partial-progress
     measures eval/<form>/attribute/<kind>, eval/<form>/failure/<reason> (share of failed
-    images with it) and eval/<form>/failure_primary/<reason>, for MLflow and DVC."""
+    images with it) and eval/<form>/failure_primary/<reason>, and the feedback models'
+    eval/<form>/feedback/<measure>, for MLflow and DVC."""
     flat = {}
     for form, m in metrics["forms"].items():
         for c, v in m["prompt_following"].items():
@@ -328,6 +371,10 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             flat[f"eval/{form}/failure/{r}"] = v
         for r, v in reasons.get("share_primary", {}).items():
             flat[f"eval/{form}/failure_primary/{r}"] = v
+        for k, v in m.get("feedback", {}).items():
+            for name, x in v.items() if isinstance(v, dict) else [("", v)]:
+                if x is not None:
+                    flat[f"eval/{form}/feedback/{k}{'_' + name if name else ''}"] = x
     return flat
 
 
@@ -372,6 +419,7 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
                 "clip_score": m["clip_score"],
                 "attribute_accuracy": m["attribute_accuracy"],
                 "failure_reasons": m["failure_reasons"],
+                **({"feedback": m["feedback"]} if "feedback" in m else {}),
             }
             for form, m in metrics["forms"].items()
         },

@@ -80,6 +80,38 @@ def _partial_progress(metrics: dict, forms: list[str]) -> list[str]:
     return out
 
 
+def _opt(x: float | None) -> str:
+    return "<td>-</td>" if x is None else _n(x)
+
+
+def _feedback(metrics: dict, forms: list[str]) -> list[str]:
+    """The feedback models' view of the same images, per form."""
+    fb = {f: metrics["forms"][f]["feedback"] for f in forms if "feedback" in metrics["forms"][f]}
+    if not fb:
+        return []
+    rows = []
+    for f, m in fb.items():
+        words = m.get("missed_words", {})
+        rows.append(
+            f"<tr><td>{_e(f)}</td>{_opt(m.get('preference'))}"
+            f"{_opt(m.get('preference_pass_auc'))}{_opt(m.get('rich_overall'))}"
+            f"{_opt(m.get('rich_overall_pass_auc'))}{_opt(words.get('precision'))}"
+            f"{_opt(words.get('recall'))}{_opt(words.get('f1'))}</tr>"
+        )
+    header = ["prompt form", "preference (cosine)", "preference: pass/fail AUC",
+              "rich overall", "rich overall: pass/fail AUC", "missed words: precision",
+              "recall", "F1"]  # fmt: skip
+    return [
+        "<h2>The feedback models on these images</h2>",
+        "<p>The preference model (HPS v2 style) and the rich-feedback model (RAHF style) "
+        "read the same images. AUC: how often a score ranks an image that passes every "
+        "condition above one that fails (0.5: chance). Missed words: the prompt words the "
+        "rich-feedback model says the image missed, against those the world judge's "
+        "reading says it missed. -: not measured or undefined.</p>",
+        _table(header, rows),
+    ]
+
+
 def write_html_report(
     folder: Path, metrics: dict, records: list[dict], gate: dict | None = None
 ) -> Path:
@@ -152,6 +184,7 @@ def write_html_report(
     ]
     parts += ["<h2>Prompt following by category</h2>", _table(["category", *forms], rows)]
     parts += _partial_progress(metrics, forms)
+    parts += _feedback(metrics, forms)
     parts.append("<p><img src='plots/prompt_following.png' alt='prompt following'></p>")
     parts.append("<p><img src='plots/clip_score.png' alt='CLIP score'>")
     if (folder / "plots" / "training_curve.png").exists():
@@ -177,13 +210,25 @@ def write_html_report(
             f"length {_e(rc.get('context_length'))} tokens.</p>"
         )
 
-    parts.append("<h2>Images by category</h2><p>Green frame: passed; red: failed.</p>")
+    parts.append(
+        "<h2>Images by category</h2><p>Green frame: passed; red: failed. Next to each "
+        "grid, where a rich-feedback model was given, the same images with its predicted "
+        "implausibility (red) and misalignment (blue) over them, and the words it says "
+        "they missed.</p>"
+    )
+    grids = [
+        (f"{c}-{f}{tail}", f"{f} prompts{label}", c)
+        for c in cats
+        for f in forms
+        for tail, label in (("", ""), ("-feedback", ": rich feedback"))
+        if (folder / "grids" / f"{c}-{f}{tail}.png").exists()
+    ]
     for c in cats:
         figs = "".join(
-            f"<figure><img src='grids/{_e(c)}-{_e(f)}.png' alt='{_e(c)} {_e(f)}'>"
-            f"<figcaption>{_e(f)} prompts</figcaption></figure>"
-            for f in forms
-            if (folder / "grids" / f"{c}-{f}.png").exists()
+            f"<figure><img src='grids/{_e(name)}.png' alt='{_e(c)} {_e(label)}'>"
+            f"<figcaption>{_e(label)}</figcaption></figure>"
+            for name, label, cat in grids
+            if cat == c
         )
         parts.append(f"<h3>{_e(c)}</h3><div class='grids'>{figs}</div>")
 

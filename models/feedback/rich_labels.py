@@ -76,6 +76,16 @@ def _wrong_cells(c: Condition, reason: str, scene: Scene) -> list[tuple[int, int
     return []  # no_object, wrong_shape: nothing of it is drawn
 
 
+def missed_words(prompt: Prompt, scene: Scene) -> set[str]:
+    """The prompt's words behind each of its conditions that fails in `scene`."""
+    return {
+        word
+        for c in prompt.conditions
+        if not condition_holds(c, scene)
+        for word in _words_of(c, _condition_reason(c, scene))
+    }
+
+
 def rich_labels(
     prompt: Prompt,
     scene: Scene,
@@ -86,17 +96,11 @@ def rich_labels(
     """The rich labels of one image (3, H, W) showing `scene`, asked for `prompt`."""
     h, w = image_uint8.shape[-2:]
     misalignment = np.zeros((h, w), np.float32)
-    keywords: set[str] = set()
-    held = []
-    for c in prompt.conditions:
-        ok = condition_holds(c, scene)
-        held.append(ok)
-        if ok:
-            continue
-        reason = _condition_reason(c, scene)
-        keywords |= _words_of(c, reason)
-        for row, col in _wrong_cells(c, reason, scene):
-            misalignment[_cell_box(row, col, h, w)] = 1.0
+    held = [condition_holds(c, scene) for c in prompt.conditions]
+    for c, ok in zip(prompt.conditions, held, strict=True):
+        if not ok:
+            for row, col in _wrong_cells(c, _condition_reason(c, scene), scene):
+                misalignment[_cell_box(row, col, h, w)] = 1.0
     diff = (image_uint8.float() - clean_uint8.float()).abs().mean(0).numpy() / 255.0
     implausibility = np.minimum(diff / utility.error_cap, 1.0).astype(np.float32)
     cell_error = [float(diff[_cell_box(r, c, h, w)].mean()) for r in range(3) for c in range(3)]
@@ -104,7 +108,7 @@ def rich_labels(
     weights = {k: getattr(utility, f"w_{k}") for k in TERMS}
     overall = sum(weights[k] * t[k] for k in TERMS) / sum(weights.values())
     return {
-        "keywords": sorted(keywords),
+        "keywords": sorted(missed_words(prompt, scene)),
         "misalignment": misalignment,
         "implausibility": implausibility,
         "scores": {

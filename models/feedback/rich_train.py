@@ -216,21 +216,32 @@ def measure(pred: dict, ex: dict, index: list[int]) -> dict:
     return out
 
 
+def overlay(image_uint8: torch.Tensor, heatmaps: np.ndarray, full_at: float | None = None):
+    """A PIL image of `image_uint8` (3, H, W) with implausibility (heatmaps[0]) tinted red
+    and misalignment (heatmaps[1]) blue over it: blended at 40% over the dimmed image, or,
+    with `full_at`, over the image as it is, each tint growing with its map and full from
+    `full_at` up (only what a map flags is coloured)."""
+    from PIL import Image
+
+    img = image_uint8.permute(1, 2, 0).float().numpy()
+    if full_at is None:
+        tint = np.stack([heatmaps[0], np.zeros_like(heatmaps[0]), heatmaps[1]], -1) * 255
+        return Image.fromarray((0.6 * img + 0.4 * tint).clip(0, 255).astype(np.uint8))
+    for heat, colour in zip(heatmaps, ([255.0, 0, 0], [0, 64.0, 255]), strict=True):
+        alpha = 0.7 * np.clip(heat / full_at, 0, 1)[..., None]
+        img = (1 - alpha) * img + alpha * np.array(colour)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
 def overlay_grid(pred: dict, ex: dict, index: list[int], n: int = 12):
     """Test examples with the predicted implausibility in red and misalignment in blue
     over them, captioned with the predicted missed words (and the true ones)."""
-    from PIL import Image
-
     from corpus.preview import caption_grid
 
     tiles, captions = [], []
     for k in range(min(n, len(index))):
         i = index[k]
-        img = ex["images"][i].permute(1, 2, 0).float().numpy()
-        heat = pred["heatmaps"][k]
-        tint = np.stack([heat[0], np.zeros_like(heat[0]), heat[1]], -1) * 255
-        mixed = 0.6 * img + 0.4 * tint
-        tiles.append(Image.fromarray(mixed.clip(0, 255).astype(np.uint8)))
+        tiles.append(overlay(ex["images"][i], pred["heatmaps"][k]))
         said = ", ".join(sorted(pred["keywords"][k])) or "-"
         true = ", ".join(sorted(ex["keywords"][i])) or "-"
         captions.append(f"{ex['kinds'][i]}: {ex['texts'][i]} | missed: {said} (true: {true})")

@@ -37,6 +37,7 @@ from assets import recaptioned_dataset as recaptioned_mod
 from assets.reuse import REBUILD_TAG
 from models.expansion.model import expand, load_expander
 from models.feedback.pool import load_pool
+from models.feedback.rich_model import prompt_words
 from models.serving.generate import main as generate_command
 from pipelines import stale
 from pipelines.ablation import caption_ablation
@@ -237,13 +238,17 @@ def retrained(lineage, trained):
     )
 
 
+FEEDBACK = ["feedback_pool", "preference_model", "rich_feedback_model"]
+
+
 @pytest.fixture(scope="module")
 def evaluated(lineage, trained, retrained, expanded):
-    """world_judge, reference_clip and eval_report of the retrained challenger (with the
-    prompt expander: the upsampled form). A judge trained for 3 steps is far below its
-    0.98 bar: its check says so, the gate promotes nothing. The report's files are read
-    now: the promotion below rewrites them."""
-    res = _materialize(lineage, ["world_judge", "reference_clip", "eval_report"])
+    """world_judge, reference_clip, the feedback pool and models, and eval_report of the
+    retrained challenger (with the prompt expander: the upsampled form; with the feedback
+    models: their columns). A judge trained for 3 steps is far below its 0.98 bar: its
+    check says so, the gate promotes nothing. The report's files are read now: the
+    promotion below rewrites them."""
+    res = _materialize(lineage, ["world_judge", "reference_clip", *FEEDBACK, "eval_report"])
     report = lineage.project_dir / "data" / "eval_report"
     client = lineage.client
     return SimpleNamespace(
@@ -252,6 +257,7 @@ def evaluated(lineage, trained, retrained, expanded):
         md=res.asset_materializations_for_node("eval_report")[0].metadata,
         html=(report / "index.html").read_text(),
         metrics=json.loads((report / "metrics.json").read_text()),
+        per_image=[json.loads(x) for x in (report / "per_image.jsonl").read_text().splitlines()],
         per_prompt=json.loads((report / "per_prompt.json").read_text()),
         dvc_metrics=json.loads((lineage.project_dir / "metrics" / "eval_report.json").read_text()),
         run=client.get_run(trained.run_id),
@@ -273,9 +279,10 @@ def expanded(lineage, upstream):
 
 @pytest.fixture(scope="module")
 def feedback(lineage, evaluated):
-    """feedback_pool from the trained model (EMA and raw weights, two guidance scales) and
-    preference_model on its pairs; then the pool again, which draws nothing."""
-    res = _materialize(lineage, ["feedback_pool", "preference_model", "rich_feedback_model"])
+    """feedback_pool from the trained model (EMA and raw weights, two guidance scales),
+    preference_model and rich_feedback_model on it (built for the eval report); then the
+    pool again, which draws nothing."""
+    res = evaluated.res
     pool_dir = lineage.project_dir / "data" / "feedback_pool"
     summary = json.loads((pool_dir / "pool.json").read_text())
     again = _materialize(lineage, ["feedback_pool"], tags={REBUILD_TAG: "feedback_pool"})
@@ -635,6 +642,29 @@ def test_the_generate_command_draws_through_the_champion_with_expansion(
     assert [(r.prompt, r.expanded) for r in rows] == [("a red circle", False)] * 2
     assert json.loads((out / "prompts.json").read_text())[1]["image"] == "001.png"
     assert (out / "grid.png").is_file()
+
+
+def test_the_report_shows_the_feedback_models_view_of_its_images(evaluated):
+    """Preference and rich-feedback scores of every image, the predicted missed words
+    against the judge's, and the grids with heatmaps, in the files, the page and the UI."""
+    m = evaluated.metrics
+    assert not any("columns skipped" in n for n in m["notes"])
+    for form, fm in m["forms"].items():
+        fb = fm["feedback"]
+        assert -1.0 <= fb["preference"] <= 1.0 and 0.0 <= fb["rich_overall"] <= 1.0
+        assert set(fb["missed_words"]) == {"precision", "recall", "f1"}
+        assert f"grids/colour_binding-{form}-feedback.png" in evaluated.html
+    for r in evaluated.per_image:
+        assert set(r["rich_scores"]) == {"plausibility", "alignment", "composition", "overall"}
+        # The judge's missed words are words of the prompt, and only failed images miss any.
+        assert set(r["missed_words_judged"]) <= set(prompt_words(r["prompt"])) or (
+            r["form"] == "upsampled"
+        )
+        assert bool(r["missed_words_judged"]) == (not r["passed"])
+        assert isinstance(r["preference"], float)
+    assert "The feedback models on these images" in evaluated.html
+    assert "| missed words: recall |" in evaluated.md["feedback"].value
+    assert "data:image/png;base64," in evaluated.md["grid_colour_binding_feedback"].value
 
 
 def test_a_champion_evaluated_again_is_not_compared_with_itself(promoted):

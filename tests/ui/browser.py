@@ -41,7 +41,9 @@ EXIT_APT_UNAVAILABLE = 77
 # (Markdown with an inline PNG) and its MLflow run link.
 METADATA_ASSET = "raw_alt_text_dataset"
 
-VIEWPORT = {"width": 1920, "height": 1080}
+# The whole lineage with full names: Dagster draws only the nodes in view, and at 1080p
+# the zoom that shows full names leaves the graph's corners out.
+VIEWPORT = {"width": 2560, "height": 1600}
 REPORT_VIEWPORT = {"width": 1280, "height": 1000}
 # Waits for a page (a busy 2-core machine renders the UI slowly); not a measurement.
 PAGE_TIMEOUT_MS = 120_000

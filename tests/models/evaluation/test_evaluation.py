@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from corpus.prompt_suite import ATTRIBUTES, REASONS, Condition, Prompt, diagnose, judge_prompt
 from corpus.world import Scene, SceneObject
 from models.common.clip import MissingWeightsError, create_clip
+from models.evaluation.feedback_columns import pass_auc
 from models.evaluation.promotion_gate import promotion_decision
 from models.evaluation.reference_clip import (
     TINY_MODEL,
@@ -243,6 +244,47 @@ def test_report_escapes_caption_text(tmp_path):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; a red circle" in page
     assert "<u>" not in page and "&lt;u&gt;no_object&lt;/u&gt;" in page
     assert "Attribute accuracy given that the object exists" in page and "Why images fail" in page
+
+
+def test_pass_auc_ranks_passing_images_above_failing_ones():
+    passed = np.array([True, True, False, False])
+    assert pass_auc(np.array([0.9, 0.8, 0.1, 0.2]), passed) == 1.0
+    assert pass_auc(np.array([0.1, 0.2, 0.9, 0.8]), passed) == 0.0
+    assert pass_auc(np.array([0.5, 0.9, 0.5, 0.1]), passed) == 0.875  # a tie counts half
+    assert pass_auc(np.array([0.5, 0.5]), np.array([True, True])) is None
+
+
+def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp_path):
+    feedback = {"preference": 0.41, "preference_pass_auc": 0.73, "rich_overall": 0.6,
+                "rich_overall_pass_auc": None,
+                "missed_words": {"precision": 0.5, "recall": None, "f1": None}}  # fmt: skip
+    metrics = {
+        "config": {"model": "m"},
+        "suite_version": "v1",
+        "prompts": 1,
+        "images_per_prompt": 1,
+        "forms": {
+            "short": {
+                "prompt_following": {"colour": 0.0, "overall": 0.0},
+                "prompt_following_ci": [0.0, 0.0],
+                "clip_score": 12.0,
+                "clip_truncated_prompts": 0,
+                "feedback": feedback,
+            }
+        },
+        "seconds": {"total_s": 1.0},
+    }
+    (tmp_path / "grids").mkdir()
+    for name in ("colour-short", "colour-short-feedback"):
+        (tmp_path / "grids" / f"{name}.png").write_bytes(b"")
+    page = write_html_report(tmp_path, metrics, []).read_text()
+    assert "The feedback models on these images" in page
+    assert '<td class="n">0.730</td>' in page and "<td>-</td>" in page  # undefined: a dash
+    assert "grids/colour-short-feedback.png" in page and "short prompts: rich feedback" in page
+    flat = flat_metrics(metrics)
+    assert flat["eval/short/feedback/preference_pass_auc"] == 0.73
+    assert flat["eval/short/feedback/missed_words_precision"] == 0.5
+    assert "eval/short/feedback/missed_words_recall" not in flat  # undefined: not logged
 
 
 def test_reference_clip_loads_local_weights_through_the_full_path(tmp_path):

@@ -1,0 +1,125 @@
+"""What the eval report shows of the two feedback models, on the report's own images.
+
+- `preference_model` (HPS v2 style, `models/feedback/preference.py`) scores every image
+  against the prompt it was drawn from. Per form: the mean score, and how well the score
+  tells the images that pass every condition from those that fail (ROC AUC; 0.5 is
+  chance), the judge's verdict being exact.
+- `rich_feedback_model` (RAHF style, `models/feedback/rich_train.py`) predicts per image
+  two heatmaps, four scores and the prompt's words the image missed. The words are
+  compared with the ones the world judge's reading says were missed
+  (`models.feedback.rich_labels.missed_words`): precision, recall and F1 per form. The
+  heatmaps are drawn over the report's grid images (implausibility red, misalignment
+  blue), captioned with the predicted missed words.
+
+Either model may be absent; its columns are then left out and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpus.prompt_suite import Prompt
+from corpus.world import Scene
+from models.evaluation.reference_clip import ReferenceClip
+from models.feedback.rich_labels import missed_words
+from models.feedback.rich_metrics import keyword_metrics
+from models.feedback.rich_model import SCORES, predicted_keywords, prompt_words, word_tokens
+
+
+@dataclass
+class FeedbackModels:
+    preference: ReferenceClip | None = None
+    rich: object | None = None  # models.feedback.rich_train.RichModule
+    rich_tokenizer: object | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.preference is not None or self.rich is not None
+
+
+def load_feedback_models(preference: str | None, rich: str | None) -> FeedbackModels:
+    """The trained models from their asset folders; None: that model is left out."""
+    models = FeedbackModels()
+    if preference:
+        from models.feedback.preference import load_preference_model
+
+        models.preference = load_preference_model(Path(preference))
+    if rich:
+        from models.feedback.rich_train import load_rich_feedback
+
+        models.rich, models.rich_tokenizer = load_rich_feedback(Path(rich))
+    return models
+
+
+def pass_auc(scores: np.ndarray, passed: np.ndarray) -> float | None:
+    """P(score of a passing image > score of a failing one), ties counted half (the
+    Mann-Whitney U over both counts); None when every image passed or every one failed."""
+    pos, neg = scores[passed], scores[~passed]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+@torch.no_grad()
+def predict_rich(models: FeedbackModels, images: torch.Tensor, texts: list[str]) -> dict:
+    """Heatmaps (N, 2, H, W), scores (N, 4) and predicted missed words of each image."""
+    module, tok = models.rich, models.rich_tokenizer
+    module.eval()
+    heat, scores, words = [], [], []
+    for i in range(0, len(texts), 128):
+        ids, owner = zip(
+            *(word_tokens(tok, t, module.cfg.context) for t in texts[i : i + 128]), strict=True
+        )
+        out = module({"images": images[i : i + 128], "ids": torch.stack(ids)})
+        heat.append(out["heatmaps"].numpy())
+        scores.append(out["scores"].numpy())
+        for j, t in enumerate(texts[i : i + 128]):
+            words.append(predicted_keywords(out["tags"][j], owner[j], prompt_words(t)))
+    return {"heatmaps": np.concatenate(heat), "scores": np.concatenate(scores), "words": words}
+
+
+def score_form(
+    models: FeedbackModels,
+    images: torch.Tensor,
+    texts: list[str],
+    prompts: list[Prompt],
+    scenes: list[Scene],
+    passed: list[bool],
+) -> tuple[list[dict], dict, np.ndarray | None]:
+    """One form's images (prompts[i] is image i's suite prompt): per-image fields for
+    per_image.jsonl, the form's summary, and the predicted heatmaps (None without a rich
+    model)."""
+    per_image: list[dict] = [{} for _ in texts]
+    summary: dict = {}
+    passed_arr = np.array(passed, dtype=bool)
+    if models.preference is not None:
+        pref = models.preference.score(images, texts) / 100.0
+        for r, s in zip(per_image, pref, strict=True):
+            r["preference"] = float(s)
+        summary["preference"] = float(pref.mean())
+        summary["preference_pass_auc"] = pass_auc(pref, passed_arr)
+    heatmaps = None
+    if models.rich is not None:
+        pred = predict_rich(models, images, texts)
+        truth = [missed_words(p, s) for p, s in zip(prompts, scenes, strict=True)]
+        for k, r in enumerate(per_image):
+            r["rich_scores"] = dict(zip(SCORES, map(float, pred["scores"][k]), strict=True))
+            r["missed_words_predicted"] = sorted(pred["words"][k])
+            r["missed_words_judged"] = sorted(truth[k])
+        summary["rich_overall"] = float(pred["scores"][:, SCORES.index("overall")].mean())
+        summary["rich_overall_pass_auc"] = pass_auc(
+            pred["scores"][:, SCORES.index("overall")], passed_arr
+        )
+        # Undefined (NaN) when nothing was missed or nothing predicted: null in the JSON.
+        summary["missed_words"] = {
+            k: (None if np.isnan(v) else v)
+            for k, v in keyword_metrics(pred["words"], truth).items()
+        }
+        heatmaps = pred["heatmaps"]
+    return per_image, summary, heatmaps
