@@ -80,12 +80,15 @@ def relation_query(claims: Claims, with_colour: bool, rng: random.Random) -> str
     return f"{b} {'right of' if rel == 'left of' else 'below'} {a}"
 
 
-def derive_query(claims: Claims, level: str, rng: random.Random) -> str:
-    """The query of a caption's claims at `level` (one of LEVELS). Half the queries of a
-    caption with a relation or a word keep it (the suite asks for both)."""
+def derive_query(
+    claims: Claims, level: str, rng: random.Random, relation_share: float = 0.5
+) -> str:
+    """The query of a caption's claims at `level` (one of LEVELS). `relation_share` of the
+    queries of a caption with a relation ask for it, and half of those with a word keep
+    it (the suite asks for both)."""
     if level in ("<abst>", "<dtl>"):
         query = _objects_query(claims, level, rng)
-        if claims.relations and rng.random() < 0.5:
+        if claims.relations and rng.random() < relation_share:
             query = relation_query(claims, level == "<dtl>", rng)
         if claims.words and rng.random() < 0.5:
             word = f'the word "{claims.words[0]}"'
@@ -143,10 +146,10 @@ class Pair:
 
 
 def inversion_pairs(
-    captions: list[str], seed: int, levels: tuple[str, ...] = LEVELS
+    captions: list[str], seed: int, levels: tuple[str, ...] = LEVELS, relation_share: float = 0.5
 ) -> tuple[list[Pair], Counter]:
     """One (prefix, query, prompt) pair per usable caption and level, and the count of
-    captions skipped, by reason."""
+    captions skipped, by reason (`relation_share`: `derive_query`'s)."""
     rng = random.Random(seed)
     pairs, skipped = [], Counter()
     for caption in captions:
@@ -155,5 +158,8 @@ def inversion_pairs(
         if reason:
             skipped[reason] += 1
             continue
-        pairs += [Pair(lv, derive_query(claims, lv, rng), caption.strip()) for lv in levels]
+        pairs += [
+            Pair(lv, derive_query(claims, lv, rng, relation_share), caption.strip())
+            for lv in levels
+        ]
     return pairs, skipped

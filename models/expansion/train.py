@@ -52,6 +52,7 @@ class ExpanderConfig:
     lr: float = 2e-3
     warmup_steps: int = 100
     prefix_dropout: tuple[float, ...] = (0.4, 1.0)  # at the first step, at the last
+    relation_share: float = 0.5  # of training queries whose caption has a relation: ask it
     expansions: int = 4  # per query, when measured
     candidates: int = 16  # samples per query from which the faithful ones are kept
     eval_queries: int = 64  # held-out captions per level
@@ -223,7 +224,9 @@ def train_expander(
 ) -> dict:
     t0 = time.time()
     captions = read_captions(recaptioned)
-    train, skipped = inversion_pairs(captions.get("train", []), cfg.seed)
+    train, skipped = inversion_pairs(
+        captions.get("train", []), cfg.seed, relation_share=cfg.relation_share
+    )
     held_out, skipped_eval = inversion_pairs(
         captions.get("eval", [])[: cfg.eval_queries], cfg.seed + 1
     )

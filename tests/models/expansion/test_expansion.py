@@ -75,6 +75,15 @@ def test_a_relation_query_is_in_the_suites_short_form_either_way_round():
     )
 
 
+def test_relation_share_sets_how_many_queries_ask_for_the_relation():
+    caption = "A red star in the top left and a blue square in the center" + ON_WHITE
+    claims = extract_claims(caption + " The red star is to the left of and above the blue square.")
+    relation = {"a star left of a square", "a square right of a star"}
+    for share, expected in ((1.0, True), (0.0, False)):
+        queries = [derive_query(claims, "<abst>", random.Random(s), share) for s in range(20)]
+        assert all((q in relation) == expected for q in queries), (share, queries)
+
+
 def test_an_uncoloured_query_counts_every_object_of_its_shape():
     caption = "A large red circle in the top left and a small blue circle in the center" + ON_WHITE
     abst = {derive_query(extract_claims(caption), "<abst>", random.Random(s)) for s in range(20)}
