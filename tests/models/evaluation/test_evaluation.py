@@ -200,10 +200,10 @@ def test_attribute_scores_and_failure_breakdown_on_scenes_with_known_errors(tmp_
     assert "eval/descriptive/attribute/count" not in flat  # never judged
 
 
-def test_report_escapes_caption_text(tmp_path):
-    evil = '<script>alert("x")</script> a red circle'
-    metrics = {
-        "config": {"model": "<b>m</b>"},
+def _short_form_report(model: str, **form) -> dict:
+    """A report's metrics with one form, `short`, of one prompt; `form` adds to it."""
+    return {
+        "config": {"model": model},
         "model_steps": 10,
         "suite_version": "v1",
         "prompts": 1,
@@ -214,20 +214,27 @@ def test_report_escapes_caption_text(tmp_path):
                 "prompt_following_ci": [0.0, 0.0],
                 "clip_score": 12.0,
                 "clip_truncated_prompts": 0,
-                "attribute_accuracy": {"shape": 0.5},
-                "attribute_judged": {"shape": 2, "<b>size</b>": 0},
-                "failure_reasons": {
-                    "images": 2,
-                    "failed": 1,
-                    "share_with_reason": {"<u>no_object</u>": 1.0},
-                    "share_primary": {"<u>no_object</u>": 1.0},
-                },
+                **form,
             }
         },
-        "judge_accuracy": {"shape": 1.0},
-        "reference_clip": {},
         "seconds": {"total_s": 1.0},
     }
+
+
+def test_report_escapes_caption_text(tmp_path):
+    evil = '<script>alert("x")</script> a red circle'
+    metrics = _short_form_report(
+        "<b>m</b>",
+        attribute_accuracy={"shape": 0.5},
+        attribute_judged={"shape": 2, "<b>size</b>": 0},
+        failure_reasons={
+            "images": 2,
+            "failed": 1,
+            "share_with_reason": {"<u>no_object</u>": 1.0},
+            "share_primary": {"<u>no_object</u>": 1.0},
+        },
+    )
+    metrics |= {"judge_accuracy": {"shape": 1.0}, "reference_clip": {}}
     records = [
         {
             "prompt_id": "colour-00",
@@ -258,22 +265,7 @@ def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp
     feedback = {"preference": 0.41, "preference_pass_auc": 0.73, "rich_overall": 0.6,
                 "rich_overall_pass_auc": None,
                 "missed_words": {"precision": 0.5, "recall": None, "f1": None}}  # fmt: skip
-    metrics = {
-        "config": {"model": "m"},
-        "suite_version": "v1",
-        "prompts": 1,
-        "images_per_prompt": 1,
-        "forms": {
-            "short": {
-                "prompt_following": {"colour": 0.0, "overall": 0.0},
-                "prompt_following_ci": [0.0, 0.0],
-                "clip_score": 12.0,
-                "clip_truncated_prompts": 0,
-                "feedback": feedback,
-            }
-        },
-        "seconds": {"total_s": 1.0},
-    }
+    metrics = _short_form_report("m", feedback=feedback)
     (tmp_path / "grids").mkdir()
     for name in ("colour-short", "colour-short-feedback"):
         (tmp_path / "grids" / f"{name}.png").write_bytes(b"")
