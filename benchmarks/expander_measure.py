@@ -15,7 +15,9 @@ with fewer than `expansions` good ones, and the distinct good ones per prompt.
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from corpus.params import load_section
@@ -49,8 +51,8 @@ def relations(
     model, tok, cfg: ExpanderConfig, captions: dict[str, list[str]], n_queries: int = 48
 ) -> None:
     """Relation queries of the training distribution: `<abst>` queries derived from
-    held-out captions, and how many training pairs have one."""
-    train, _ = inversion_pairs(captions["train"], cfg.seed)
+    held-out captions, and how many of the expander's training pairs have one."""
+    train, _ = inversion_pairs(captions["train"], cfg.seed, relation_share=cfg.relation_share)
     held_out, _ = inversion_pairs(captions["eval"], cfg.seed + 1)
     queries = [p.query for p in held_out if p.prefix == "<abst>" and query_relations(p.query)]
     queries = queries[:n_queries]
@@ -69,6 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     cfg = ExpanderConfig.from_dict(load_section("params.yaml", "prompt_expander"))
     model, tok = load_expander(args.expander)
+    trained = json.loads((args.expander / "metrics.json").read_text()).get("config", {})
+    # The held-out queries are params.yaml's; the training pairs counted are the expander's.
+    cfg_train = replace(cfg, relation_share=trained.get("relation_share", 0.5))
     captions = read_captions(Path("data/recaptioned"))
     held_out, _ = inversion_pairs(captions["eval"][: cfg.eval_queries], cfg.seed + 1)
     short = [p.short for p in load_suite(Path(cfg.suite))]
@@ -87,7 +92,7 @@ def main() -> None:
     print("faithful as sampled, per suite category:")
     print({c: round(sum(v) / len(v), 3) for c, v in by_category.items()})
     print("claims dropped or contradicted, by kind:", dict(claims.most_common()))
-    relations(model, tok, cfg, captions)
+    relations(model, tok, cfg_train, captions)
     if args.temperatures:
         temperature_sweep(model, tok, cfg, short, args.temperatures)
 
