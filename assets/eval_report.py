@@ -96,6 +96,10 @@ def _if_built(project, stage: str, marker: str) -> str | None:
     return str(project.data_path(stage)) if project.data_path(stage, marker).exists() else None
 
 
+def _cell(v: float | int | None) -> str:
+    return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
+
+
 def feedback_table(metrics: dict) -> str | None:
     """The feedback models' measures per form (Markdown), or None without them."""
     forms = [f for f, m in metrics["forms"].items() if "feedback" in m]
@@ -104,9 +108,10 @@ def feedback_table(metrics: dict) -> str | None:
     fb = [metrics["forms"][f]["feedback"] for f in forms]
     rows = ["| | " + " | ".join(forms) + " |", "|---|" + "---:|" * len(forms)]
     measures = [("preference", "preference (cosine)"),
-                ("preference_pass_auc", "preference: pass/fail AUC"),
+                ("preference_same_prompt_auc", "preference: pass above fail, same prompt"),
                 ("rich_overall", "rich overall"),
-                ("rich_overall_pass_auc", "rich overall: pass/fail AUC")]  # fmt: skip
+                ("rich_overall_same_prompt_auc", "rich overall: pass above fail, same prompt"),
+                ("same_prompt_pairs", "pass/fail pairs of the same prompt")]  # fmt: skip
     cells = [[m.get(k) for m in fb] for k, _ in measures]
     cells += [[m.get("missed_words", {}).get(k) for m in fb] for k in ("precision", "recall", "f1")]
     labels = [label for _, label in measures] + [
@@ -114,9 +119,7 @@ def feedback_table(metrics: dict) -> str | None:
     ]
     for label, row in zip(labels, cells, strict=True):
         if any(v is not None for v in row):
-            rows.append(
-                f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in row) + " |"
-            )
+            rows.append(f"| {label} | " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(rows)
 
 

@@ -1,9 +1,11 @@
 """What the eval report shows of the two feedback models, on the report's own images.
 
 - `preference_model` (HPS v2 style, `models/feedback/preference.py`) scores every image
-  against the prompt it was drawn from. Per form: the mean score, and how well the score
-  tells the images that pass every condition from those that fail (ROC AUC; 0.5 is
-  chance), the judge's verdict being exact.
+  against the prompt it was drawn from. Per form: the mean score, and how often it ranks
+  an image that passes every condition above one of the same prompt that fails (0.5 is
+  chance), the judge's verdict being exact. Only images of the same prompt are compared:
+  across prompts a score could separate pass from fail by knowing which prompts are easy,
+  without reading any image.
 - `rich_feedback_model` (RAHF style, `models/feedback/rich_train.py`) predicts per image
   two heatmaps, four scores and the prompt's words the image missed. The words are
   compared with the ones the world judge's reading says were missed
@@ -55,15 +57,22 @@ def load_feedback_models(preference: str | None, rich: str | None) -> FeedbackMo
     return models
 
 
-def pass_auc(scores: np.ndarray, passed: np.ndarray) -> float | None:
-    """P(score of a passing image > score of a failing one), ties counted half (the
-    Mann-Whitney U over both counts); None when every image passed or every one failed."""
-    pos, neg = scores[passed], scores[~passed]
-    if not len(pos) or not len(neg):
+def same_prompt_pairs(passed: np.ndarray, prompt_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (passing, failing) of every pair of images of the same prompt of which one
+    passes and the other fails."""
+    ids = np.array(prompt_ids)
+    same = ids[:, None] == ids[None, :]
+    pos, neg = np.nonzero(same & passed[:, None] & ~passed[None, :])
+    return pos, neg
+
+
+def same_prompt_auc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """P(score of the passing image > score of the failing one) over the pairs `pos`,
+    `neg`, ties counted half; None without a pair."""
+    if not len(pos):
         return None
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    a, b = scores[pos], scores[neg]
+    return float(((a > b).sum() + 0.5 * (a == b).sum()) / len(pos))
 
 
 @torch.no_grad()
@@ -96,14 +105,14 @@ def score_form(
     per_image.jsonl, the form's summary, and the predicted heatmaps (None without a rich
     model)."""
     per_image: list[dict] = [{} for _ in texts]
-    summary: dict = {}
-    passed_arr = np.array(passed, dtype=bool)
+    pos, neg = same_prompt_pairs(np.array(passed, dtype=bool), [p.id for p in prompts])
+    summary: dict = {"same_prompt_pairs": len(pos)} if models.any else {}
     if models.preference is not None:
         pref = models.preference.score(images, texts) / 100.0
         for r, s in zip(per_image, pref, strict=True):
             r["preference"] = float(s)
         summary["preference"] = float(pref.mean())
-        summary["preference_pass_auc"] = pass_auc(pref, passed_arr)
+        summary["preference_same_prompt_auc"] = same_prompt_auc(pref, pos, neg)
     heatmaps = None
     if models.rich is not None:
         pred = predict_rich(models, images, texts)
@@ -112,10 +121,9 @@ def score_form(
             r["rich_scores"] = dict(zip(SCORES, map(float, pred["scores"][k]), strict=True))
             r["missed_words_predicted"] = sorted(pred["words"][k])
             r["missed_words_judged"] = sorted(truth[k])
-        summary["rich_overall"] = float(pred["scores"][:, SCORES.index("overall")].mean())
-        summary["rich_overall_pass_auc"] = pass_auc(
-            pred["scores"][:, SCORES.index("overall")], passed_arr
-        )
+        overall = pred["scores"][:, SCORES.index("overall")]
+        summary["rich_overall"] = float(overall.mean())
+        summary["rich_overall_same_prompt_auc"] = same_prompt_auc(overall, pos, neg)
         # Undefined (NaN) when nothing was missed or nothing predicted: null in the JSON.
         summary["missed_words"] = {
             k: (None if np.isnan(v) else v)

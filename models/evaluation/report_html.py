@@ -94,18 +94,21 @@ def _feedback(metrics: dict, forms: list[str]) -> list[str]:
         words = m.get("missed_words", {})
         rows.append(
             f"<tr><td>{_e(f)}</td>{_opt(m.get('preference'))}"
-            f"{_opt(m.get('preference_pass_auc'))}{_opt(m.get('rich_overall'))}"
-            f"{_opt(m.get('rich_overall_pass_auc'))}{_opt(words.get('precision'))}"
+            f"{_opt(m.get('preference_same_prompt_auc'))}{_opt(m.get('rich_overall'))}"
+            f"{_opt(m.get('rich_overall_same_prompt_auc'))}"
+            f"<td class='n'>{_e(m.get('same_prompt_pairs', '-'))}</td>"
+            f"{_opt(words.get('precision'))}"
             f"{_opt(words.get('recall'))}{_opt(words.get('f1'))}</tr>"
         )
-    header = ["prompt form", "preference (cosine)", "preference: pass/fail AUC",
-              "rich overall", "rich overall: pass/fail AUC", "missed words: precision",
-              "recall", "F1"]  # fmt: skip
+    header = ["prompt form", "preference (cosine)", "preference: pass above fail",
+              "rich overall", "rich overall: pass above fail", "pass/fail pairs",
+              "missed words: precision", "recall", "F1"]  # fmt: skip
     return [
         "<h2>The feedback models on these images</h2>",
         "<p>The preference model (HPS v2 style) and the rich-feedback model (RAHF style) "
-        "read the same images. AUC: how often a score ranks an image that passes every "
-        "condition above one that fails (0.5: chance). Missed words: the prompt words the "
+        "read the same images. Pass above fail: how often a score ranks an image that "
+        "passes every condition above one of the same prompt that fails (0.5: chance; "
+        "pairs: how many such pairs the form has). Missed words: the prompt words the "
         "rich-feedback model says the image missed, against those the world judge's "
         "reading says it missed. -: not measured or undefined.</p>",
         _table(header, rows),

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from corpus.prompt_suite import ATTRIBUTES, REASONS, Condition, Prompt, diagnose, judge_prompt
 from corpus.world import Scene, SceneObject
 from models.common.clip import MissingWeightsError, create_clip
-from models.evaluation.feedback_columns import pass_auc
+from models.evaluation.feedback_columns import same_prompt_auc, same_prompt_pairs
 from models.evaluation.promotion_gate import promotion_decision
 from models.evaluation.reference_clip import (
     TINY_MODEL,
@@ -253,17 +253,21 @@ def test_report_escapes_caption_text(tmp_path):
     assert "Attribute accuracy given that the object exists" in page and "Why images fail" in page
 
 
-def test_pass_auc_ranks_passing_images_above_failing_ones():
-    passed = np.array([True, True, False, False])
-    assert pass_auc(np.array([0.9, 0.8, 0.1, 0.2]), passed) == 1.0
-    assert pass_auc(np.array([0.1, 0.2, 0.9, 0.8]), passed) == 0.0
-    assert pass_auc(np.array([0.5, 0.9, 0.5, 0.1]), passed) == 0.875  # a tie counts half
-    assert pass_auc(np.array([0.5, 0.5]), np.array([True, True])) is None
+def test_scores_are_compared_only_between_images_of_the_same_prompt():
+    passed = np.array([True, False, True, False, False])
+    pos, neg = same_prompt_pairs(passed, ["a", "a", "b", "b", "b"])
+    assert sorted(zip(pos.tolist(), neg.tolist(), strict=True)) == [(0, 1), (2, 3), (2, 4)]
+    # Prompt a's images score high, b's low: across prompts the failing image 1 would
+    # outrank the passing image 2; within each prompt every passing image wins.
+    assert same_prompt_auc(np.array([0.9, 0.8, 0.3, 0.2, 0.1]), pos, neg) == 1.0
+    assert same_prompt_auc(np.array([0.9, 0.8, 0.3, 0.3, 0.4]), pos, neg) == 0.5  # win, tie, loss
+    none = same_prompt_pairs(np.array([True, False]), ["a", "b"])
+    assert same_prompt_auc(np.array([0.5, 0.5]), *none) is None
 
 
 def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp_path):
-    feedback = {"preference": 0.41, "preference_pass_auc": 0.73, "rich_overall": 0.6,
-                "rich_overall_pass_auc": None,
+    feedback = {"preference": 0.41, "preference_same_prompt_auc": 0.73, "rich_overall": 0.6,
+                "rich_overall_same_prompt_auc": None, "same_prompt_pairs": 7,
                 "missed_words": {"precision": 0.5, "recall": None, "f1": None}}  # fmt: skip
     metrics = _short_form_report("m", feedback=feedback)
     (tmp_path / "grids").mkdir()
@@ -274,7 +278,7 @@ def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp
     assert '<td class="n">0.730</td>' in page and "<td>-</td>" in page  # undefined: a dash
     assert "grids/colour-short-feedback.png" in page and "short prompts: rich feedback" in page
     flat = flat_metrics(metrics)
-    assert flat["eval/short/feedback/preference_pass_auc"] == 0.73
+    assert flat["eval/short/feedback/preference_same_prompt_auc"] == 0.73
     assert flat["eval/short/feedback/missed_words_precision"] == 0.5
     assert "eval/short/feedback/missed_words_recall" not in flat  # undefined: not logged
 
