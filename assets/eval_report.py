@@ -16,6 +16,7 @@ from PIL import Image
 from assets.diffusion_model import REGISTERED_NAME
 from assets.metadata import preview_metadata
 from assets.reuse import build_or_reuse
+from models.evaluation.feedback_columns import MEASURES
 from models.evaluation.promotion_gate import promotion_decision
 from models.evaluation.report import EvalReportConfig, evaluate_model
 from models.evaluation.world_judge import failing_kinds
@@ -107,14 +108,9 @@ def feedback_table(metrics: dict) -> str | None:
         return None
     fb = [metrics["forms"][f]["feedback"] for f in forms]
     rows = ["| | " + " | ".join(forms) + " |", "|---|" + "---:|" * len(forms)]
-    measures = [("preference", "preference (cosine)"),
-                ("preference_same_prompt_auc", "preference: pass above fail, same prompt"),
-                ("rich_overall", "rich overall"),
-                ("rich_overall_same_prompt_auc", "rich overall: pass above fail, same prompt"),
-                ("same_prompt_pairs", "pass/fail pairs of the same prompt")]  # fmt: skip
-    cells = [[m.get(k) for m in fb] for k, _ in measures]
+    cells = [[m.get(k) for m in fb] for k, _ in MEASURES]
     cells += [[m.get("missed_words", {}).get(k) for m in fb] for k in ("precision", "recall", "f1")]
-    labels = [label for _, label in measures] + [
+    labels = [label for _, label in MEASURES] + [
         f"missed words: {k}" for k in ("precision", "recall", "F1")
     ]
     for label, row in zip(labels, cells, strict=True):

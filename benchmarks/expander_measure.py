@@ -71,9 +71,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg = ExpanderConfig.from_dict(load_section("params.yaml", "prompt_expander"))
     model, tok = load_expander(args.expander)
-    trained = json.loads((args.expander / "metrics.json").read_text()).get("config", {})
-    # The held-out queries are params.yaml's; the training pairs counted are the expander's.
-    cfg_train = replace(cfg, relation_share=trained.get("relation_share", 0.5))
+    # The held-out queries are params.yaml's; the training pairs counted are the expander's
+    # (a folder trained elsewhere has no metrics.json: params.yaml's then).
+    saved = args.expander / "metrics.json"
+    trained = json.loads(saved.read_text()).get("config", {}) if saved.exists() else {}
+    cfg_train = replace(cfg, relation_share=trained.get("relation_share", cfg.relation_share))
     captions = read_captions(Path("data/recaptioned"))
     held_out, _ = inversion_pairs(captions["eval"][: cfg.eval_queries], cfg.seed + 1)
     short = [p.short for p in load_suite(Path(cfg.suite))]

@@ -13,6 +13,12 @@
   heatmaps are drawn over the report's grid images (implausibility red, misalignment
   blue), captioned with the predicted missed words.
 
+In the upsampled form each image has its own expansion, which the models read, while
+the judge holds it to the short prompt's conditions: images of one prompt are scored
+against different texts, and a missed word of the short prompt may not be in the
+expansion the rich model read (or may lie past its context). Read that form's columns
+with this in mind.
+
 Either model may be absent; its columns are then left out and the report says so.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,12 +38,25 @@ from models.feedback.rich_labels import missed_words
 from models.feedback.rich_metrics import keyword_metrics
 from models.feedback.rich_model import SCORES, predicted_keywords, prompt_words, word_tokens
 
+if TYPE_CHECKING:
+    from models.feedback.rich_train import RichModule
+
+# (key under forms.<form>.feedback, label) of the per-form measures, in the report's order;
+# missed_words holds precision, recall and f1.
+MEASURES = (
+    ("preference", "preference (cosine)"),
+    ("preference_same_prompt_auc", "preference: pass above fail, same prompt"),
+    ("rich_overall", "rich overall"),
+    ("rich_overall_same_prompt_auc", "rich overall: pass above fail, same prompt"),
+    ("same_prompt_pairs", "pass/fail pairs of the same prompt"),
+)
+
 
 @dataclass
 class FeedbackModels:
     preference: ReferenceClip | None = None
-    rich: object | None = None  # models.feedback.rich_train.RichModule
-    rich_tokenizer: object | None = None
+    rich: RichModule | None = None
+    rich_tokenizer: object | None = None  # open_clip's tokenizer of the rich model's CLIP
 
     @property
     def any(self) -> bool:

@@ -104,16 +104,20 @@ def _select(prompts, per_category: int):
 
 
 def _tile(
-    image: torch.Tensor, passed: bool, scale: int = 3, heatmaps: np.ndarray | None = None
+    image: torch.Tensor,
+    passed: bool,
+    scale: int = 3,
+    heatmaps: np.ndarray | None = None,
+    full_at: float | None = None,
 ) -> Image.Image:
     """An image upscaled with a green (passed) or red (failed) frame; with predicted
-    heatmaps, they are tinted over it."""
+    heatmaps, they are tinted over it (`models.feedback.rich_train.overlay`)."""
     if heatmaps is None:
         img = Image.fromarray(image.permute(1, 2, 0).numpy())
     else:
         from models.feedback.rich_train import overlay
 
-        img = overlay(image, heatmaps, full_at=0.5)  # the repair threshold: flagged
+        img = overlay(image, heatmaps, full_at)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     ImageDraw.Draw(img).rectangle(
         (0, 0, img.width - 1, img.height - 1),
@@ -209,28 +213,24 @@ def evaluate_model(
         }
         if form == "upsampled":
             by_form[form].update(_against_short(upsampled, per_prompt, prompts, cfg.n_boot))
+        n = cfg.images_per_prompt
         for c in cats:
-            idx = [i for i, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
-            tiles, caps = [], []
-            for i in idx:
-                for k in range(cfg.images_per_prompt):
-                    j = i * cfg.images_per_prompt + k
-                    tiles.append(_tile(images[j], bool(passed_arr[i, k])))
-                    caps.append(texts[j] if k == 0 or form == "upsampled" else " ")
-            grid = caption_grid(tiles, caps, cols=cfg.images_per_prompt, tile=96, lines=4)
+            shown = [i for i, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
+            js = [j for i in shown for j in range(i * n, (i + 1) * n)]  # their images
+            tiles = [_tile(images[j], passed[j]) for j in js]
+            caps = [texts[j] if j % n == 0 or form == "upsampled" else " " for j in js]
+            grid = caption_grid(tiles, caps, cols=n, tile=96, lines=4)
             grid.save(tmp / "grids" / f"{c}-{form}.png")
             if heatmaps is not None:
+                full_at = feedback.rich.cfg.repair_threshold  # what region repair resamples
                 tiles = [
-                    _tile(images[j], passed[j], heatmaps=heatmaps[j])
-                    for i in idx
-                    for j in range(i * cfg.images_per_prompt, (i + 1) * cfg.images_per_prompt)
+                    _tile(images[j], passed[j], heatmaps=heatmaps[j], full_at=full_at) for j in js
                 ]
                 caps = [
                     "missed: " + (", ".join(fb_images[j]["missed_words_predicted"]) or "-")
-                    for i in idx
-                    for j in range(i * cfg.images_per_prompt, (i + 1) * cfg.images_per_prompt)
+                    for j in js
                 ]
-                grid = caption_grid(tiles, caps, cols=cfg.images_per_prompt, tile=96, lines=2)
+                grid = caption_grid(tiles, caps, cols=n, tile=96, lines=2)
                 grid.save(tmp / "grids" / f"{c}-{form}-feedback.png")
 
     model_metrics = json.loads((Path(cfg.model) / "metrics.json").read_text())

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from corpus.atomic import write_text_atomic
+from models.evaluation.feedback_columns import MEASURES
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -92,17 +93,14 @@ def _feedback(metrics: dict, forms: list[str]) -> list[str]:
     rows = []
     for f, m in fb.items():
         words = m.get("missed_words", {})
+        cells = [m.get(k) for k, _ in MEASURES] + [words.get(k) for k in ("precision", "recall")]
         rows.append(
-            f"<tr><td>{_e(f)}</td>{_opt(m.get('preference'))}"
-            f"{_opt(m.get('preference_same_prompt_auc'))}{_opt(m.get('rich_overall'))}"
-            f"{_opt(m.get('rich_overall_same_prompt_auc'))}"
-            f"<td class='n'>{_e(m.get('same_prompt_pairs', '-'))}</td>"
-            f"{_opt(words.get('precision'))}"
-            f"{_opt(words.get('recall'))}{_opt(words.get('f1'))}</tr>"
+            f"<tr><td>{_e(f)}</td>"
+            + "".join(f"<td class='n'>{x}</td>" if isinstance(x, int) else _opt(x) for x in cells)
+            + f"{_opt(words.get('f1'))}</tr>"
         )
-    header = ["prompt form", "preference (cosine)", "preference: pass above fail",
-              "rich overall", "rich overall: pass above fail", "pass/fail pairs",
-              "missed words: precision", "recall", "F1"]  # fmt: skip
+    header = ["prompt form", *(label for _, label in MEASURES), "missed words: precision",
+              "recall", "F1"]  # fmt: skip
     return [
         "<h2>The feedback models on these images</h2>",
         "<p>The preference model (HPS v2 style) and the rich-feedback model (RAHF style) "
@@ -110,7 +108,9 @@ def _feedback(metrics: dict, forms: list[str]) -> list[str]:
         "passes every condition above one of the same prompt that fails (0.5: chance; "
         "pairs: how many such pairs the form has). Missed words: the prompt words the "
         "rich-feedback model says the image missed, against those the world judge's "
-        "reading says it missed. -: not measured or undefined.</p>",
+        "reading says it missed. -: not measured or undefined. Upsampled images each have "
+        "their own expansion, read by the models, and are judged by the short prompt: "
+        "its pairs compare different texts, and a missed word may not be in the text.</p>",
         _table(header, rows),
     ]
 

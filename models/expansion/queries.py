@@ -83,9 +83,9 @@ def relation_query(claims: Claims, with_colour: bool, rng: random.Random) -> str
 def derive_query(
     claims: Claims, level: str, rng: random.Random, relation_share: float = 0.5
 ) -> str:
-    """The query of a caption's claims at `level` (one of LEVELS). `relation_share` of the
-    queries of a caption with a relation ask for it, and half of those with a word keep
-    it (the suite asks for both)."""
+    """The query of a caption's claims at `level` (one of LEVELS). At `<abst>` and `<dtl>`,
+    `relation_share` of the queries of a caption with a relation ask for it, and half of
+    those with a word keep it (the suite asks for both)."""
     if level in ("<abst>", "<dtl>"):
         query = _objects_query(claims, level, rng)
         if claims.relations and rng.random() < relation_share:

@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from corpus.atomic import write_atomic, write_text_atomic
@@ -216,12 +217,13 @@ def measure(pred: dict, ex: dict, index: list[int]) -> dict:
     return out
 
 
-def overlay(image_uint8: torch.Tensor, heatmaps: np.ndarray, full_at: float | None = None):
+def overlay(
+    image_uint8: torch.Tensor, heatmaps: np.ndarray, full_at: float | None = None
+) -> Image.Image:
     """A PIL image of `image_uint8` (3, H, W) with implausibility (heatmaps[0]) tinted red
     and misalignment (heatmaps[1]) blue over it: blended at 40% over the dimmed image, or,
-    with `full_at`, over the image as it is, each tint growing with its map and full from
-    `full_at` up (only what a map flags is coloured)."""
-    from PIL import Image
+    with `full_at`, over the image as it is, each tint's opacity growing with its map up
+    to 0.7 at `full_at` and above (low values stay nearly clear)."""
 
     img = image_uint8.permute(1, 2, 0).float().numpy()
     if full_at is None:

@@ -14,7 +14,12 @@ from safetensors.torch import save_file
 from corpus.prompt_suite import ATTRIBUTES, REASONS, Condition, Prompt, diagnose, judge_prompt
 from corpus.world import Scene, SceneObject
 from models.common.clip import MissingWeightsError, create_clip
-from models.evaluation.feedback_columns import same_prompt_auc, same_prompt_pairs
+from models.evaluation.feedback_columns import (
+    FeedbackModels,
+    same_prompt_auc,
+    same_prompt_pairs,
+    score_form,
+)
 from models.evaluation.promotion_gate import promotion_decision
 from models.evaluation.reference_clip import (
     TINY_MODEL,
@@ -263,6 +268,35 @@ def test_scores_are_compared_only_between_images_of_the_same_prompt():
     assert same_prompt_auc(np.array([0.9, 0.8, 0.3, 0.3, 0.4]), pos, neg) == 0.5  # win, tie, loss
     none = same_prompt_pairs(np.array([True, False]), ["a", "b"])
     assert same_prompt_auc(np.array([0.5, 0.5]), *none) is None
+
+
+class _ScoresByText:
+    """A preference model stand-in: each text's score, x 100 as ReferenceClip gives it."""
+
+    def __init__(self, by_text: dict[str, float]):
+        self.by_text = by_text
+
+    def score(self, images, texts):
+        return np.array([100.0 * self.by_text[t] for t in texts])
+
+
+def test_feedback_columns_score_each_image_and_compare_within_prompts():
+    a, b = BINDING, Prompt("c", "colour", "a red circle", "", BINDING.conditions[:1], HAND_MADE[0])
+    prompts, passed = [a, a, b, b], [True, False, False, True]
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    texts = ["x", "y", "z", "w"]
+    models = FeedbackModels(preference=_ScoresByText({"x": 0.3, "y": 0.1, "z": 0.9, "w": 0.2}))
+    per_image, summary, heatmaps = score_form(models, images, texts, prompts, HAND_MADE, passed)
+    assert [r["preference"] for r in per_image] == pytest.approx([0.3, 0.1, 0.9, 0.2])
+    # Prompt a: the passing image wins; prompt b: the failing one does.
+    assert summary["same_prompt_pairs"] == 2 and summary["preference_same_prompt_auc"] == 0.5
+    assert summary["preference"] == pytest.approx(0.375) and heatmaps is None
+    assert "rich_overall" not in summary and "rich_scores" not in per_image[0]
+    assert score_form(FeedbackModels(), images, texts, prompts, HAND_MADE, passed) == (
+        [{}, {}, {}, {}],
+        {},
+        None,
+    )
 
 
 def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp_path):
