@@ -419,7 +419,7 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
                 "clip_score": m["clip_score"],
                 "attribute_accuracy": m["attribute_accuracy"],
                 "failure_reasons": m["failure_reasons"],
-                **({"feedback": m["feedback"]} if "feedback" in m else {}),
+                **({"feedback": _defined(m["feedback"])} if "feedback" in m else {}),
             }
             for form, m in metrics["forms"].items()
         },
@@ -427,6 +427,17 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
     write_text_atomic(metrics_dir / "eval_report.json", json.dumps(summary, indent=2) + "\n")
     for name in ("prompt_following.json", "training_curve.json"):
         write_text_atomic(metrics_dir / name, (report / "plots" / name).read_text())
+
+
+def _defined(d: dict) -> dict:
+    """`d` without its undefined (None) measures and the sections left empty: `dvc metrics`
+    drops both, so the file would not read back as written."""
+    out = {}
+    for k, v in d.items():
+        v = _defined(v) if isinstance(v, dict) else v
+        if v is not None and v != {}:
+            out[k] = v
+    return out
 
 
 def log_to_mlflow(

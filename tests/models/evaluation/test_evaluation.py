@@ -27,7 +27,7 @@ from models.evaluation.reference_clip import (
     load_reference_clip,
     train_reference_clip,
 )
-from models.evaluation.report import flat_metrics, summarise_diagnoses
+from models.evaluation.report import flat_metrics, summarise_diagnoses, write_dvc_metrics
 from models.evaluation.report_html import write_html_report
 from models.evaluation.world_judge import (
     MissingJudgeError,
@@ -297,6 +297,19 @@ def test_feedback_columns_score_each_image_and_compare_within_prompts():
         {},
         None,
     )
+
+
+def test_dvc_metrics_leave_out_undefined_feedback_measures(tmp_path):
+    """`dvc metrics show` drops nulls and empty sections: the file must read back as it is."""
+    feedback = {"preference": 0.4, "preference_same_prompt_auc": None,
+                "missed_words": {"precision": None, "recall": None, "f1": None}}  # fmt: skip
+    metrics = _short_form_report("m", attribute_accuracy={}, failure_reasons={}, feedback=feedback)
+    (tmp_path / "report" / "plots").mkdir(parents=True)
+    for name in ("prompt_following.json", "training_curve.json"):
+        (tmp_path / "report" / "plots" / name).write_text("[]")
+    write_dvc_metrics(tmp_path / "report", tmp_path / "metrics", metrics)
+    written = json.loads((tmp_path / "metrics" / "eval_report.json").read_text())
+    assert written["short"]["feedback"] == {"preference": 0.4}
 
 
 def test_report_page_shows_the_feedback_models_table_and_their_overlay_grids(tmp_path):
