@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cfg = RecaptionConfig.from_dict(load_section(args.params, "recaptioned_dataset"))
     checked = cfg.generation
-    plain: GenerationConfig = replace(checked, check_clauses=False, candidates=1)
+    plain: GenerationConfig = replace(checked, check_clauses=False, candidates=1, lookahead=False)
     index = pd.read_parquet(Path(args.raw) / "index.parquet")
     held_out = index[index["split"] == "eval"].head(args.images)
     keys, shards = list(held_out["key"]), list(held_out["shard"])
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     runs = {
         "checked_beam": checked,
-        "checked_beam_transformers": replace(checked, beam_search="transformers"),
+        "checked_beam_transformers": replace(checked, beam_search="transformers", lookahead=False),
         "plain_beam": plain,
     }
     for name, gen in runs.items():

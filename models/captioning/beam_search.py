@@ -37,6 +37,7 @@ def beam_search(
     min_new_tokens: int = 0,
     num_return_sequences: int = 1,
     check: ClauseCheck | None = None,
+    lookahead: bool = False,
 ) -> list[list[int]]:
     """Token ids (without EOS) of the best `num_return_sequences` captions per image,
     best first, image-major; `prefix` (B, P, hidden) is what the LM reads before them."""
@@ -66,7 +67,13 @@ def beam_search(
         vocab = logp.shape[-1]
         first_row = torch.arange(len(active), device=index.device)[:, None] * k
         parent_of = (first_row + index // vocab).tolist()
-        candidates = zip(top.tolist(), parent_of, (index % vocab).tolist(), strict=True)
+        tokens = (index % vocab).tolist()
+        top = top.tolist()
+        if check is not None and lookahead and t > 0:
+            top, parent_of, tokens = _look_ahead(
+                check, top, parent_of, tokens, texts, ids, row_images, eos_token_id, k
+            )
+        candidates = zip(top, parent_of, tokens, strict=True)
         keep, still = [], []  # (score, parent row, token) of the next beams; their images
         for image, options in zip(active, candidates, strict=True):
             beams = []
@@ -108,3 +115,33 @@ def beam_search(
         hyps = sorted(hyps, key=lambda h: -h[0])[:num_return_sequences]
         best.extend(h for _, h in hyps)
     return best
+
+
+def _look_ahead(check, top, parent_of, tokens, texts, ids, row_images, eos, k):
+    """Each image's candidates of the step reranked as if the word each one ends were
+    complete: a false claim is then charged when its last word is written, while the
+    candidates that avoid it are still there, not one token later when every beam may
+    hold it. Only the order changes; a kept beam is charged when its words settle.
+    Candidates are read best first until `k` that may continue state nothing false: the
+    rest cannot be kept."""
+    out_top, out_parent, out_tok = [], [], []
+    for scores, parents, toks in zip(top, parent_of, tokens, strict=True):
+        clean, charged, clean_beams = [], [], 0
+        for s, parent, tok in zip(scores, parents, toks, strict=True):
+            if clean_beams == k:
+                break
+            if tok == eos:  # its end is charged already (ClauseCheck.charge_end)
+                clean.append((s, parent, tok))
+                continue
+            text = check.extend(texts[parent], ids[parent] + [tok])
+            false = check.look_ahead(row_images[parent], text, texts[parent])
+            if false:
+                charged.append((s - PENALTY * false, parent, tok))
+            else:
+                clean.append((s, parent, tok))
+                clean_beams += 1
+        ranked = clean + sorted(charged, key=lambda r: -r[0])
+        out_top.append([r[0] for r in ranked])
+        out_parent.append([r[1] for r in ranked])
+        out_tok.append([r[2] for r in ranked])
+    return out_top, out_parent, out_tok

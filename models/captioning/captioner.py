@@ -58,6 +58,10 @@ class GenerationConfig:
     # logits processor), for an LM whose KV cache cannot be reordered by `reorder_cache`.
     # Both find the same captions.
     beam_search: str = "recapflow"
+    # With check_clauses and the recapflow search: rank each step's candidates as if the
+    # word each one ends were complete, so a false claim is charged while the beams that
+    # avoid it are still candidates (beam_search._look_ahead).
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("greedy", "beam", "nucleus"):
@@ -73,6 +77,12 @@ class GenerationConfig:
         if self.check_clauses and self.mode != "beam":
             raise ValueError(
                 f"check_clauses reorders beams: it needs mode 'beam', not {self.mode!r}"
+            )
+        if self.lookahead and not (self.check_clauses and self.beam_search == "recapflow"):
+            raise ValueError(
+                "lookahead ranks the check's candidates: it needs check_clauses and "
+                f"beam_search 'recapflow' (got check_clauses={self.check_clauses}, "
+                f"beam_search={self.beam_search!r})"
             )
 
 
@@ -221,6 +231,7 @@ class PrefixCaptioner(nn.Module):
                 min_new_tokens=cfg.min_new_tokens,
                 num_return_sequences=n,
                 check=check,
+                lookahead=cfg.lookahead,
             )
         else:
             kwargs = {

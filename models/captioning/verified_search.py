@@ -126,6 +126,16 @@ class ClauseCheck(LogitsProcessor):
             self._settled[image, part] = self._clause_false(image, part) + count
         return self._settled[image, part]
 
+    def look_ahead(self, image: int, text: str, parent: str) -> int:
+        """The false claims `text` adds to its parent's settled ones if its last word is
+        complete (a cell name that a longer one continues is left out)."""
+        part = text.strip()
+        for cell in _GROWING_CELLS:
+            if part.endswith(cell):
+                part = part[: -len(cell)].rstrip()
+                break
+        return max(self._false_settled(image, part) - self._false(image, parent.strip()), 0)
+
     def _false_ended(self, image: int, text: str) -> int:
         """False claims in all of `text`, as a finished caption: its counts add the mentions
         of its finished sentences and of its last one."""
