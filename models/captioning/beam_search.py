@@ -12,7 +12,9 @@ What it does differently, and why (docs/log/2026-12-speed.md):
   transformers decodes every row until the batch's longest search is over;
 - each beam carries its text, so the clause check reads it without decoding;
 - a false claim is charged to the beam's score when its token is kept, which ranks the
-  beam at the next step exactly as transformers' logits processors do.
+  beam at the next step exactly as transformers' logits processors do;
+- with `lookahead`, a step's candidates are ranked as if their last word were complete,
+  which a logits processor cannot do (it sees the beams, not the candidates).
 """
 
 from __future__ import annotations
@@ -117,7 +119,17 @@ def beam_search(
     return best
 
 
-def _look_ahead(check, top, parent_of, tokens, texts, ids, row_images, eos, k):
+def _look_ahead(
+    check: ClauseCheck,
+    top: list[list[float]],
+    parent_of: list[list[int]],
+    tokens: list[list[int]],
+    texts: list[str],
+    ids: list[list[int]],
+    row_images: list[int],
+    eos: int,
+    k: int,
+) -> tuple[list[list[float]], list[list[int]], list[list[int]]]:
     """Each image's candidates of the step reranked as if the word each one ends were
     complete: a false claim is then charged when its last word is written, while the
     candidates that avoid it are still there, not one token later when every beam may
@@ -135,12 +147,12 @@ def _look_ahead(check, top, parent_of, tokens, texts, ids, row_images, eos, k):
                 continue
             text = check.extend(texts[parent], ids[parent] + [tok])
             false = check.look_ahead(row_images[parent], text, texts[parent])
-            if false:
-                charged.append((s - PENALTY * false, parent, tok))
+            if false:  # ranked as charged, scored as before: settling charges it
+                charged.append((s - PENALTY * false, s, parent, tok))
             else:
                 clean.append((s, parent, tok))
                 clean_beams += 1
-        ranked = clean + sorted(charged, key=lambda r: -r[0])
+        ranked = clean + [r[1:] for r in sorted(charged, key=lambda r: -r[0])]
         out_top.append([r[0] for r in ranked])
         out_parent.append([r[1] for r in ranked])
         out_tok.append([r[2] for r in ranked])
