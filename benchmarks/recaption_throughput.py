@@ -1,8 +1,9 @@
 """Recaptioning throughput: both captions of each image (short and descriptive), decoded
 as `recaptioned_dataset` decodes them (params.yaml's `captioner.generation`: beam search
 checked by the concept heads as it writes), against the same search run by transformers'
-`generate` (the check a logits processor) and plain beam search of the same width, on the
-same weights and images, in one run; with the caption quality of each on the held-out
+`generate` (the check a logits processor, which cannot look ahead), the same search
+without `lookahead` (where params.yaml has it on) and plain beam search of the same
+width, on the same weights and images, in one run; with the caption quality of each on the held-out
 images (the captioner's own measure); and the checked decoding in `--workers` processes
 side by side, as `recaptioned_dataset` runs it with `workers` (each with its share of the
 cores).
@@ -65,6 +66,9 @@ def _quality(captions: list[str], scenes) -> dict[str, float]:
     return {
         "object_recall": q["object"]["recall"],
         "colour_recall": q["colour"]["recall"],
+        "relation_precision": q["relation"]["precision"],
+        "relation_recall": q["relation"]["recall"],
+        "word_precision": q["word"]["precision"],
         "hallucination": q["overall"]["hallucination_rate"],
     }
 
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         "checked_beam_transformers": replace(checked, beam_search="transformers", lookahead=False),
         "plain_beam": plain,
     }
+    if checked.lookahead:  # what looking ahead buys, on the same weights
+        runs["checked_beam_no_lookahead"] = replace(checked, lookahead=False)
     for name, gen in runs.items():
         backend = PrefixCaptionerBackend(args.captioner, gen, cfg.short_max_new_tokens)
         images = load_images(Path(args.raw), keys, shards, backend.image_size)

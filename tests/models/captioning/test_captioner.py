@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -489,6 +490,57 @@ def test_written_out_beam_search_finds_what_transformers_beam_search_finds(tiny_
     best = {checked: captions[::n] for checked, captions in written.items()}
     assert best[False][:4] == best[True][:4]  # true captions pass the check
     assert best[False][4:] != best[True][4:]
+
+
+def test_look_ahead_charges_a_false_claim_while_the_true_word_is_still_a_candidate():
+    """A bigram LM prefers "A red circle ..." to "A red star ..." for a scene of one red
+    star. With one beam, the check alone charges "circle" only at the next token, when the
+    beam holds it: the caption is false. Looking ahead, "circle" is charged as it is
+    written, and "star", the other candidate of that step, is kept."""
+    from types import SimpleNamespace
+
+    from corpus.world import Scene, SceneObject
+    from models.captioning.beam_search import beam_search
+    from models.captioning.verified_search import ClauseCheck
+    from models.common.tokenizer import train_bpe_tokenizer
+
+    rng = random.Random(0)  # a BPE of the world's captions: one token per word
+    texts = [descriptive_caption(sample_scene(rng, WorldConfig()), rng) for _ in range(300)]
+    tok = train_bpe_tokenizer(texts, 512)
+    scene = Scene((SceneObject("star", "red", "large", 0, 0),), "gray", None, None, None)
+    true, false = "A red star in the top left.", "A red circle in the top left."
+    ids = {c: tok(c, add_special_tokens=False)["input_ids"] for c in (true, false)}
+    fork = next(i for i, (a, b) in enumerate(zip(*ids.values(), strict=False)) if a != b)
+    assert ids[true][fork + 1 :] == ids[false][fork + 1 :]  # one token apart: the shape
+    table = torch.full((len(tok), len(tok)), -30.0)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    for caption, logp in ((true, -0.9), (false, -0.5)):
+        path = [bos, *ids[caption], eos]
+        for a, b in itertools.pairwise(path):
+            table[a, b] = max(float(table[a, b]), logp if b == ids[caption][fork] else 0.0)
+
+    class Bigram(torch.nn.Module):
+        def forward(self, inputs_embeds=None, input_ids=None, **_):
+            last = torch.full((len(inputs_embeds), 1), bos) if input_ids is None else input_ids
+            cache = SimpleNamespace(reorder_cache=lambda rows: None)
+            return SimpleNamespace(logits=table[last], past_key_values=cache)
+
+    def caption(lookahead: bool) -> str:
+        out = beam_search(
+            Bigram(),
+            torch.zeros(1, 1, 8),
+            num_beams=1,
+            max_new_tokens=20,
+            eos_token_id=eos,
+            check=ClauseCheck(tok, [scene], 1),
+            lookahead=lookahead,
+        )
+        return tok.decode(out[0], skip_special_tokens=True).strip()
+
+    assert caption(lookahead=False) == false
+    assert caption(lookahead=True) == true
+    with pytest.raises(ValueError, match="lookahead"):
+        GenerationConfig(mode="beam", num_beams=2, lookahead=True)
 
 
 def test_clause_checked_beam_search_needs_beams_and_concept_heads(tiny_captioner, tiny_raw):
