@@ -12,14 +12,13 @@ true is the heads' error.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import torch
 
+from benchmarks.recaption_throughput import held_out, held_out_parser
 from corpus.caption_metrics import KINDS, SceneTruth, extract_claims, false_claims, score_caption
 from corpus.params import load_section
 from models.captioning.captioner import GenerationConfig, PrefixCaptioner
@@ -34,20 +33,14 @@ def _objects(scene) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--captioner", default="data/captioner")
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--images", type=int, default=500, help="held-out images (eval split)")
+    ap = held_out_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--no-lookahead", action="store_true", help="decode without look-ahead")
     args = ap.parse_args(argv)
     gen = GenerationConfig(**load_section(args.params, "captioner")["generation"])
     if args.no_lookahead:
         gen = replace(gen, lookahead=False)
     model = PrefixCaptioner.load(Path(args.captioner) / "dsc").eval()
-    index = pd.read_parquet(Path(args.raw) / "index.parquet")
-    held_out = index[index["split"] == "eval"].head(args.images)
-    keys, shards = list(held_out["key"]), list(held_out["shard"])
+    keys, shards = held_out(Path(args.raw), args.images)
     truths = read_scenes(Path(args.raw), keys, shards)
     images = load_images(Path(args.raw), keys, shards, model.image_size)
     captions = caption_images(model, images, gen)

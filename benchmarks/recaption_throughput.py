@@ -82,21 +82,32 @@ def _result(rate: float, captions: dict, gen: GenerationConfig, scenes) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def held_out_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark on the captioner's held-out images."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--captioner", default="data/captioner")
     ap.add_argument("--raw", default="data/raw")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--images", type=int, default=500, help="held-out images (eval split)")
+    return ap
+
+
+def held_out(raw: Path, n: int) -> tuple[list[str], list[str]]:
+    """Keys and shards of the first `n` held-out images, as the captioner is scored on."""
+    index = pd.read_parquet(raw / "index.parquet")
+    rows = index[index["split"] == "eval"].head(n)
+    return list(rows["key"]), list(rows["shard"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = held_out_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="processes of the last run")
     ap.add_argument("--out", default="benchmarks/results/recaption_throughput.json")
     args = ap.parse_args(argv)
     cfg = RecaptionConfig.from_dict(load_section(args.params, "recaptioned_dataset"))
     checked = cfg.generation
     plain: GenerationConfig = replace(checked, check_clauses=False, candidates=1, lookahead=False)
-    index = pd.read_parquet(Path(args.raw) / "index.parquet")
-    held_out = index[index["split"] == "eval"].head(args.images)
-    keys, shards = list(held_out["key"]), list(held_out["shard"])
+    keys, shards = held_out(Path(args.raw), args.images)
     scenes = read_scenes(Path(args.raw), keys, shards)
     results = {}
     runs = {
