@@ -7,7 +7,9 @@ not the truth) while the heads read every object and its cell right.
 
 A kind that the heads' scene also finds false, in images the heads read right, is one the
 search could have avoided and did not: a decoding problem. A kind the heads' scene finds
-true is the heads' error.
+true is the heads' error. "Read right": every object's shape, colour and cell (not its
+size, nor the word). Background is the exception: no head predicts it, so the heads'
+scene finds every background claim false, and the check leaves background out.
 """
 
 from __future__ import annotations

@@ -493,10 +493,12 @@ def test_written_out_beam_search_finds_what_transformers_beam_search_finds(tiny_
 
 
 def test_look_ahead_charges_a_false_claim_while_the_true_word_is_still_a_candidate():
-    """A bigram LM prefers "A red circle ..." to "A red star ..." for a scene of one red
-    star. With one beam, the check alone charges "circle" only at the next token, when the
-    beam holds it: the caption is false. Looking ahead, "circle" is charged as it is
-    written, and "star", the other candidate of that step, is kept."""
+    """A bigram LM prefers "A red circle ..." to "A red star ...". Two images decoded
+    together, one beam each: one of a red star, one of a red circle. The check alone
+    charges "circle" only at the next token, when the star image's beam holds it: its
+    caption is false. Looking ahead, "circle" is charged as it is written for the star
+    image, which keeps "star", the other candidate of that step; the circle image, judged
+    by its own scene, keeps "circle"."""
     from types import SimpleNamespace
 
     from corpus.world import Scene, SceneObject
@@ -507,14 +509,17 @@ def test_look_ahead_charges_a_false_claim_while_the_true_word_is_still_a_candida
     rng = random.Random(0)  # a BPE of the world's captions: one token per word
     texts = [descriptive_caption(sample_scene(rng, WorldConfig()), rng) for _ in range(300)]
     tok = train_bpe_tokenizer(texts, 512)
-    scene = Scene((SceneObject("star", "red", "large", 0, 0),), "gray", None, None, None)
-    true, false = "A red star in the top left.", "A red circle in the top left."
-    ids = {c: tok(c, add_special_tokens=False)["input_ids"] for c in (true, false)}
+    scenes = [
+        Scene((SceneObject(shape, "red", "large", 0, 0),), "gray", None, None, None)
+        for shape in ("star", "circle")
+    ]
+    star, circle = "A red star in the top left.", "A red circle in the top left."
+    ids = {c: tok(c, add_special_tokens=False)["input_ids"] for c in (star, circle)}
     fork = next(i for i, (a, b) in enumerate(zip(*ids.values(), strict=False)) if a != b)
-    assert ids[true][fork + 1 :] == ids[false][fork + 1 :]  # one token apart: the shape
+    assert ids[star][fork + 1 :] == ids[circle][fork + 1 :]  # one token apart: the shape
     table = torch.full((len(tok), len(tok)), -30.0)
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    for caption, logp in ((true, -0.9), (false, -0.5)):
+    for caption, logp in ((star, -0.9), (circle, -0.5)):
         path = [bos, *ids[caption], eos]
         for a, b in itertools.pairwise(path):
             table[a, b] = max(float(table[a, b]), logp if b == ids[caption][fork] else 0.0)
@@ -525,20 +530,20 @@ def test_look_ahead_charges_a_false_claim_while_the_true_word_is_still_a_candida
             cache = SimpleNamespace(reorder_cache=lambda rows: None)
             return SimpleNamespace(logits=table[last], past_key_values=cache)
 
-    def caption(lookahead: bool) -> str:
+    def captions(lookahead: bool) -> list[str]:
         out = beam_search(
             Bigram(),
-            torch.zeros(1, 1, 8),
+            torch.zeros(len(scenes), 1, 8),
             num_beams=1,
             max_new_tokens=20,
             eos_token_id=eos,
-            check=ClauseCheck(tok, [scene], 1),
+            check=ClauseCheck(tok, scenes, 1),
             lookahead=lookahead,
         )
-        return tok.decode(out[0], skip_special_tokens=True).strip()
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
-    assert caption(lookahead=False) == false
-    assert caption(lookahead=True) == true
+    assert captions(lookahead=False) == [circle, circle]
+    assert captions(lookahead=True) == [star, circle]
     with pytest.raises(ValueError, match="lookahead"):
         GenerationConfig(mode="beam", num_beams=2, lookahead=True)
 
