@@ -3,8 +3,8 @@ as `recaptioned_dataset` decodes them (params.yaml's `captioner.generation`: bea
 checked by the concept heads as it writes), against the same search run by transformers'
 `generate` (the check a logits processor, which cannot look ahead), the same search
 without `lookahead` (where params.yaml has it on) and plain beam search of the same
-width, on the same weights and images, in one run; with the caption quality of each on the held-out
-images (the captioner's own measure); and the checked decoding in `--workers` processes
+width, on the same weights and images, in one run; with the caption quality of each on
+the held-out images (the captioner's own measure); and the checked decoding in `--workers` processes
 side by side, as `recaptioned_dataset` runs it with `workers` (each with its share of the
 cores).
 

@@ -47,7 +47,12 @@ def settled(text: str) -> str:
     -> "center left")."""
     if text.endswith(_CLAUSE_ENDS):
         return text
-    text = text[: max(text.rfind(" "), 0)]
+    return without_growing_cell(text[: max(text.rfind(" "), 0)])
+
+
+def without_growing_cell(text: str) -> str:
+    """`text` without a last cell name that a longer one continues ("center" -> "center
+    left"): that claim is not made yet."""
     for cell in _GROWING_CELLS:
         if text.endswith(cell):
             return text[: -len(cell)].rstrip()
@@ -129,11 +134,7 @@ class ClauseCheck(LogitsProcessor):
     def look_ahead(self, image: int, text: str, parent: str) -> int:
         """The false claims `text` adds to its parent's settled ones if its last word is
         complete (a cell name that a longer one continues is left out)."""
-        part = text.strip()
-        for cell in _GROWING_CELLS:
-            if part.endswith(cell):
-                part = part[: -len(cell)].rstrip()
-                break
+        part = without_growing_cell(text.strip())
         return max(self._false_settled(image, part) - self._false(image, parent.strip()), 0)
 
     def _false_ended(self, image: int, text: str) -> int:
