@@ -3,8 +3,8 @@ HPS v2 and RAHF style, with a known truth (models/feedback/).
 
 `feedback_pool` draws the same prompts from several generators (the trained model's EMA
 and raw weights at several guidance scales), labels every image exactly from the world
-and lets simulated annotators choose within pairs. `preference_model` fine-tunes a
-CLIP-style scorer on those choices and measures it against the exact ceiling, a
+and lets simulated annotators choose within pairs. `preference_model` trains a scorer
+on those choices and measures it against the exact ceiling, a
 CLIP-score-only baseline, held-out generators and best-of-N sampling.
 `rich_feedback_model` learns where an image is wrong and which words it missed."""
 
@@ -192,13 +192,14 @@ def best_of_n_table(metrics: dict) -> dg.MetadataValue:
 
 @dg.asset(
     name=PREFERENCE,
-    deps=[POOL, "reference_clip"],
+    deps=[POOL, "reference_clip", "world_judge"],
     group_name="feedback",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",
     required_resource_keys={"project", "dvc", "mlflow"},
-    description="A CLIP-style preference scorer fine-tuned on the pool's annotator choices "
-    "with the HPS v2 loss (models/feedback/preference.py).",
+    description="A preference scorer (the world judge's reading, a text tower, "
+    "cross-attention) trained on the pool's annotator choices with the HPS v2 loss "
+    "(models/feedback/preference.py).",
 )
 def preference_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return build_or_reuse(context, PREFERENCE, lambda: _build_preference(context))
@@ -220,7 +221,12 @@ def _build_preference(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             run_id=run.info.run_id,
         )
         metrics = train_preference(
-            cfg, project.data_path(POOL), project.data_path("reference_clip"), out, logger
+            cfg,
+            project.data_path(POOL),
+            project.data_path("reference_clip"),
+            project.data_path("world_judge"),
+            out,
+            logger,
         )
         test = metrics["preference_model"]["test"]
         mlflow.log_metrics(

@@ -104,7 +104,15 @@ TINY_STAGE_PARAMS = {
         "sampling_steps": 2,
         "test_share": 0.4,
     },
-    "preference_model": {"max_steps": 2, "batch_size": 8, "warmup_steps": 1, "ablation_steps": 1},
+    "preference_model": {
+        "max_steps": 2,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "ablation_steps": 1,
+        "width": 16,
+        "reprompt_pairs": 32,
+        "reprompt_per_category": 2,
+    },
     "rich_feedback_model": {
         "max_steps": 2,
         "batch_size": 4,

@@ -33,18 +33,18 @@ import torch
 
 from corpus.prompt_suite import Prompt
 from corpus.world import Scene
-from models.evaluation.reference_clip import ReferenceClip
 from models.feedback.rich_labels import missed_words
 from models.feedback.rich_metrics import keyword_metrics
 from models.feedback.rich_model import SCORES, predicted_keywords, prompt_words, word_tokens
 
 if TYPE_CHECKING:
+    from models.feedback.judge_scorer import JudgeScorer
     from models.feedback.rich_train import RichModule
 
 # (key under forms.<form>.feedback, label) of the per-form measures, in the report's order;
 # missed_words holds precision, recall and f1.
 MEASURES = (
-    ("preference", "preference (cosine)"),
+    ("preference", "preference (score)"),
     ("preference_same_prompt_auc", "preference: pass above fail, same prompt"),
     ("rich_overall", "rich overall"),
     ("rich_overall_same_prompt_auc", "rich overall: pass above fail, same prompt"),
@@ -54,7 +54,7 @@ MEASURES = (
 
 @dataclass
 class FeedbackModels:
-    preference: ReferenceClip | None = None
+    preference: JudgeScorer | None = None
     rich: RichModule | None = None
     rich_tokenizer: object | None = None  # open_clip's tokenizer of the rich model's CLIP
 
@@ -128,7 +128,7 @@ def score_form(
     pos, neg = same_prompt_pairs(np.array(passed, dtype=bool), [p.id for p in prompts])
     summary: dict = {"same_prompt_pairs": len(pos)} if models.any else {}
     if models.preference is not None:
-        pref = models.preference.score(images, texts) / 100.0
+        pref = models.preference.preference(images, texts)
         for r, s in zip(per_image, pref, strict=True):
             r["preference"] = float(s)
         summary["preference"] = float(pref.mean())

@@ -1,13 +1,16 @@
-"""The preference model: a CLIP-style scorer trained on the pool's pairs, HPS v2's way.
+"""The preference model: a scorer trained on the pool's pairs with HPS v2's loss.
 
-score(image, prompt) = cosine(image features, text features), compared only between
-images of one prompt. Training: for a pair (a, b) of one prompt and the annotator's
-choice, a 2-way softmax cross-entropy over logit_scale * (score_a, score_b) (the HPS v2 and
-PickScore loss). Both towers start from the reference CLIP, which also gives the
-CLIP-score-only baseline every number is shown against.
+score(image, prompt) comes from `models/feedback/judge_scorer.py` (the frozen world
+judge's reading, a small text tower, cross-attention) and is compared only between images
+of one prompt. Training: for a pair (a, b) of one prompt and the annotator's choice, a
+2-way softmax cross-entropy over (score_a, score_b) (the HPS v2 and PickScore loss), on
+the pool's training pairs and on reprompted pairs (`models/feedback/reprompt.py`): the
+same annotators choosing between training images under prompts they were not drawn for.
+The reference CLIP's score, untrained on the pairs, is the baseline every number is shown
+against.
 
     python -m models.feedback.preference --params params.yaml --pool data/feedback_pool \
-        --reference-clip data/reference_clip --out data/preference_model
+        --reference-clip data/reference_clip --judge data/world_judge --out data/preference_model
 
 Measured on the test prompts (`models/feedback/metrics.py`): agreement with the
 annotators against the exact ceiling, ranking agreement and Spearman with the utility,
@@ -30,14 +33,17 @@ import torch
 
 from corpus.atomic import write_text_atomic
 from corpus.config import build_config
-from models.common.clip import clip_preprocess_cfg, save_clip, warmup_cosine_adamw
-from models.common.data import normalize_images
-from models.evaluation.reference_clip import ReferenceClip, load_reference_clip
+from models.common.clip import warmup_cosine_adamw
+from models.evaluation.reference_clip import load_reference_clip
+from models.evaluation.world_judge import load_judge
 from models.feedback import metrics as M
+from models.feedback.judge_scorer import JudgeScorer, load_scorer, save_scorer
 from models.feedback.pool import Pool, held_out, load_pool
+from models.feedback.reprompt import Reprompted, reprompted_pairs
 from models.feedback.trainer import fine_tune_trainer
 from models.feedback.utility import (
     TERMS,
+    UtilityConfig,
     annotate,
     bayes_ceiling,
     choice_probability,
@@ -48,11 +54,15 @@ from models.feedback.utility import (
 
 @dataclass(frozen=True)
 class PreferenceConfig:
-    max_steps: int = 600
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.1
+    max_steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
     warmup_steps: int = 50
+    width: int = 64
+    context_length: int = 64  # tokens of a prompt the text tower reads
+    reprompt_pairs: int = 60_000  # 0: the pool's own pairs only
+    reprompt_per_category: int = 300  # new prompts per suite category for those pairs
     ablate_terms: bool = True  # also train one model per utility term left out
     ablation_steps: int = 300
     max_gap: float = 0.03  # the asset check: held-out agreement this close to the ceiling
@@ -64,82 +74,89 @@ class PreferenceConfig:
 
 
 class PreferenceModule(L.LightningModule):
-    def __init__(self, clip: ReferenceClip, cfg: PreferenceConfig):
+    def __init__(self, scorer: JudgeScorer, cfg: PreferenceConfig):
         super().__init__()
-        self.model, self.cfg = clip.model.train(), cfg
-        self.image_size, self.mean, self.std = clip_preprocess_cfg(self.model)
-
-    def scores(self, images: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
-        x = normalize_images(images, self.image_size, self.mean, self.std)
-        img = self.model.encode_image(x, normalize=True)
-        txt = self.model.encode_text(text_ids, normalize=True)
-        return (img * txt).sum(-1)
+        self.scorer, self.cfg = scorer, cfg
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        s_a = self.scores(batch["a"], batch["text"])
-        s_b = self.scores(batch["b"], batch["text"])
-        logits = self.model.logit_scale.exp() * torch.stack([s_a, s_b], 1)
+        text = self.scorer.encode_text(batch["ids"])  # once for both images
+        logits = torch.stack([self.scorer.score(batch[k], *text) for k in ("a", "b")], 1)
         target = 1 - batch["choice"]  # column 0 is a
         loss = torch.nn.functional.cross_entropy(logits, target)
         acc = (logits.argmax(1) == target).float().mean()
         self.log_dict({"preference/loss": loss, "preference/batch_acc": acc}, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, *args) -> None:
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, 4.6052)
-
     def configure_optimizers(self):
         c = self.cfg
         return warmup_cosine_adamw(self, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
 
 
-class _PairData(torch.utils.data.Dataset):
-    def __init__(self, pool: Pool, index: np.ndarray, choice: np.ndarray, text_ids: torch.Tensor):
-        self.pool, self.index, self.choice, self.text_ids = pool, index, choice, text_ids
+class _PairBatches(torch.utils.data.IterableDataset):
+    """Batches of pairs as (image a, image b, text, choice), images by their judge
+    reading, reshuffled each pass, without end (training stops at max_steps). A whole
+    batch is indexed at once: per-pair collation cost more than the model's step."""
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def __init__(self, reading, a, b, text, choice, ids, batch_size: int, seed: int):
+        self.reading, self.ids, self.batch_size, self.seed = reading, ids, batch_size, seed
+        self.pairs = torch.as_tensor(np.stack([a, b, text, choice], 1))
 
-    def __getitem__(self, k: int) -> dict:
-        i = self.index[k]
-        a, b = int(self.pool.pairs["a"][i]), int(self.pool.pairs["b"][i])
-        return {
-            "a": self.pool.images[a],
-            "b": self.pool.images[b],
-            "text": self.text_ids[a],
-            "choice": int(self.choice[k]),
-        }
+    def __iter__(self):
+        g, n, size = torch.Generator().manual_seed(self.seed), len(self.pairs), self.batch_size
+        while True:
+            order = torch.randperm(n, generator=g)
+            for s in range(0, n - size + 1, size):
+                a, b, text, choice = self.pairs[order[s : s + size]].T
+                yield {
+                    "a": self.reading[a],
+                    "b": self.reading[b],
+                    "ids": self.ids[text],
+                    "choice": choice,
+                }
 
 
 def train_scorer(
     pool: Pool,
-    reference_clip: Path,
+    judge_dir: Path,
     cfg: PreferenceConfig,
     choice: np.ndarray,
+    reprompted: Reprompted | None,
+    reprompt_choice: np.ndarray | None,
     max_steps: int,
     logger: L.pytorch.loggers.Logger | None = None,
-) -> ReferenceClip:
-    """A preference model fine-tuned from the reference CLIP on the training pairs (train
-    split, no held-out generator), with `choice` as the annotators' choices."""
+) -> JudgeScorer:
+    """A scorer trained on the pool's training pairs (train split, no held-out generator)
+    with `choice` as the annotators' choices, and on the reprompted pairs if given."""
     torch.manual_seed(cfg.seed)
-    clip = load_reference_clip(reference_clip)
-    train = np.flatnonzero((pool.pairs["split"] == "train") & ~pool.pairs["held_out"])
-    text_ids = clip.tokenizer(pool.texts)
-    loader = torch.utils.data.DataLoader(
-        _PairData(pool, train, choice[train], text_ids),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
+    scorer = JudgeScorer(load_judge(judge_dir).net, cfg.width, cfg.context_length)
+    pr = pool.pairs
+    train = np.flatnonzero((pr["split"] == "train") & ~pr["held_out"])
+    # Text k of the table: the pool's prompt k, then the reprompted texts.
+    texts = [p["text"] for p in pool.prompts]
+    a, b, text, y = pr["a"][train], pr["b"][train], pr["prompt"][train], choice[train]
+    if reprompted is not None:
+        a, b = np.concatenate([a, reprompted.a]), np.concatenate([b, reprompted.b])
+        text = np.concatenate([text, reprompted.prompt + len(texts)])
+        y = np.concatenate([y, reprompt_choice])
+        texts = texts + reprompted.texts
+    batch = min(cfg.batch_size, len(a))
+    data = _PairBatches(
+        scorer.read(pool.images), a, b, text, y, scorer.token_ids(texts), batch, cfg.seed
     )
-    module = PreferenceModule(clip, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    module = PreferenceModule(scorer, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
     fine_tune_trainer(max_steps, logger).fit(module, loader)
-    return ReferenceClip(module.model.cpu().eval(), clip.model_name)
+    return module.scorer.cpu().eval()
 
 
-def image_scores(scorer: ReferenceClip, pool: Pool) -> np.ndarray:
-    """Every pool image's score against its prompt, as a cosine."""
-    return scorer.score(pool.images, pool.texts) / 100.0
+def image_scores(scorer: JudgeScorer, pool: Pool) -> np.ndarray:
+    """Every pool image's score against its prompt."""
+    return scorer.preference(pool.images, pool.texts)
+
+
+def clip_scores(reference_clip: Path, pool: Pool) -> np.ndarray:
+    """The baseline: every pool image's reference-CLIP cosine with its prompt."""
+    return load_reference_clip(reference_clip).score(pool.images, pool.texts) / 100.0
 
 
 def evaluate_scores(scores: np.ndarray, pool: Pool, utilities: np.ndarray) -> dict:
@@ -258,14 +275,25 @@ def train_preference(
     cfg: PreferenceConfig,
     pool_dir: Path,
     reference_clip: Path,
+    judge_dir: Path,
     out: Path,
     logger: L.pytorch.loggers.Logger | None = None,
 ) -> dict:
     t0 = time.time()
     pool = load_pool(pool_dir)
     utilities = np.array([utility(x, pool.config.utility) for x in pool.labels])
-    baseline = image_scores(load_reference_clip(reference_clip), pool)
-    scorer = train_scorer(pool, reference_clip, cfg, pool.pairs["choice"], cfg.max_steps, logger)
+    baseline = clip_scores(reference_clip, pool)
+    reprompted = (
+        reprompted_pairs(pool, cfg.reprompt_pairs, cfg.reprompt_per_category, cfg.seed)
+        if cfg.reprompt_pairs
+        else None
+    )
+
+    def train(u: UtilityConfig, choice: np.ndarray, steps: int, log=None) -> JudgeScorer:
+        more = reprompted.choices(pool, u, cfg.seed + 1) if reprompted else None
+        return train_scorer(pool, judge_dir, cfg, choice, reprompted, more, steps, log)
+
+    scorer = train(pool.config.utility, pool.pairs["choice"], cfg.max_steps, logger)
     scores = image_scores(scorer, pool)
     metrics = {
         "preference_model": evaluate_scores(scores, pool, utilities),
@@ -273,31 +301,35 @@ def train_preference(
         "generators": generator_table(scores, pool, utilities),
         "best_of_n": best_of_n(scores, pool, utilities, seed=cfg.seed),
         "best_of_n_clip_score": best_of_n(baseline, pool, utilities, seed=cfg.seed),
+        "reprompted": {
+            "pairs": len(reprompted.a) if reprompted else 0,
+            "prompts": len(reprompted.texts) if reprompted else 0,
+        },
         "ablations": {},
     }
     if cfg.ablate_terms:
         for term in TERMS:
             choice = ablated_choices(pool, term, cfg.seed)
-            ablated = train_scorer(pool, reference_clip, cfg, choice, cfg.ablation_steps)
+            ablated = train(pool.config.utility.without(term), choice, cfg.ablation_steps)
             # Judged against the full utility's annotators: what reading `term` adds.
             metrics["ablations"][f"without_{term}"] = evaluate_scores(
                 image_scores(ablated, pool), pool, utilities
             )
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["config"] = asdict(cfg)
-    save_preference_model(scorer, out, metrics)
+    save_preference_model(scorer, judge_dir, out, metrics)
     return metrics
 
 
-def save_preference_model(scorer: ReferenceClip, out: Path, metrics: dict) -> None:
+def save_preference_model(scorer: JudgeScorer, judge_dir: Path, out: Path, metrics: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_clip(scorer.model, scorer.model_name, out)
+    save_scorer(scorer, load_judge(judge_dir).cfg, out)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
 
 
-def load_preference_model(path: Path) -> ReferenceClip:
-    """The trained scorer; `.score(images, texts) / 100` is its cosine."""
-    return load_reference_clip(path)
+def load_preference_model(path: Path) -> JudgeScorer:
+    """The trained scorer; `.preference(images, texts)` scores images against texts."""
+    return load_scorer(path)
 
 
 def main() -> None:
@@ -306,11 +338,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=Path, required=True)
     ap.add_argument("--reference-clip", type=Path, required=True)
+    ap.add_argument("--judge", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     add_config_flags(ap, PreferenceConfig)
     args = ap.parse_args()
     cfg = config_from_args(PreferenceConfig, args, "preference_model")
-    metrics = train_preference(cfg, args.pool, args.reference_clip, args.out)
+    metrics = train_preference(cfg, args.pool, args.reference_clip, args.judge, args.out)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
 
 

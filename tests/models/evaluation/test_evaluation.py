@@ -271,13 +271,13 @@ def test_scores_are_compared_only_between_images_of_the_same_prompt():
 
 
 class _ScoresByText:
-    """A preference model stand-in: each text's score, x 100 as ReferenceClip gives it."""
+    """A preference model stand-in: each text's score."""
 
     def __init__(self, by_text: dict[str, float]):
         self.by_text = by_text
 
-    def score(self, images, texts):
-        return np.array([100.0 * self.by_text[t] for t in texts])
+    def preference(self, images, texts):
+        return np.array([self.by_text[t] for t in texts])
 
 
 def test_feedback_columns_score_each_image_and_compare_within_prompts():

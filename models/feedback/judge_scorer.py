@@ -1,0 +1,148 @@
+"""The preference model's scorer: the world judge's reading of an image and a prompt read
+by a small text tower, joined by cross-attention (ImageReward's kind of model: one score
+from image and text encoded together, not a cosine of two separate towers).
+
+    score(image, prompt) = alignment(prompt tokens attending to the judge's 9 cells)
+                           + sum over cells of plausibility(cell reading and features)
+
+Why this and not the reference CLIP's two towers: fine-tuned on the pool's pairs, the
+CLIP learnt which images are clean but not which follow their prompt (below chance where
+alignment decides a pair, `docs/log/2026-12-feedback.md`). The frozen world judge already
+reads shape, colour, size, word and cell, as HPS v2's pretrained ViT already sees; what
+the pairs must teach is what a prompt asks of that reading, how conditions add up, and
+how far a drawing is from a clean one. The text tower starts from nothing: the reference
+CLIP's token states did not carry a shape word the cross-attention could use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from corpus.atomic import write_atomic, write_text_atomic
+from models.evaluation.world_judge import (
+    BACKGROUND_CLASSES,
+    COLOUR_CLASSES,
+    SHAPE_CLASSES,
+    SIZES,
+    WORD_CLASSES,
+    JudgeConfig,
+    JudgeNet,
+    to_input,
+)
+
+WEIGHTS, CONFIG = "scorer.safetensors", "scorer.json"
+GROUPS = (len(SHAPE_CLASSES), len(COLOUR_CLASSES), len(SIZES), len(WORD_CLASSES))
+READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: class probabilities
+
+
+class JudgeScorer(nn.Module):
+    def __init__(self, judge: JudgeNet, width: int = 64, context_length: int = 64):
+        super().__init__()
+        self.judge = judge.eval().requires_grad_(False)
+        self.context_length = context_length
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        vocab = len(self.tokenizer.encoder)
+        features = judge.cell_head.in_channels
+        self.cells = nn.Sequential(nn.LayerNorm(READING), nn.Linear(READING, width))
+        self.cell_pos = nn.Parameter(torch.randn(9, width) * 0.02)
+        self.tokens = nn.Embedding(vocab, width)
+        self.token_pos = nn.Parameter(torch.randn(context_length, width) * 0.02)
+        layer = dict(nhead=4, dim_feedforward=2 * width, batch_first=True, norm_first=True)
+        self.text = nn.TransformerEncoderLayer(width, **layer)
+        self.cross = nn.TransformerDecoderLayer(width, **layer)
+        self.alignment = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1)
+        )
+        n = 2 * READING + features
+        self.plausibility = nn.Sequential(
+            nn.LayerNorm(n), nn.Linear(n, width), nn.GELU(), nn.Linear(width, 1)
+        )
+
+    def train(self, mode: bool = True) -> JudgeScorer:
+        super().train(mode)
+        self.judge.eval()  # frozen: its batch norms keep their statistics
+        return self
+
+    @torch.no_grad()
+    def read(self, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """(N, 9, 2 * READING + features): per cell, the judge's class probabilities, its
+        logits and its pooled features (the first READING are what alignment sees)."""
+        out, j = [], self.judge
+        for s in range(0, len(images_uint8), batch_size):
+            x = images_uint8[s : s + batch_size].float()
+            x = F.interpolate(x, size=(j.size, j.size), mode="bilinear", align_corners=False)
+            h = j.features(to_input(x))
+            cells = F.adaptive_max_pool2d(j.cell_head(h), 3).flatten(2).transpose(1, 2)
+            background = j.background_head(h.mean((2, 3)))[:, None].expand(-1, 9, -1)
+            logits = torch.cat([cells, background], -1)
+            groups = logits.split([*GROUPS, len(BACKGROUND_CLASSES)], -1)
+            probs = torch.cat([g.softmax(-1) for g in groups], -1)
+            pooled = F.adaptive_avg_pool2d(h, 3).flatten(2).transpose(1, 2)
+            out.append(torch.cat([probs, logits, pooled], -1))
+        return torch.cat(out)
+
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, context_length) -> token states and their mask."""
+        mask = ids != 0
+        return self.text(self.tokens(ids) + self.token_pos, src_key_padding_mask=~mask), mask
+
+    def score(self, reading: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of images read by `read` against encoded texts."""
+        cells = self.cells(reading[..., :READING]) + self.cell_pos
+        t = self.cross(text, cells, tgt_key_padding_mask=~mask)
+        pooled = (t * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.alignment(pooled)[:, 0] + self.plausibility(reading).sum((1, 2))
+
+    def forward(self, reading: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.score(reading, *self.encode_text(ids))
+
+    @torch.no_grad()
+    def preference(self, images_uint8: torch.Tensor, texts: list[str]) -> np.ndarray:
+        """Per image, its score against its text (higher: preferred)."""
+        if len(images_uint8) != len(texts):
+            raise ValueError(f"{len(images_uint8)} images but {len(texts)} texts")
+        was = self.training
+        self.eval()
+        scores = [
+            self(self.read(images_uint8[s : s + 256]), self.token_ids(texts[s : s + 256]))
+            for s in range(0, len(texts), 256)
+        ]
+        self.train(was)
+        return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)
+
+
+def save_scorer(scorer: JudgeScorer, judge_cfg: JudgeConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in scorer.state_dict().items()}
+    write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p)))
+    cfg = {
+        "width": scorer.cells[1].out_features,
+        "context_length": scorer.context_length,
+        "judge": {"resolution": judge_cfg.resolution, "width": judge_cfg.width},
+    }
+    write_text_atomic(out / CONFIG, json.dumps(cfg, indent=2))
+
+
+def load_scorer(path: Path) -> JudgeScorer:
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"no preference scorer in {path} (expected {WEIGHTS} and {CONFIG}); materialize "
+            "the preference_model asset or run `python -m models.feedback.preference`"
+        )
+    cfg = json.loads((path / CONFIG).read_text())
+    judge = JudgeNet(cfg["judge"]["resolution"], cfg["judge"]["width"])
+    scorer = JudgeScorer(judge, cfg["width"], cfg["context_length"])
+    scorer.load_state_dict(load_file(str(path / WEIGHTS)))
+    return scorer.eval()

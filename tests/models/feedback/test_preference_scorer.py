@@ -1,0 +1,104 @@
+"""The preference model's scorer and its reprompted pairs, on hand-made pools."""
+
+import numpy as np
+import pytest
+import torch
+
+from corpus.prompt_suite import build_suite, condition_holds
+from corpus.world import Scene, SceneObject
+from models.feedback.pool import Pool, PoolConfig
+from models.feedback.reprompt import new_prompts, reprompted_pairs
+from models.feedback.utility import UtilityConfig
+
+RED_STAR = Scene((SceneObject("star", "red", "large", 1, 1),), "gray")
+BLUE_CIRCLE = Scene((SceneObject("circle", "blue", "small", 0, 2),), "white")
+
+
+def _pool(held_out_text: str) -> Pool:
+    """Two training prompts and one test prompt; images of a red star and a blue circle,
+    the star drawn cleanly, the circle as a smudge; one generator held out."""
+    rows = []
+    for gen in ("m/ema/g3", "m/ema/g1"):
+        for prompt in (0, 1, 2):
+            for scene, err in ((RED_STAR, 0.0), (BLUE_CIRCLE, 0.25)):
+                rows.append(
+                    {
+                        "generator": gen,
+                        "prompt": prompt,
+                        "conditions": [True],
+                        "cell_error": [err] * 9,
+                        "scene": scene.to_dict(),
+                    }
+                )
+    prompts = [
+        {"text": "a star", "split": "train"},
+        {"text": "a circle", "split": "train"},
+        {"text": held_out_text, "split": "test"},
+    ]
+    images = torch.zeros(len(rows), 3, 32, 32, dtype=torch.uint8)
+    return Pool(images, rows, [""] * len(rows), {}, prompts, 0.01, PoolConfig())
+
+
+def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_to_a_test_prompt():
+    held_text = new_prompts(_pool("-"), 3, seed=5)[0][1]
+    pool = _pool(held_text)
+    r = reprompted_pairs(pool, 200, per_category=3, seed=5)
+    assert held_text not in r.texts
+    # Only training images of generators not held out: the first 4 rows.
+    assert set(r.a) | set(r.b) <= {0, 1, 2, 3}
+    prompts = {t: p for p, t in new_prompts(pool, 3, seed=5)}
+    for k in range(len(r.a)):
+        conds = prompts[r.texts[r.prompt[k]]].conditions
+        for side, image in enumerate((r.a[k], r.b[k])):
+            scene = Scene.from_dict(pool.labels[image]["scene"])
+            held = [condition_holds(c, scene) for c in conds]
+            assert r.alignment[k, side] == pytest.approx(np.mean(held))
+            assert r.composition[k, side] == float(all(held))
+    # Half the first images are among the best for their prompt: more often aligned.
+    assert r.alignment[:, 0].mean() > r.alignment[:, 1].mean()
+
+
+def test_reprompted_choices_follow_the_utility_the_annotators_hold():
+    pool = _pool("a triangle")
+    r = reprompted_pairs(pool, 300, per_category=3, seed=1)
+    # tau small: the annotator picks the higher utility. Plausibility: the star is clean.
+    plaus = {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
+    p_a, p_b = np.array([plaus[i] for i in r.a]), np.array([plaus[i] for i in r.b])
+    full = r.choices(pool, UtilityConfig(), seed=0)
+    u_a = r.alignment[:, 0] + p_a + 0.5 * r.composition[:, 0]
+    u_b = r.alignment[:, 1] + p_b + 0.5 * r.composition[:, 1]
+    decided = u_a != u_b
+    assert decided.sum() > 50
+    assert np.array_equal(full[decided], (u_a > u_b)[decided].astype(int))
+    # Annotators who do not value plausibility choose by the prompt alone.
+    no_p = r.choices(pool, UtilityConfig().without("plausibility"), seed=0)
+    u_a, u_b = u_a - p_a, u_b - p_b
+    decided = u_a != u_b
+    assert np.array_equal(no_p[decided], (u_a > u_b)[decided].astype(int))
+
+
+def test_a_saved_scorer_loads_back_and_reads_the_prompt(tmp_path):
+    from models.evaluation.world_judge import JudgeConfig, JudgeNet, render_scenes
+    from models.feedback.judge_scorer import JudgeScorer, load_scorer, save_scorer
+
+    torch.manual_seed(0)
+    scorer = JudgeScorer(JudgeNet(32, 8), width=16, context_length=16).eval()
+    images = render_scenes([RED_STAR, BLUE_CIRCLE], 32)
+    texts = ["a red star", "a blue circle"]
+    before = scorer.preference(images, texts)
+    save_scorer(scorer, JudgeConfig(resolution=32, width=8), tmp_path / "pref")
+    loaded = load_scorer(tmp_path / "pref")
+    assert np.allclose(loaded.preference(images, texts), before, atol=1e-6)
+    # The score is of an image against a text: another text gives another score.
+    assert not np.allclose(loaded.preference(images, texts[::-1]), before)
+    with pytest.raises(FileNotFoundError, match="no preference scorer"):
+        load_scorer(tmp_path / "missing")
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        loaded.preference(images, texts[:1])
+
+
+def test_new_prompts_are_suite_prompts_from_their_own_seed():
+    pool = _pool("x")
+    a, b = new_prompts(pool, 2, seed=3), new_prompts(pool, 2, seed=3)
+    assert [t for _, t in a] == [t for _, t in b]
+    assert {p.category for p, _ in a} == {p.category for p in build_suite(1)}
