@@ -44,10 +44,13 @@ READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: class probabilities
 
 
 class JudgeScorer(nn.Module):
-    def __init__(self, judge: JudgeNet, width: int = 64, context_length: int = 64):
+    """score(image, prompt): a frozen judge's reading of the image, a text tower, and
+    cross-attention from the prompt's tokens to the judge's 9 cells."""
+
+    def __init__(self, judge: JudgeNet, resolution: int, width: int = 64, context_length: int = 64):
         super().__init__()
         self.judge = judge.eval().requires_grad_(False)
-        self.context_length = context_length
+        self.resolution, self.width, self.context_length = resolution, width, context_length
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         vocab = len(self.tokenizer.encoder)
         features = judge.cell_head.in_channels
@@ -74,10 +77,14 @@ class JudgeScorer(nn.Module):
     @torch.no_grad()
     def read(self, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """(N, 9, 2 * READING + features): per cell, the judge's class probabilities, its
-        logits and its pooled features (the first READING are what alignment sees)."""
-        out, j = [], self.judge
+        logits and its pooled features (the first READING are what alignment sees). The
+        judge's forward is spelt out here because it does not return its feature map."""
+        out, j, r = [], self.judge, self.resolution
+        device = next(self.parameters()).device
         for s in range(0, len(images_uint8), batch_size):
-            x = images_uint8[s : s + batch_size].float()
+            x = images_uint8[s : s + batch_size].to(device).float()
+            if x.shape[-1] != r or x.shape[-2] != r:  # as WorldJudge.predict resizes
+                x = F.interpolate(x, size=(r, r), mode="bicubic", antialias=True).clamp(0, 255)
             x = F.interpolate(x, size=(j.size, j.size), mode="bilinear", align_corners=False)
             h = j.features(to_input(x))
             cells = F.adaptive_max_pool2d(j.cell_head(h), 3).flatten(2).transpose(1, 2)
@@ -112,22 +119,26 @@ class JudgeScorer(nn.Module):
         """Per image, its score against its text (higher: preferred)."""
         if len(images_uint8) != len(texts):
             raise ValueError(f"{len(images_uint8)} images but {len(texts)} texts")
-        was = self.training
+        was, device = self.training, next(self.parameters()).device
         self.eval()
         scores = [
-            self(self.read(images_uint8[s : s + 256]), self.token_ids(texts[s : s + 256]))
+            self(
+                self.read(images_uint8[s : s + 256]),
+                self.token_ids(texts[s : s + 256]).to(device),
+            )
             for s in range(0, len(texts), 256)
         ]
         self.train(was)
-        return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)
+        return torch.cat(scores).cpu().numpy() if scores else np.zeros(0, np.float32)
 
 
 def save_scorer(scorer: JudgeScorer, judge_cfg: JudgeConfig, out: Path) -> None:
+    """The scorer with its judge's weights: the folder stands on its own."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in scorer.state_dict().items()}
     write_atomic(out / WEIGHTS, lambda p: save_file(state, str(p)))
     cfg = {
-        "width": scorer.cells[1].out_features,
+        "width": scorer.width,
         "context_length": scorer.context_length,
         "judge": {"resolution": judge_cfg.resolution, "width": judge_cfg.width},
     }
@@ -142,7 +153,8 @@ def load_scorer(path: Path) -> JudgeScorer:
             "the preference_model asset or run `python -m models.feedback.preference`"
         )
     cfg = json.loads((path / CONFIG).read_text())
-    judge = JudgeNet(cfg["judge"]["resolution"], cfg["judge"]["width"])
-    scorer = JudgeScorer(judge, cfg["width"], cfg["context_length"])
+    resolution = cfg["judge"]["resolution"]
+    judge = JudgeNet(resolution, cfg["judge"]["width"])
+    scorer = JudgeScorer(judge, resolution, cfg["width"], cfg["context_length"])
     scorer.load_state_dict(load_file(str(path / WEIGHTS)))
     return scorer.eval()

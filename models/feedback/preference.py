@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +32,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from corpus.atomic import write_text_atomic
+from corpus.atomic import replace_dir, write_text_atomic
 from corpus.config import build_config
+from corpus.prompt_suite import load_suite
 from models.common.clip import warmup_cosine_adamw
 from models.evaluation.reference_clip import load_reference_clip
-from models.evaluation.world_judge import load_judge
+from models.evaluation.world_judge import JudgeConfig, WorldJudge, load_judge
 from models.feedback import metrics as M
 from models.feedback.judge_scorer import JudgeScorer, load_scorer, save_scorer
 from models.feedback.pool import Pool, held_out, load_pool
@@ -95,9 +97,19 @@ class PreferenceModule(L.LightningModule):
 class _PairBatches(torch.utils.data.IterableDataset):
     """Batches of pairs as (image a, image b, text, choice), images by their judge
     reading, reshuffled each pass, without end (training stops at max_steps). A whole
-    batch is indexed at once: per-pair collation cost more than the model's step."""
+    batch is indexed at once rather than pair by pair and collated."""
 
-    def __init__(self, reading, a, b, text, choice, ids, batch_size: int, seed: int):
+    def __init__(
+        self,
+        reading: torch.Tensor,
+        a: np.ndarray,
+        b: np.ndarray,
+        text: np.ndarray,
+        choice: np.ndarray,
+        ids: torch.Tensor,
+        batch_size: int,
+        seed: int,
+    ):
         self.reading, self.ids, self.batch_size, self.seed = reading, ids, batch_size, seed
         self.pairs = torch.as_tensor(np.stack([a, b, text, choice], 1))
 
@@ -117,7 +129,8 @@ class _PairBatches(torch.utils.data.IterableDataset):
 
 def train_scorer(
     pool: Pool,
-    judge_dir: Path,
+    judge: WorldJudge,
+    reading: torch.Tensor,
     cfg: PreferenceConfig,
     choice: np.ndarray,
     reprompted: Reprompted | None,
@@ -126,9 +139,10 @@ def train_scorer(
     logger: L.pytorch.loggers.Logger | None = None,
 ) -> JudgeScorer:
     """A scorer trained on the pool's training pairs (train split, no held-out generator)
-    with `choice` as the annotators' choices, and on the reprompted pairs if given."""
+    with `choice` as the annotators' choices, and on the reprompted pairs if given;
+    `reading`: every pool image as `JudgeScorer.read` gives it."""
     torch.manual_seed(cfg.seed)
-    scorer = JudgeScorer(load_judge(judge_dir).net, cfg.width, cfg.context_length)
+    scorer = JudgeScorer(judge.net, judge.cfg.resolution, cfg.width, cfg.context_length)
     pr = pool.pairs
     train = np.flatnonzero((pr["split"] == "train") & ~pr["held_out"])
     # Text k of the table: the pool's prompt k, then the reprompted texts.
@@ -139,10 +153,13 @@ def train_scorer(
         text = np.concatenate([text, reprompted.prompt + len(texts)])
         y = np.concatenate([y, reprompt_choice])
         texts = texts + reprompted.texts
+    if len(a) == 0:
+        raise ValueError(
+            "no training pairs: the pool has no train-split pairs between generators that "
+            "are not held out, and reprompt_pairs is 0"
+        )
     batch = min(cfg.batch_size, len(a))
-    data = _PairBatches(
-        scorer.read(pool.images), a, b, text, y, scorer.token_ids(texts), batch, cfg.seed
-    )
+    data = _PairBatches(reading, a, b, text, y, scorer.token_ids(texts), batch, cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     module = PreferenceModule(scorer, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
     fine_tune_trainer(max_steps, logger).fit(module, loader)
@@ -283,15 +300,20 @@ def train_preference(
     pool = load_pool(pool_dir)
     utilities = np.array([utility(x, pool.config.utility) for x in pool.labels])
     baseline = clip_scores(reference_clip, pool)
+    judge = load_judge(judge_dir)
+    reading = JudgeScorer(judge.net, judge.cfg.resolution).read(pool.images)
+    # The eval suite's prompts stay unseen too: the report scores its images.
     reprompted = (
-        reprompted_pairs(pool, cfg.reprompt_pairs, cfg.reprompt_per_category, cfg.seed)
+        reprompted_pairs(
+            pool, cfg.reprompt_pairs, cfg.reprompt_per_category, cfg.seed, load_suite()
+        )
         if cfg.reprompt_pairs
         else None
     )
 
     def train(u: UtilityConfig, choice: np.ndarray, steps: int, log=None) -> JudgeScorer:
         more = reprompted.choices(pool, u, cfg.seed + 1) if reprompted else None
-        return train_scorer(pool, judge_dir, cfg, choice, reprompted, more, steps, log)
+        return train_scorer(pool, judge, reading, cfg, choice, reprompted, more, steps, log)
 
     scorer = train(pool.config.utility, pool.pairs["choice"], cfg.max_steps, logger)
     scores = image_scores(scorer, pool)
@@ -317,14 +339,19 @@ def train_preference(
             )
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["config"] = asdict(cfg)
-    save_preference_model(scorer, judge_dir, out, metrics)
+    save_preference_model(scorer, judge.cfg, out, metrics)
     return metrics
 
 
-def save_preference_model(scorer: JudgeScorer, judge_dir: Path, out: Path, metrics: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_scorer(scorer, load_judge(judge_dir).cfg, out)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+def save_preference_model(
+    scorer: JudgeScorer, judge_cfg: JudgeConfig, out: Path, metrics: dict
+) -> None:
+    """Written aside and swapped in whole: no file of an earlier model is left behind."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_scorer(scorer, judge_cfg, tmp)
+    write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=2))
+    replace_dir(tmp, out)
 
 
 def load_preference_model(path: Path) -> JudgeScorer:

@@ -1,19 +1,21 @@
 """Reprompted pairs: the pool's training images shown to the same annotators under prompts
 they were not drawn for.
 
-The pool has about a hundred training prompts. A scorer that must learn what a prompt
-asks cannot learn it from a hundred texts: it learns those prompts. An image's labels
-hold the scene the judge reads and how clean each cell is, so its utility under any other
-prompt is exact too (that prompt's conditions on the same scene, the same plausibility).
-These pairs add prompts, not images: new prompts of the suite's categories, drawn from a
-seed of their own, never a validation or test prompt's text. Half of the first images of
-each pair are among those that follow the prompt best, or almost every pair would be two
-images that both ignore it.
+The pool's training prompts are few (`prompts_per_category` per category, less the
+validation and test share), and a scorer that must learn what a prompt asks learns those
+prompts instead. An image's labels hold the scene the judge reads and how clean each cell
+is, so its utility under any other prompt is exact too (that prompt's conditions on the
+same scene, the same plausibility). These pairs add prompts, not images: new prompts of
+the suite's categories, drawn from a seed of their own. None asks for the same conditions
+as a prompt kept out (the pool's validation and test prompts, the eval suite's), so those
+stay unseen. Half of the first images of each pair are among those that follow the
+prompt best, or almost every pair would be two images that both ignore it.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,20 +59,31 @@ def training_images(pool: Pool) -> np.ndarray:
     )
 
 
-def new_prompts(pool: Pool, per_category: int, seed: int) -> list[tuple[Prompt, str]]:
-    """Suite prompts in a random form, none with the text of a validation or test prompt."""
-    kept_out = {p["text"] for p in pool.prompts if p["split"] != "train"}
+def kept_out_prompts(pool: Pool) -> list[Prompt]:
+    """The pool's validation and test prompts."""
+    return [Prompt.from_dict(p["prompt"]) for p in pool.prompts if p["split"] != "train"]
+
+
+def new_prompts(
+    per_category: int, seed: int, kept_out: Iterable[Prompt]
+) -> list[tuple[Prompt, str]]:
+    """Suite prompts in a random form, none asking for the conditions of a kept-out one."""
+    unseen = {frozenset(p.conditions) for p in kept_out}
     rng = random.Random(seed)
     out = []
     for p in build_suite(per_category, seed=seed):
         text = p.text(rng.choice(FORMS))
-        if text not in kept_out:
+        if frozenset(p.conditions) not in unseen:
             out.append((p, text))
     return out
 
 
-def reprompted_pairs(pool: Pool, n_pairs: int, per_category: int, seed: int) -> Reprompted:
-    prompts = new_prompts(pool, per_category, seed)
+def reprompted_pairs(
+    pool: Pool, n_pairs: int, per_category: int, seed: int, kept_out: Iterable[Prompt] = ()
+) -> Reprompted:
+    """`n_pairs` pairs of training images under new prompts; `kept_out` (besides the pool's
+    validation and test prompts): prompts whose conditions no new prompt may ask for."""
+    prompts = new_prompts(per_category, seed, [*kept_out_prompts(pool), *kept_out])
     images = training_images(pool)
     if not prompts or len(images) < 2:
         raise ValueError("reprompted pairs need new prompts and at least two training images")
@@ -86,6 +99,10 @@ def reprompted_pairs(pool: Pool, n_pairs: int, per_category: int, seed: int) -> 
     for k in np.flatnonzero(best):
         top = np.flatnonzero(align[q[k]] >= align[q[k]].max())
         a[k] = rng.choice(top)
+    same = a == b  # an image against itself teaches nothing
+    while same.any():
+        b[same] = rng.integers(0, len(images), int(same.sum()))
+        same = a == b
     return Reprompted(
         texts=[t for _, t in prompts],
         a=images[a],

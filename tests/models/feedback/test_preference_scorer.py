@@ -4,17 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from corpus.prompt_suite import build_suite, condition_holds
+from corpus.prompt_suite import Prompt, build_suite, condition_holds
 from corpus.world import Scene, SceneObject
 from models.feedback.pool import Pool, PoolConfig
 from models.feedback.reprompt import new_prompts, reprompted_pairs
 from models.feedback.utility import UtilityConfig
 
+SUITE = build_suite(16)
 RED_STAR = Scene((SceneObject("star", "red", "large", 1, 1),), "gray")
 BLUE_CIRCLE = Scene((SceneObject("circle", "blue", "small", 0, 2),), "white")
 
 
-def _pool(held_out_text: str) -> Pool:
+def _pool(test_prompt: Prompt) -> Pool:
     """Two training prompts and one test prompt; images of a red star and a blue circle,
     the star drawn cleanly, the circle as a smudge; one generator held out."""
     rows = []
@@ -30,23 +31,28 @@ def _pool(held_out_text: str) -> Pool:
                         "scene": scene.to_dict(),
                     }
                 )
+    star, circle = (next(p for p in SUITE if p.short == t) for t in ("a star", "a circle"))
     prompts = [
-        {"text": "a star", "split": "train"},
-        {"text": "a circle", "split": "train"},
-        {"text": held_out_text, "split": "test"},
+        {"text": "a star", "split": "train", "prompt": star.to_dict()},
+        {"text": "a circle", "split": "train", "prompt": circle.to_dict()},
+        {"text": test_prompt.short, "split": "test", "prompt": test_prompt.to_dict()},
     ]
     images = torch.zeros(len(rows), 3, 32, 32, dtype=torch.uint8)
     return Pool(images, rows, [""] * len(rows), {}, prompts, 0.01, PoolConfig())
 
 
-def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_to_a_test_prompt():
-    held_text = new_prompts(_pool("-"), 3, seed=5)[0][1]
-    pool = _pool(held_text)
-    r = reprompted_pairs(pool, 200, per_category=3, seed=5)
-    assert held_text not in r.texts
-    # Only training images of generators not held out: the first 4 rows.
-    assert set(r.a) | set(r.b) <= {0, 1, 2, 3}
-    prompts = {t: p for p, t in new_prompts(pool, 3, seed=5)}
+def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_ask_a_kept_out_one():
+    drawn = [p for p, _ in new_prompts(3, seed=5, kept_out=[])]
+    test_prompt, suite_prompt = drawn[0], drawn[-1]
+    pool = _pool(test_prompt)
+    r = reprompted_pairs(pool, 200, per_category=3, seed=5, kept_out=[suite_prompt])
+    prompts = {t: p for p, t in new_prompts(3, 5, [test_prompt, suite_prompt])}
+    asked = {frozenset(prompts[t].conditions) for t in r.texts}
+    assert frozenset(test_prompt.conditions) not in asked
+    assert frozenset(suite_prompt.conditions) not in asked
+    assert len(r.texts) < len(drawn)
+    # Only training images of generators not held out: the first 4 rows; never a = b.
+    assert set(r.a) | set(r.b) <= {0, 1, 2, 3} and not (r.a == r.b).any()
     for k in range(len(r.a)):
         conds = prompts[r.texts[r.prompt[k]]].conditions
         for side, image in enumerate((r.a[k], r.b[k])):
@@ -59,7 +65,7 @@ def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_to_a_test_prom
 
 
 def test_reprompted_choices_follow_the_utility_the_annotators_hold():
-    pool = _pool("a triangle")
+    pool = _pool(next(p for p in SUITE if p.short == "a triangle"))
     r = reprompted_pairs(pool, 300, per_category=3, seed=1)
     # tau small: the annotator picks the higher utility. Plausibility: the star is clean.
     plaus = {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
@@ -82,7 +88,7 @@ def test_a_saved_scorer_loads_back_and_reads_the_prompt(tmp_path):
     from models.feedback.judge_scorer import JudgeScorer, load_scorer, save_scorer
 
     torch.manual_seed(0)
-    scorer = JudgeScorer(JudgeNet(32, 8), width=16, context_length=16).eval()
+    scorer = JudgeScorer(JudgeNet(32, 8), 32, width=16, context_length=16).eval()
     images = render_scenes([RED_STAR, BLUE_CIRCLE], 32)
     texts = ["a red star", "a blue circle"]
     before = scorer.preference(images, texts)
@@ -98,7 +104,6 @@ def test_a_saved_scorer_loads_back_and_reads_the_prompt(tmp_path):
 
 
 def test_new_prompts_are_suite_prompts_from_their_own_seed():
-    pool = _pool("x")
-    a, b = new_prompts(pool, 2, seed=3), new_prompts(pool, 2, seed=3)
+    a, b = new_prompts(2, seed=3, kept_out=[]), new_prompts(2, seed=3, kept_out=[])
     assert [t for _, t in a] == [t for _, t in b]
     assert {p.category for p, _ in a} == {p.category for p in build_suite(1)}
