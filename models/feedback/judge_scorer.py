@@ -3,7 +3,7 @@ by a small text tower, joined by cross-attention (ImageReward's kind of model: o
 from image and text encoded together, not a cosine of two separate towers).
 
     score(image, prompt) = alignment(prompt tokens attending to the judge's 9 cells)
-                           + sum over cells of plausibility(cell reading and features)
+                           + sum over cells of plausibility(cell reading, feature and pixel stats)
 
 Why this and not the reference CLIP's two towers: fine-tuned on the pool's pairs, the
 CLIP learnt which images are clean but not which follow their prompt (below chance where
@@ -41,6 +41,53 @@ from models.evaluation.world_judge import (
 WEIGHTS, CONFIG = "scorer.safetensors", "scorer.json"
 GROUPS = (len(SHAPE_CLASSES), len(COLOUR_CLASSES), len(SIZES), len(WORD_CLASSES))
 READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: class probabilities
+FIRST_LAYERS = 6  # the judge's first two conv blocks, at its full input size
+
+
+def cell_statistics(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 9, 3C): per grid cell, each channel's mean, std and max."""
+    b, c, h, w = maps.shape
+    if h % 3 or w % 3:
+        raise ValueError(f"a {h}x{w} map does not split into 3x3 whole cells")
+    cells = maps.reshape(b, c, 3, h // 3, 3, w // 3).permute(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(b, 9, c, -1)
+    return torch.cat([cells.mean(-1), cells.std(-1), cells.amax(-1)], -1)
+
+
+@torch.no_grad()
+def read_cells(judge: JudgeNet, resolution: int, images_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, 9, reading_width(judge)): per cell, the judge's class probabilities and logits
+    (the first READING are what alignment sees), then the mean, spread and peak of its
+    last and first feature maps and of its input pixels over the cell. Plausibility is a
+    cell's distance from a clean drawing, which the class reading alone does not carry:
+    the first blocks' edges and the pixels show a blob where the classes say star. The
+    judge's forward is spelt out because it returns no maps."""
+    if judge.training:  # batch statistics would make a cell's reading depend on the batch
+        raise ValueError("read_cells needs the judge in eval mode (judge.eval())")
+    out, device = [], next(judge.parameters()).device
+    for s in range(0, len(images_uint8), 256):
+        x = images_uint8[s : s + 256].to(device).float()
+        if x.shape[-1] != resolution or x.shape[-2] != resolution:  # as WorldJudge.predict
+            x = F.interpolate(x, size=(resolution,) * 2, mode="bicubic", antialias=True)
+            x = x.clamp(0, 255)
+        x = F.interpolate(x, size=(judge.size,) * 2, mode="bilinear", align_corners=False)
+        x = to_input(x)
+        first = judge.features[:FIRST_LAYERS](x)
+        h = judge.features[FIRST_LAYERS:](first)
+        cells = F.adaptive_max_pool2d(judge.cell_head(h), 3).flatten(2).transpose(1, 2)
+        background = judge.background_head(h.mean((2, 3)))[:, None].expand(-1, 9, -1)
+        logits = torch.cat([cells, background], -1)
+        groups = logits.split([*GROUPS, len(BACKGROUND_CLASSES)], -1)
+        probs = torch.cat([g.softmax(-1) for g in groups], -1)
+        maps = [cell_statistics(m) for m in (h, first, x)]
+        out.append(torch.cat([probs, logits, *maps], -1))
+    return torch.cat(out)
+
+
+def reading_width(judge: JudgeNet) -> int:
+    """The number of values per cell that `read_cells` gives for this judge."""
+    first = judge.features[FIRST_LAYERS - 3].out_channels  # the second block's conv
+    return 2 * READING + 3 * (judge.cell_head.in_channels + first + 3)  # h, first, RGB
 
 
 class JudgeScorer(nn.Module):
@@ -53,7 +100,6 @@ class JudgeScorer(nn.Module):
         self.resolution, self.width, self.context_length = resolution, width, context_length
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         vocab = len(self.tokenizer.encoder)
-        features = judge.cell_head.in_channels
         self.cells = nn.Sequential(nn.LayerNorm(READING), nn.Linear(READING, width))
         self.cell_pos = nn.Parameter(torch.randn(9, width) * 0.02)
         self.tokens = nn.Embedding(vocab, width)
@@ -64,7 +110,7 @@ class JudgeScorer(nn.Module):
         self.alignment = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1)
         )
-        n = 2 * READING + features
+        n = reading_width(judge)
         self.plausibility = nn.Sequential(
             nn.LayerNorm(n), nn.Linear(n, width), nn.GELU(), nn.Linear(width, 1)
         )
@@ -74,27 +120,9 @@ class JudgeScorer(nn.Module):
         self.judge.eval()  # frozen: its batch norms keep their statistics
         return self
 
-    @torch.no_grad()
-    def read(self, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """(N, 9, 2 * READING + features): per cell, the judge's class probabilities, its
-        logits and its pooled features (the first READING are what alignment sees). The
-        judge's forward is spelt out here because it does not return its feature map."""
-        out, j, r = [], self.judge, self.resolution
-        device = next(self.parameters()).device
-        for s in range(0, len(images_uint8), batch_size):
-            x = images_uint8[s : s + batch_size].to(device).float()
-            if x.shape[-1] != r or x.shape[-2] != r:  # as WorldJudge.predict resizes
-                x = F.interpolate(x, size=(r, r), mode="bicubic", antialias=True).clamp(0, 255)
-            x = F.interpolate(x, size=(j.size, j.size), mode="bilinear", align_corners=False)
-            h = j.features(to_input(x))
-            cells = F.adaptive_max_pool2d(j.cell_head(h), 3).flatten(2).transpose(1, 2)
-            background = j.background_head(h.mean((2, 3)))[:, None].expand(-1, 9, -1)
-            logits = torch.cat([cells, background], -1)
-            groups = logits.split([*GROUPS, len(BACKGROUND_CLASSES)], -1)
-            probs = torch.cat([g.softmax(-1) for g in groups], -1)
-            pooled = F.adaptive_avg_pool2d(h, 3).flatten(2).transpose(1, 2)
-            out.append(torch.cat([probs, logits, pooled], -1))
-        return torch.cat(out)
+    def read(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """What `score` takes as `reading`: `read_cells` with this scorer's judge."""
+        return read_cells(self.judge, self.resolution, images_uint8)
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
@@ -156,5 +184,13 @@ def load_scorer(path: Path) -> JudgeScorer:
     resolution = cfg["judge"]["resolution"]
     judge = JudgeNet(resolution, cfg["judge"]["width"])
     scorer = JudgeScorer(judge, resolution, cfg["width"], cfg["context_length"])
-    scorer.load_state_dict(load_file(str(path / WEIGHTS)))
+    state = load_file(str(path / WEIGHTS))
+    saved, expected = state["plausibility.0.weight"].shape[0], reading_width(judge)
+    if saved != expected:
+        raise ValueError(
+            f"the preference scorer in {path} reads {saved} values per cell, this version "
+            f"{expected}: it was saved by another version of recapflow; rebuild it (materialize "
+            "preference_model, or `make run`)"
+        )
+    scorer.load_state_dict(state)
     return scorer.eval()

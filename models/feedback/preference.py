@@ -39,7 +39,7 @@ from models.common.clip import warmup_cosine_adamw
 from models.evaluation.reference_clip import load_reference_clip
 from models.evaluation.world_judge import JudgeConfig, WorldJudge, load_judge
 from models.feedback import metrics as M
-from models.feedback.judge_scorer import JudgeScorer, load_scorer, save_scorer
+from models.feedback.judge_scorer import JudgeScorer, load_scorer, read_cells, save_scorer
 from models.feedback.pool import Pool, held_out, load_pool
 from models.feedback.reprompt import Reprompted, reprompted_pairs
 from models.feedback.trainer import fine_tune_trainer
@@ -140,7 +140,7 @@ def train_scorer(
 ) -> JudgeScorer:
     """A scorer trained on the pool's training pairs (train split, no held-out generator)
     with `choice` as the annotators' choices, and on the reprompted pairs if given;
-    `reading`: every pool image as `JudgeScorer.read` gives it."""
+    `reading`: every pool image as `read_cells` gives it."""
     torch.manual_seed(cfg.seed)
     scorer = JudgeScorer(judge.net, judge.cfg.resolution, cfg.width, cfg.context_length)
     pr = pool.pairs
@@ -301,7 +301,7 @@ def train_preference(
     utilities = np.array([utility(x, pool.config.utility) for x in pool.labels])
     baseline = clip_scores(reference_clip, pool)
     judge = load_judge(judge_dir)
-    reading = JudgeScorer(judge.net, judge.cfg.resolution).read(pool.images)
+    reading = read_cells(judge.net, judge.cfg.resolution, pool.images)
     # The eval suite's prompts stay unseen too: the report scores its images.
     reprompted = (
         reprompted_pairs(

@@ -107,3 +107,46 @@ def test_new_prompts_are_suite_prompts_from_their_own_seed():
     a, b = new_prompts(2, seed=3, kept_out=[]), new_prompts(2, seed=3, kept_out=[])
     assert [t for _, t in a] == [t for _, t in b]
     assert {p.category for p, _ in a} == {p.category for p in build_suite(1)}
+
+
+def test_the_reading_shows_a_smudge_in_the_cell_where_it_is(tmp_path):
+    """A smudge the class reading might still call a star changes the plausibility
+    head's inputs (feature and pixel statistics) most in its own cell."""
+    from torch.nn import functional as F
+
+    from models.evaluation.world_judge import JudgeConfig, JudgeNet, render_scenes
+    from models.feedback.judge_scorer import (
+        READING,
+        JudgeScorer,
+        cell_statistics,
+        load_scorer,
+        save_scorer,
+    )
+
+    torch.manual_seed(0)
+    scorer = JudgeScorer(JudgeNet(32, 8), 32, width=16, context_length=16).eval()
+    corner = Scene((SceneObject("star", "red", "large", 0, 2),), "gray")  # row 0, column 2
+    clean = render_scenes([corner], 32)
+    smudged = clean.clone()
+    smudged[:, :, 2:8, 24:30] = torch.tensor([200, 40, 40], dtype=torch.uint8)[:, None, None]
+    stats = scorer.read(torch.cat([clean, smudged]))[:, :, 2 * READING :]
+    assert (stats[0] - stats[1]).abs().amax(-1).argmax() == 2
+    # Pixel statistics (the last 9 per cell) are cell-exact: no other cell's changed.
+    pixels, others = stats[..., -9:], [0, 1, 3, 4, 5, 6, 7, 8]
+    assert torch.equal(pixels[0, others], pixels[1, others])
+    assert not torch.equal(pixels[0, 2], pixels[1, 2])
+    # Cells in the judge's own order (row-major, as its pooled class maps).
+    maps = torch.randn(2, 4, 9, 12)
+    assert torch.allclose(
+        cell_statistics(maps)[..., :4], F.adaptive_avg_pool2d(maps, 3).flatten(2).mT
+    )
+    assert torch.equal(cell_statistics(maps)[..., 8:], F.adaptive_max_pool2d(maps, 3).flatten(2).mT)
+    with pytest.raises(ValueError, match="does not split into 3x3"):
+        cell_statistics(torch.zeros(1, 2, 10, 9))
+    # A scorer saved with another reading is refused by name, not by a shape mismatch.
+    narrow = JudgeScorer(JudgeNet(32, 8), 32, width=16, context_length=16)
+    narrow.plausibility[0] = torch.nn.LayerNorm(7)
+    narrow.plausibility[1] = torch.nn.Linear(7, 16)
+    save_scorer(narrow, JudgeConfig(resolution=32, width=8), tmp_path / "old")
+    with pytest.raises(ValueError, match="saved by another version"):
+        load_scorer(tmp_path / "old")
