@@ -140,7 +140,11 @@ def build_pool(cfg: PoolConfig, judge_dir: Path, out: Path, root: Path = Path(".
             "images": len(images_index),
         }
     )
-    write_text_atomic(out / "pool.json", json.dumps(summary, indent=2))
+    # Which generators were reused says how this build ran, not what the pool holds: kept
+    # out of pool.json so that an unchanged pool hashes the same and nothing after it
+    # rebuilds.
+    content = {k: v for k, v in summary.items() if k != "reused_generators"}
+    write_text_atomic(out / "pool.json", json.dumps(content, indent=2))
     return summary
 
 

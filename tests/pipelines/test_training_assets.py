@@ -589,6 +589,8 @@ def test_the_feedback_pool_draws_every_prompt_from_every_generator(lineage, feed
 
 def test_a_second_pool_build_draws_nothing_again(feedback):
     assert feedback.again["reused_generators"].value == 4
+    # and writes the same pool, so that the models trained on it are not rebuilt
+    assert feedback.again["dvc_md5"].value == feedback.pool_md["dvc_md5"].value
 
 
 def test_the_preference_model_is_measured_against_the_ceiling_and_clip_score(feedback):
