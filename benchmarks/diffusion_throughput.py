@@ -286,12 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="also the plain loop compiled")
     ap.add_argument("--peak-tflops", type=float, help="the device's datasheet rate, if wanted")
+    ap.add_argument(
+        "--precision", default="auto", help="auto: bf16-mixed on a GPU, 32-true on a CPU"
+    )
     ap.add_argument("--out", default="benchmarks/results/diffusion_throughput.json")
     args = ap.parse_args(argv)
     params = load_params(args.params)
     cfg = DiffusionTrainConfig.from_dict(params["diffusion_model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "bf16-mixed" if device == "cuda" else "32-true"
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if device == "cuda" else "32-true"
     ceiling = matmul_tflops(device, precision)
     res = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),

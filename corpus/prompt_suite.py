@@ -157,7 +157,7 @@ def judge_prompt(prompt: Prompt, scene: Scene) -> dict:
 
 # --- partial progress: attributes and reasons for failing -------------------------------
 
-ATTRIBUTES = ("shape", "colour", "size", "count", "relation", "background", "word")
+ATTRIBUTES = ("shape", "colour", "size", "place", "count", "relation", "background", "word")
 # In this order; an image's primary reason is the first of its reasons in this order.
 REASONS = (
     "no_object",
@@ -216,6 +216,8 @@ def diagnose(prompt: Prompt, scene: Scene, form: str) -> dict:
         exists; holds when one of them has the colour.
       size: descriptive form only; per stated object, judged when an object of its
         shape and colour exists; holds when one of them has the size.
+      place: descriptive form only; per object of the reference scene, judged when an
+        object of its shape and colour exists; holds when one of them stands in its cell.
       count: per "count" condition, judged when an object of its shape exists; holds
         when exactly n do.
       relation: per "relation" condition, judged when two distinct objects match its
@@ -223,7 +225,7 @@ def diagnose(prompt: Prompt, scene: Scene, form: str) -> dict:
       background: descriptive form only; always judged; holds when it is the
         reference scene's.
       word: per "word" condition, always judged; holds when the word is that word.
-    Size and background are not conditions: they never make an image fail.
+    Size, place and background are not conditions: they never make an image fail.
 
     "reasons": for a failed image, the reasons of REASONS, in that order, each once.
     Each failed condition gives one: a "word" condition wrong_word; any other
@@ -259,6 +261,10 @@ def diagnose(prompt: Prompt, scene: Scene, form: str) -> dict:
         if c.kind == "word":
             attrs["word"].append(scene.word == c.word)
     if form == "descriptive":
+        for want in prompt.scene.objects:
+            same = [o for o in objs if (o.shape, o.color) == (want.shape, want.color)]
+            if same:
+                attrs["place"].append(any((o.row, o.col) == (want.row, want.col) for o in same))
         attrs["background"].append(scene.background == prompt.scene.background)
 
     failed = [c for c in prompt.conditions if not condition_holds(c, scene)]

@@ -61,6 +61,10 @@ class DiffusionConfig:
     # > 1: latent positions that hold an object (they differ from the image's background,
     # its per-channel median) and their neighbours weigh this much more in the loss
     foreground_weight: float = 1.0
+    # > 0: the text map is also trained to draw the clean latent from the caption alone
+    # (a 1x1 convolution of the map, its foreground-weighted error times this), so that it
+    # carries where the caption puts each object; 0: it learns only through the UNet
+    map_loss: float = 0.0
 
 
 def build_unet(
@@ -117,6 +121,13 @@ class LatentDiffusion(L.LightningModule):
         self.unet, self.cfg = unet, cfg
         self.scheduler = noise_scheduler(cfg)
         self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        if cfg.map_loss:
+            if not isinstance(unet, TextMapUNet2DConditionModel):
+                raise ValueError("diffusion.map_loss needs a text map (unet.text_map_channels)")
+            # Training only: the exported UNet does not need it.
+            self.map_head = torch.nn.Conv2d(
+                unet.config.text_map_channels, unet.config.in_channels, 1
+            )
         self._step_at_batch_start = -1
         self.save_hyperparameters(
             {"diffusion": asdict(cfg), "unet": dict(unet.config)}, logger=False
@@ -150,7 +161,17 @@ class LatentDiffusion(L.LightningModule):
             clamped = snr.clamp(max=self.cfg.snr_gamma)
             per_snr = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
             per_sample = per_sample * clamped / per_snr[kind]
-        return per_sample.mean()
+        loss = per_sample.mean()
+        if self.cfg.map_loss:
+            loss = loss + self.cfg.map_loss * self._map_loss(z, batch["states"].to(z.dtype))
+        return loss
+
+    def _map_loss(self, z: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The error of the clean latent as the caption's map alone draws it."""
+        drawn = self.map_head(self.unet.text_map(states))
+        error = F.mse_loss(drawn.float(), z, reduction="none").mean(1)
+        weight = foreground_weights(z, self.cfg.foreground_weight)
+        return ((error * weight).sum((1, 2)) / weight.sum((1, 2))).mean()
 
     def on_fit_start(self) -> None:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
@@ -171,7 +192,7 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         return warmup_cosine_adamw(
-            self.unet, self.cfg.lr, self.cfg.weight_decay, self.cfg.warmup_steps, self.cfg.max_steps
+            self, self.cfg.lr, self.cfg.weight_decay, self.cfg.warmup_steps, self.cfg.max_steps
         )
 
     def ema_unet(self) -> UNet2DConditionModel:

@@ -55,8 +55,8 @@ def _partial_progress(metrics: dict, forms: list[str]) -> list[str]:
         "<h2>Attribute accuracy given that the object exists</h2>",
         "<p>Each attribute is scored only where what it belongs to is there (colour where "
         "an object of the prompted shape exists, count where one of the shape exists, "
-        "relation where both objects exist); size and background only where the prompt "
-        "states them (descriptive form). -: not judged.</p>",
+        "relation where both objects exist); size, place and background only where the "
+        "prompt states them (descriptive form). -: not judged.</p>",
         _table(header, rows),
     ]
     rows = []

@@ -177,11 +177,11 @@ def judged(d: dict) -> dict:
          {"word": [False]}, ["wrong_word"]),
         (WORD, Scene((), "black"), "short", {"word": [False]}, ["wrong_word"]),
         # Descriptive form: it states the reference scene's colours, sizes and background.
-        # Wrong background and a wrong size fail no condition: the image passes.
+        # A wrong background, size and places fail no condition: the image passes.
         (LEFT, Scene((obj("circle", "red", 1, 0, "small"), obj("square", "blue", 1, 1,
                       "small")), "gray"), "descriptive",
          {"shape": [True, True], "colour": [True, True], "size": [False, True],
-          "relation": [True], "background": [False]}, []),
+          "place": [False, False], "relation": [True], "background": [False]}, []),
         # Three stars in the wrong colour: size cannot be judged (no red star exists).
         (THREE, Scene(tuple(obj("star", "blue", 1, c, "small") for c in range(3)), "white"),
          "descriptive", {"shape": [True], "colour": [False], "count": [True],
@@ -189,7 +189,8 @@ def judged(d: dict) -> dict:
         # The descriptive word prompt also states its object.
         (WORD, Scene((obj("star", "yellow", 0, 0, "small"),), "black", "DOG", 2, 2),
          "descriptive", {"shape": [True], "colour": [True], "size": [False],
-                         "background": [True], "word": [False]}, ["wrong_word"]),
+                         "place": [True], "background": [True], "word": [False]},
+         ["wrong_word"]),
     ],
 )  # fmt: skip
 def test_diagnose_scores_attributes_given_the_object_and_names_why_images_fail(

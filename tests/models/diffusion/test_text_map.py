@@ -3,6 +3,7 @@ loading, and reading the caption per place."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.diffusion.model import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
@@ -49,3 +50,37 @@ def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path):
         expected = ema(x, t, encoder_hidden_states=states, class_labels=pooled).sample
         got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
     torch.testing.assert_close(got, expected)
+
+
+def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
+    # Two captions, each stating an object in its own corner of the latent.
+    torch.manual_seed(1)
+    states = torch.randn(2, 5, 16)
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, :, :3, :3] = 1.0
+    latents[1, :, 5:, 5:] = 1.0
+    batch = {"latents": latents, "states": states, "pooled": torch.randn(2, 16)}
+    cfg = DiffusionConfig(
+        prediction_type="sample", map_loss=1.0, foreground_weight=4.0,
+        lr=1e-2, warmup_steps=1, max_steps=150,
+    )  # fmt: skip
+    module = LatentDiffusion(_unet(6), cfg)
+    head_before = module.map_head.weight.detach().clone()
+    opt = module.configure_optimizers()["optimizer"]
+    for _ in range(150):
+        module.diffusion_loss(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        drawn = module.map_head(module.unet.text_map(states)).mean(1)
+    # From the caption alone, the map draws each object in its own corner, not the other's.
+    assert drawn[0, :3, :3].mean() > 0.7 and drawn[0, 5:, 5:].mean().abs() < 0.3
+    assert drawn[1, 5:, 5:].mean() > 0.7 and drawn[1, :3, :3].mean().abs() < 0.3
+    assert not torch.allclose(module.map_head.weight, head_before)  # the head learns too
+    # Training only: the exported UNet carries no drawing head.
+    assert not any("map_head" in k for k in module.ema_unet().state_dict())
+
+
+def test_the_map_loss_needs_a_map():
+    with pytest.raises(ValueError, match="map_loss needs a text map"):
+        LatentDiffusion(_unet(0), DiffusionConfig(map_loss=1.0))

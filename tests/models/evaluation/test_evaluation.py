@@ -178,13 +178,13 @@ def test_attribute_scores_and_failure_breakdown_on_scenes_with_known_errors(tmp_
     check_partial_progress(summary)
     # shape: 2 + 1 + 1 + 0 held of 2 + 2 + 2 + 0 + 2 judged (nothing judged on the empty one);
     # colour, given the shape: 2 + 0 + 1 + 1 of 2 + 2 + 1 + 1; size, given shape and colour:
-    # 2 + 1 + 1 of 2 + 1 + 1; background: 4 of 5.
+    # 2 + 1 + 1 of 2 + 1 + 1; place, the same objects: all in their cells; background: 4 of 5.
     assert summary["attribute_accuracy"] == {
-        "shape": 6 / 8, "colour": 4 / 6, "size": 1.0, "background": 4 / 5
+        "shape": 6 / 8, "colour": 4 / 6, "size": 1.0, "place": 1.0, "background": 4 / 5
     }  # fmt: skip
     assert summary["attribute_judged"] == {
-        "shape": 8, "colour": 6, "size": 4, "count": 0, "relation": 0, "background": 5,
-        "word": 0,
+        "shape": 8, "colour": 6, "size": 4, "place": 4, "count": 0, "relation": 0,
+        "background": 5, "word": 0,
     }  # fmt: skip
     fr = summary["failure_reasons"]
     assert fr["images"] == 5 and fr["failed"] == 4

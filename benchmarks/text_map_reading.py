@@ -1,0 +1,146 @@
+"""Does the caption reach the place it names? Three readings of a trained text-to-image
+model (docs/log/2026-12-generator.md):
+
+- placement: the suite's one-object descriptive prompts (single object, colour), drawn
+  as the eval report draws them and read by the world judge: objects per image, the
+  share of images with an object in the prompted cell, and where the drawn objects
+  stand against that cell (chance for one object at random: exact 1/9, same row 2/9,
+  same column 2/9, neither 4/9);
+- the text map's attention (`unet.text_map`, models/diffusion/text_map.py) over the
+  suite's descriptive prompts: how far apart the readings of the nine cell centres are
+  (mean total-variation distance between their attention rows: 0, every place reads the
+  same tokens), the attention mass on padding, and the tokens the two opposite corner
+  cells read most for one caption;
+- with `--work` (a training work folder whose last checkpoint holds a `map_head`, i.e.
+  trained with `diffusion.map_loss`): the map's own drawing of those prompts, judged.
+
+    python -m benchmarks.text_map_reading --model data/diffusion_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from corpus.prompt_suite import load_suite
+from models.diffusion.autoencoder import to_uint8
+from models.diffusion.text_to_image import load_text_to_image
+from models.evaluation.world_judge import load_judge
+
+CAPTION = (
+    "A black background with a large purple diamond in the top left and a small green "
+    "star in the bottom right."
+)
+
+
+PLACES = ("exact", "same row", "same column", "neither")
+
+
+def placement(scenes, prompts) -> dict:
+    """Where the judged objects stand against each prompt's one object's cell."""
+    where, hit = collections.Counter(), 0
+    for p, s in zip(prompts, scenes, strict=True):
+        t = p.scene.objects[0]
+        hit += any((o.row, o.col) == (t.row, t.col) for o in s.objects)
+        for o in s.objects:
+            same_row, same_col = o.row == t.row, o.col == t.col
+            where[
+                "exact" if same_row and same_col
+                else "same row" if same_row
+                else "same column" if same_col
+                else "neither"
+            ] += 1  # fmt: skip
+    n = sum(where.values())
+    return {
+        "images": len(scenes),
+        "objects_per_image": n / len(scenes),
+        "prompted_cell_filled": hit / len(scenes),
+        "objects_at": {k: where[k] / max(n, 1) for k in PLACES},
+    }
+
+
+def _centres(side: int) -> list[int]:
+    """Flat latent positions of the 3x3 grid's cell centres."""
+    at = [int((i + 0.5) * side / 3) for i in range(3)]
+    return [r * side + c for r in at for c in at]
+
+
+@torch.no_grad()
+def attention(pipe, texts: list[str]) -> dict:
+    tm, te = pipe.unet.text_map, pipe.text_encoder
+    states, _ = te(texts)
+    q = tm.query(tm.positions.to(states.dtype)).expand(len(texts), -1, -1)
+    _, w = tm.attn(q, states, states, need_weights=True, average_attn_weights=True)
+    centres = w[:, _centres(tm.side)]  # (B, 9, L)
+    pairs = list(itertools.combinations(range(9), 2))
+    tv = torch.stack([0.5 * (centres[:, i] - centres[:, j]).abs().sum(-1) for i, j in pairs])
+    lengths = [len(te.tokenizer(t)["input_ids"]) for t in texts]
+    pad = torch.stack([w[b, :, n:].sum(-1).mean() for b, n in enumerate(lengths)])
+    return {"cell_reading_distance": tv.mean().item(), "padding_mass": pad.mean().item()}
+
+
+@torch.no_grad()
+def corner_tokens(pipe, k: int = 5) -> dict:
+    tm, te = pipe.unet.text_map, pipe.text_encoder
+    states, _ = te([CAPTION])
+    q = tm.query(tm.positions.to(states.dtype))[None]
+    _, w = tm.attn(q, states, states, need_weights=True, average_attn_weights=True)
+    ids = te.tokenizer(CAPTION, padding="max_length", max_length=te.context_length)["input_ids"]
+    words = te.tokenizer.convert_ids_to_tokens(ids[: te.context_length])
+    centres = _centres(tm.side)
+    out = {}
+    for name, pos in (("top left", centres[0]), ("bottom right", centres[-1])):
+        values, at = w[0, pos].topk(k)
+        out[name] = [(words[i], round(v.item(), 3)) for v, i in zip(values, at, strict=True)]
+    return out
+
+
+@torch.no_grad()
+def map_drawing(pipe, work: Path, texts: list[str]) -> torch.Tensor:
+    ckpt = work / "checkpoints" / (work / "checkpoints" / "latest").read_text().strip()
+    w = load_file(str(ckpt / "model.safetensors"))
+    if "model.map_head.weight" not in w:
+        raise SystemExit(f"{ckpt} has no map_head: the run did not train with diffusion.map_loss")
+    weight, bias = w["model.map_head.weight"], w["model.map_head.bias"]
+    head = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
+    states, _ = pipe.text_encoder(texts)
+    z = head(pipe.unet.text_map(states))
+    return to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="an exported text-to-image folder")
+    ap.add_argument("--judge", type=Path, default=Path("data/world_judge"))
+    ap.add_argument("--work", type=Path, help="its training work folder (map_loss runs)")
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    args = ap.parse_args(argv)
+    pipe, judge = load_text_to_image(args.model), load_judge(args.judge)
+    suite = load_suite(Path("prompts/suite-v1.json"))
+    one = [p for p in suite if p.category in ("single_object", "colour")]
+    k = args.images_per_prompt
+    with torch.inference_mode():
+        images = pipe([p.descriptive for p in one for _ in range(k)], seed=0)
+    res = {"drawn": placement(judge.predict(images), [p for p in one for _ in range(k)])}
+    res["text_map"] = {
+        **attention(pipe, [p.descriptive for p in suite]),
+        "corner_tokens": corner_tokens(pipe),
+    }
+    if args.work:
+        res["map_drawing"] = placement(
+            judge.predict(map_drawing(pipe, args.work, [p.descriptive for p in one])), one
+        )
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
