@@ -42,11 +42,10 @@ CAPTION = (
 PLACES = ("exact", "same row", "same column", "neither")
 
 
-def placement(scenes, prompts) -> dict:
-    """Where the judged objects stand against each prompt's one object's cell."""
+def placement(scenes, wanted) -> dict:
+    """Where the judged objects of each scene stand against its wanted object's cell."""
     where, hit = collections.Counter(), 0
-    for p, s in zip(prompts, scenes, strict=True):
-        t = p.scene.objects[0]
+    for t, s in zip(wanted, scenes, strict=True):
         hit += any((o.row, o.col) == (t.row, t.col) for o in s.objects)
         for o in s.objects:
             same_row, same_col = o.row == t.row, o.col == t.col
@@ -71,18 +70,27 @@ def _centres(side: int) -> list[int]:
     return [r * side + c for r in at for c in at]
 
 
+def cell_reading_distance(weights: torch.Tensor, side: int) -> float:
+    """Mean total-variation distance between the attention rows (B, side^2, L) of the
+    nine cell centres: 0 when every place reads the same tokens, 1 when none share any."""
+    centres = weights[:, _centres(side)]
+    pairs = itertools.combinations(range(9), 2)
+    tv = [0.5 * (centres[:, i] - centres[:, j]).abs().sum(-1) for i, j in pairs]
+    return torch.stack(tv).mean().item()
+
+
 @torch.no_grad()
 def attention(pipe, texts: list[str]) -> dict:
     tm, te = pipe.unet.text_map, pipe.text_encoder
     states, _ = te(texts)
     q = tm.query(tm.positions.to(states.dtype)).expand(len(texts), -1, -1)
     _, w = tm.attn(q, states, states, need_weights=True, average_attn_weights=True)
-    centres = w[:, _centres(tm.side)]  # (B, 9, L)
-    pairs = list(itertools.combinations(range(9), 2))
-    tv = torch.stack([0.5 * (centres[:, i] - centres[:, j]).abs().sum(-1) for i, j in pairs])
     lengths = [len(te.tokenizer(t)["input_ids"]) for t in texts]
     pad = torch.stack([w[b, :, n:].sum(-1).mean() for b, n in enumerate(lengths)])
-    return {"cell_reading_distance": tv.mean().item(), "padding_mass": pad.mean().item()}
+    return {
+        "cell_reading_distance": cell_reading_distance(w, tm.side),
+        "padding_mass": pad.mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -129,15 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     k = args.images_per_prompt
     with torch.inference_mode():
         images = pipe([p.descriptive for p in one for _ in range(k)], seed=0)
-    res = {"drawn": placement(judge.predict(images), [p for p in one for _ in range(k)])}
+    wanted = [p.scene.objects[0] for p in one for _ in range(k)]
+    res = {"drawn": placement(judge.predict(images), wanted)}
     res["text_map"] = {
         **attention(pipe, [p.descriptive for p in suite]),
         "corner_tokens": corner_tokens(pipe),
     }
     if args.work:
-        res["map_drawing"] = placement(
-            judge.predict(map_drawing(pipe, args.work, [p.descriptive for p in one])), one
-        )
+        drawing = map_drawing(pipe, args.work, [p.descriptive for p in one])
+        res["map_drawing"] = placement(judge.predict(drawing), [p.scene.objects[0] for p in one])
     print(json.dumps(res, indent=1))
     return res
 
