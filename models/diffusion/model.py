@@ -11,6 +11,7 @@ pooled text), which carries global attributes such as colour from the first step
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -65,6 +66,10 @@ class DiffusionConfig:
     # (a 1x1 convolution of the map, its foreground-weighted error times this), so that it
     # carries where the caption puts each object; 0: it learns only through the UNet
     map_loss: float = 0.0
+    # > 0: before the UNet trains, the text map and that head train alone this many steps
+    # of `batch_size` on the map loss: through the UNet the map learns where a caption
+    # puts its objects far slower than the UNet's steps allow
+    map_pretrain_steps: int = 0
 
 
 def build_unet(
@@ -121,9 +126,12 @@ class LatentDiffusion(L.LightningModule):
         self.unet, self.cfg = unet, cfg
         self.scheduler = noise_scheduler(cfg)
         self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
-        if cfg.map_loss:
+        if cfg.map_loss or cfg.map_pretrain_steps:
             if not isinstance(unet, TextMapUNet2DConditionModel):
-                raise ValueError("diffusion.map_loss needs a text map (unet.text_map_channels)")
+                raise ValueError(
+                    "diffusion.map_loss and map_pretrain_steps need a text map "
+                    "(unet.text_map_channels)"
+                )
             # Training only: the exported UNet does not need it.
             self.map_head = torch.nn.Conv2d(
                 unet.config.text_map_channels, unet.config.in_channels, 1
@@ -172,6 +180,33 @@ class LatentDiffusion(L.LightningModule):
         error = F.mse_loss(drawn.float(), z, reduction="none").mean(1)
         weight = foreground_weights(z, self.cfg.foreground_weight)
         return ((error * weight).sum((1, 2)) / weight.sum((1, 2))).mean()
+
+    def pretrain_map(
+        self,
+        latents: torch.Tensor,
+        states: torch.Tensor,
+        batch_size: int,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> float:
+        """Trains the text map and its head alone on (caption states, clean latents) for
+        `map_pretrain_steps` steps, calling `progress(step, loss)` every 500; the EMA then
+        starts from the trained map. Returns the last step's map loss."""
+        pair = torch.nn.ModuleDict({"map": self.unet.text_map, "head": self.map_head})
+        steps = self.cfg.map_pretrain_steps
+        opt = warmup_cosine_adamw(
+            pair, self.cfg.lr, self.cfg.weight_decay, min(self.cfg.warmup_steps, steps), steps
+        )
+        for step in range(1, steps + 1):
+            i = torch.randint(0, len(latents), (batch_size,))
+            loss = self._map_loss(latents[i].float(), states[i].float())
+            loss.backward()
+            opt["optimizer"].step()
+            opt["optimizer"].zero_grad(set_to_none=True)
+            opt["lr_scheduler"]["scheduler"].step()
+            if progress and (step % 500 == 0 or step == steps):
+                progress(step, loss.item())
+        self.ema = EMAModel(self.unet.parameters(), decay=self.cfg.ema_decay, use_ema_warmup=True)
+        return loss.item()
 
     def on_fit_start(self) -> None:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)

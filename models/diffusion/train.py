@@ -736,6 +736,17 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     if resume:
         module.weights_dir = resume
         reporter.info(f"resuming from {resume}")
+    elif cfg.diffusion.map_pretrain_steps:  # a resumed run's checkpoint holds the trained map
+        t = time.perf_counter()
+        steps = cfg.diffusion.map_pretrain_steps
+        loss = module.pretrain_map(
+            latents,
+            states[0],
+            cfg.batch_size,
+            lambda step, loss: reporter.info(f"text map alone: step {step}/{steps} {loss:.4f}"),
+        )
+        timings["map_pretrain_s"] = time.perf_counter() - t
+        reporter.info(f"text map trained alone: map loss {loss:.4f}")
 
     accelerator, devices, strategy, threads = parallelism(cfg)
     if threads:  # the text encoder and the caches above had every core

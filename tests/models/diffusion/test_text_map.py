@@ -81,6 +81,29 @@ def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
     assert not any("map_head" in k for k in module.ema_unet().state_dict())
 
 
+def test_the_map_pretrained_alone_places_each_caption_and_leaves_the_unet_as_it_was():
+    torch.manual_seed(1)
+    states = torch.randn(2, 5, 16)
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, :, :3, :3] = 1.0
+    latents[1, :, 5:, 5:] = 1.0
+    cfg = DiffusionConfig(map_pretrain_steps=150, foreground_weight=4.0, lr=1e-2, warmup_steps=1)
+    module = LatentDiffusion(_unet(6), cfg)
+    body = {k: v.clone() for k, v in module.unet.state_dict().items() if "text_map" not in k}
+    module.pretrain_map(latents, states, batch_size=2)
+    with torch.no_grad():
+        drawn = module.map_head(module.unet.text_map(states)).mean(1)
+    assert drawn[0, :3, :3].mean() > 0.7 and drawn[0, 5:, 5:].mean().abs() < 0.3
+    assert drawn[1, 5:, 5:].mean() > 0.7 and drawn[1, :3, :3].mean().abs() < 0.3
+    after = module.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in body.items())  # only the map trained
+    # The EMA starts from the trained map: the exported UNet draws with it.
+    torch.testing.assert_close(
+        module.ema_unet().text_map.out.weight, module.unet.text_map.out.weight
+    )
+
+
 def test_the_map_loss_needs_a_map():
-    with pytest.raises(ValueError, match="map_loss needs a text map"):
-        LatentDiffusion(_unet(0), DiffusionConfig(map_loss=1.0))
+    for cfg in (DiffusionConfig(map_loss=1.0), DiffusionConfig(map_pretrain_steps=10)):
+        with pytest.raises(ValueError, match="need a text map"):
+            LatentDiffusion(_unet(0), cfg)
