@@ -52,13 +52,27 @@ def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path):
     torch.testing.assert_close(got, expected)
 
 
-def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
-    # Two captions, each stating an object in its own corner of the latent.
+def _two_corners() -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states, clean latents) of two captions, each stating an object in its own
+    corner of the latent."""
     torch.manual_seed(1)
-    states = torch.randn(2, 5, 16)
     latents = torch.zeros(2, 4, 8, 8)
     latents[0, :, :3, :3] = 1.0
     latents[1, :, 5:, 5:] = 1.0
+    return torch.randn(2, 5, 16), latents
+
+
+def _each_in_its_corner(module: LatentDiffusion, states: torch.Tensor) -> bool:
+    """The map alone draws each caption's object in its own corner, not the other's."""
+    with torch.no_grad():
+        drawn = module.map_head(module.unet.text_map(states)).mean(1)
+    first = drawn[0, :3, :3].mean() > 0.7 and drawn[0, 5:, 5:].mean().abs() < 0.3
+    second = drawn[1, 5:, 5:].mean() > 0.7 and drawn[1, :3, :3].mean().abs() < 0.3
+    return bool(first and second)
+
+
+def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
+    states, latents = _two_corners()
     batch = {"latents": latents, "states": states, "pooled": torch.randn(2, 16)}
     cfg = DiffusionConfig(
         prediction_type="sample", map_loss=1.0, foreground_weight=4.0,
@@ -71,30 +85,20 @@ def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
         module.diffusion_loss(batch).backward()
         opt.step()
         opt.zero_grad()
-    with torch.no_grad():
-        drawn = module.map_head(module.unet.text_map(states)).mean(1)
-    # From the caption alone, the map draws each object in its own corner, not the other's.
-    assert drawn[0, :3, :3].mean() > 0.7 and drawn[0, 5:, 5:].mean().abs() < 0.3
-    assert drawn[1, 5:, 5:].mean() > 0.7 and drawn[1, :3, :3].mean().abs() < 0.3
+    assert _each_in_its_corner(module, states)
     assert not torch.allclose(module.map_head.weight, head_before)  # the head learns too
     # Training only: the exported UNet carries no drawing head.
     assert not any("map_head" in k for k in module.ema_unet().state_dict())
 
 
 def test_the_map_pretrained_alone_places_each_caption_and_leaves_the_unet_as_it_was():
-    torch.manual_seed(1)
-    states = torch.randn(2, 5, 16)
-    latents = torch.zeros(2, 4, 8, 8)
-    latents[0, :, :3, :3] = 1.0
-    latents[1, :, 5:, 5:] = 1.0
+    states, latents = _two_corners()
     cfg = DiffusionConfig(map_pretrain_steps=150, foreground_weight=4.0, lr=1e-2, warmup_steps=1)
     module = LatentDiffusion(_unet(6), cfg)
     body = {k: v.clone() for k, v in module.unet.state_dict().items() if "text_map" not in k}
+    assert not _each_in_its_corner(module, states)
     module.pretrain_map(latents, states, batch_size=2)
-    with torch.no_grad():
-        drawn = module.map_head(module.unet.text_map(states)).mean(1)
-    assert drawn[0, :3, :3].mean() > 0.7 and drawn[0, 5:, 5:].mean().abs() < 0.3
-    assert drawn[1, 5:, 5:].mean() > 0.7 and drawn[1, :3, :3].mean().abs() < 0.3
+    assert _each_in_its_corner(module, states)
     after = module.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in body.items())  # only the map trained
     # The EMA starts from the trained map: the exported UNet draws with it.
