@@ -79,12 +79,17 @@ def cell_reading_distance(weights: torch.Tensor, side: int) -> float:
     return torch.stack(tv).mean().item()
 
 
+def _map_attention(tm, states: torch.Tensor) -> torch.Tensor:
+    """The text map's attention weights (B, side^2, L), averaged over its heads."""
+    q = tm.query(tm.positions.to(states.dtype)).expand(len(states), -1, -1)
+    return tm.attn(q, states, states, need_weights=True, average_attn_weights=True)[1]
+
+
 @torch.no_grad()
 def attention(pipe, texts: list[str]) -> dict:
     tm, te = pipe.unet.text_map, pipe.text_encoder
     states, _ = te(texts)
-    q = tm.query(tm.positions.to(states.dtype)).expand(len(texts), -1, -1)
-    _, w = tm.attn(q, states, states, need_weights=True, average_attn_weights=True)
+    w = _map_attention(tm, states)
     lengths = [len(te.tokenizer(t)["input_ids"]) for t in texts]
     pad = torch.stack([w[b, :, n:].sum(-1).mean() for b, n in enumerate(lengths)])
     return {
@@ -97,8 +102,7 @@ def attention(pipe, texts: list[str]) -> dict:
 def corner_tokens(pipe, k: int = 5) -> dict:
     tm, te = pipe.unet.text_map, pipe.text_encoder
     states, _ = te([CAPTION])
-    q = tm.query(tm.positions.to(states.dtype))[None]
-    _, w = tm.attn(q, states, states, need_weights=True, average_attn_weights=True)
+    w = _map_attention(tm, states)
     ids = te.tokenizer(CAPTION, padding="max_length", max_length=te.context_length)["input_ids"]
     words = te.tokenizer.convert_ids_to_tokens(ids[: te.context_length])
     centres = _centres(tm.side)
