@@ -10,10 +10,18 @@ Variants: `--pad-mask` (padding tokens masked out of the attention), `--free-que
 (each latent position a learnt query instead of sine features through an MLP),
 `--over-positions` (the attention normalised over the positions instead of the tokens,
 as Slot Attention normalises over its slots: each token chooses where it goes, and a
-place sums what chose it; padding left out).
+place sums what chose it; padding left out), `--sigmoid` (each place weighs each token
+by a sigmoid of their score, biased by -log of the caption's length, with no softmax:
+Ramapuram et al. 2024; the tokens do not compete for a place, padding left out),
+`--sine-queries S` (each place's query is its fixed sine features times a learnt scale
+that starts at S, no MLP: the places differ from the first step).
 
     python -m benchmarks.text_map_probe --text-encoder data/diffusion_model/text_encoder \
-        [--pad-mask] [--free-queries] [--steps 1500]
+        [--pad-mask] [--free-queries] [--steps 1500] [--sampler data/mixed_sampler]
+
+`--sampler` trains on the lineage's own images (`--raw`) and the synthetic captions the
+mixed sampler holds (the recaptioned dataset's) instead of fresh renders with their
+ground-truth captions: what `diffusion.map_pretrain_steps` trains on.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import random
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +50,7 @@ from corpus.world import (
     sample_scene,
 )
 from models.common.clip import warmup_cosine_adamw
+from models.common.data import load_images
 from models.diffusion.autoencoder import to_model_range, to_uint8
 from models.diffusion.model import foreground_weights
 from models.diffusion.patch_autoencoder import PatchAutoencoder
@@ -54,16 +64,24 @@ RESOLUTION = 32
 class ProbeMap(TextMap):
     """`TextMap` with the variants; `reading` gives its attention weights (B, side^2, L)."""
 
-    def __init__(self, side, text_dim, channels, pad_mask, free_queries, over_positions):
+    def __init__(
+        self, side, text_dim, channels, pad_mask, free_queries, over_positions, sigmoid,
+        sine_queries,
+    ):  # fmt: skip
         super().__init__(side, text_dim, channels)
-        self.pad_mask, self.over_positions = pad_mask, over_positions
+        self.pad_mask, self.over_positions, self.sigmoid = pad_mask, over_positions, sigmoid
         width = self.positions.shape[1]
         free = torch.nn.Parameter(0.02 * torch.randn(side * side, width))
         self.free = free if free_queries else None
-        self.key = torch.nn.Linear(text_dim, width) if over_positions else None
-        self.value = torch.nn.Linear(text_dim, width) if over_positions else None
+        self.sine_scale = torch.nn.Parameter(torch.tensor(sine_queries)) if sine_queries else None
+        own = over_positions or sigmoid
+        self.key = torch.nn.Linear(text_dim, width) if own else None
+        self.value = torch.nn.Linear(text_dim, width) if own else None
 
     def _queries(self, n: int, dtype) -> torch.Tensor:
+        if self.sine_scale is not None:
+            q = self.positions.to(dtype) * self.sine_scale
+            return q.expand(n, -1, -1)
         q = self.free if self.free is not None else self.query(self.positions.to(dtype))
         return q.expand(n, -1, -1)
 
@@ -73,6 +91,12 @@ class ProbeMap(TextMap):
             scores = q @ self.key(states).transpose(1, 2) / q.shape[-1] ** 0.5  # (B, P, L)
             w = scores.softmax(1) * (~pad)[:, None, :]
             return (w * w.shape[1]) @ self.value(states), w  # a token spread evenly: 1 per place
+        if self.sigmoid:
+            q = self._queries(len(states), states.dtype)
+            n = (~pad).sum(1, keepdim=True).clamp(min=1)[:, None].float()  # (B, 1, 1)
+            scores = q @ self.key(states).transpose(1, 2) / q.shape[-1] ** 0.5 - n.log()
+            w = scores.sigmoid() * (~pad)[:, None, :]
+            return w @ self.value(states), w
         mask = pad if self.pad_mask else None
         return self.attn(
             self._queries(len(states), states.dtype), states, states,
@@ -105,6 +129,16 @@ def one_object_scenes(seed: int) -> list[Scene]:
     ]  # fmt: skip
 
 
+def lineage_images_and_captions(
+    sampler: Path, raw: Path, n: int, seed: int
+) -> tuple[torch.Tensor, list[str]]:
+    """`n` of the mixed sampler's images (uint8, RESOLUTION px) with their synthetic captions."""
+    rows = pd.read_parquet(sampler / "captions.parquet")
+    rows = rows.sample(n=min(n, len(rows)), random_state=seed)
+    images = load_images(raw, rows["key"].tolist(), rows["shard"].tolist(), RESOLUTION)
+    return images, rows["synthetic"].tolist()
+
+
 def encode(encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     states, _ = encoder.encode_all(captions, dtype=torch.float32)
     return states, encoder.tokenize(captions) == encoder.tokenizer.pad_token_id
@@ -118,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pad-mask", action="store_true")
     ap.add_argument("--free-queries", action="store_true")
     ap.add_argument("--over-positions", action="store_true")
+    ap.add_argument("--sigmoid", action="store_true")
+    ap.add_argument("--sine-queries", type=float, help="queries: the sine features times this")
+    ap.add_argument("--sampler", type=Path, help="train on this mixed sampler's captions")
+    ap.add_argument("--raw", type=Path, default=Path("data/raw"), help="and these images")
     ap.add_argument("--train-scenes", type=int, default=8000)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
@@ -128,11 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     encoder = load_text_encoder(args.text_encoder, args.context_length)
     vae = PatchAutoencoder(sample_size=RESOLUTION)
-    scenes, captions = scenes_and_captions(args.train_scenes, 7_000_021 + args.seed)
-    z = vae.encode(to_model_range(render_scenes(scenes, RESOLUTION))).latent_dist.mode()
+    if args.sampler:
+        pixels, captions = lineage_images_and_captions(
+            args.sampler, args.raw, args.train_scenes, args.seed
+        )
+    else:
+        scenes, captions = scenes_and_captions(args.train_scenes, 7_000_021 + args.seed)
+        pixels = render_scenes(scenes, RESOLUTION)
+    z = vae.encode(to_model_range(pixels)).latent_dist.mode()
     states, pad = encode(encoder, captions)
     side, width = z.shape[-1], states.shape[-1]
-    tm = ProbeMap(side, width, args.channels, args.pad_mask, args.free_queries, args.over_positions)
+    tm = ProbeMap(
+        side, width, args.channels, args.pad_mask, args.free_queries, args.over_positions,
+        args.sigmoid, args.sine_queries,
+    )  # fmt: skip
     head = torch.nn.Conv2d(args.channels, z.shape[1], 1)
     model = torch.nn.ModuleDict({"map": tm, "head": head})
     opt = warmup_cosine_adamw(model, args.lr, 0.01, 100, args.steps)
@@ -156,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         weights = tm.reading(test_states, test_pad)
     judged = load_judge(args.judge).predict(images)
     res = {
-        "config": vars(args) | {"text_encoder": str(args.text_encoder), "judge": str(args.judge)},
+        "config": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
         "final_loss": loss.item(),
         "map_drawing": placement(judged, [s.objects[0] for s in test]),
         "cell_reading_distance": cell_reading_distance(weights, side),

@@ -81,7 +81,7 @@ def cell_reading_distance(weights: torch.Tensor, side: int) -> float:
 
 def _map_attention(tm, states: torch.Tensor) -> torch.Tensor:
     """The text map's attention weights (B, side^2, L), averaged over its heads."""
-    q = tm.query(tm.positions.to(states.dtype)).expand(len(states), -1, -1)
+    q = tm.queries(states.dtype).expand(len(states), -1, -1)
     return tm.attn(q, states, states, need_weights=True, average_attn_weights=True)[1]
 
 
@@ -115,6 +115,10 @@ def corner_tokens(pipe, k: int = 5) -> dict:
 
 @torch.no_grad()
 def map_drawing(pipe, work: Path, texts: list[str]) -> torch.Tensor:
+    states, _ = pipe.text_encoder(texts)
+    if pipe.unet.config.get("text_map_draws"):  # the exported UNet holds the map's head
+        z = pipe.unet.map_draw(pipe.unet.text_map(states))
+        return to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float())
     ckpt = work / "checkpoints" / (work / "checkpoints" / "latest").read_text().strip()
     w = load_file(str(ckpt / "model.safetensors"))
     if "model.map_head.weight" not in w:
@@ -123,7 +127,6 @@ def map_drawing(pipe, work: Path, texts: list[str]) -> torch.Tensor:
     head = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 1)
     head.weight.copy_(weight)
     head.bias.copy_(bias)
-    states, _ = pipe.text_encoder(texts)
     z = head(pipe.unet.text_map(states))
     return to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float())
 

@@ -41,6 +41,10 @@ class UNetConfig:
     # > 0: the caption also given as a map of this many channels per latent position,
     # concatenated to the noisy latent (models/diffusion/text_map.py); 0: the stock UNet
     text_map_channels: int = 0
+    text_map_queries: str = "mlp"  # how its places ask (text_map.py QUERIES)
+    # true: the map also draws the output, which the UNet's output is added to (x0
+    # prediction only); map_loss and map_pretrain_steps train that drawing
+    text_map_draws: bool = False
 
 
 # What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
@@ -68,8 +72,10 @@ class DiffusionConfig:
     map_loss: float = 0.0
     # > 0: before the UNet trains, the text map and that head train alone this many steps
     # of `batch_size` on the map loss: through the UNet the map learns where a caption
-    # puts its objects far slower than the UNet's steps allow
+    # puts its objects far slower than the UNet's steps allow. The map is then frozen
+    # while the UNet trains, unless map_loss > 0 keeps training it.
     map_pretrain_steps: int = 0
+    map_pretrain_lr: float | None = None  # None: lr
 
 
 def build_unet(
@@ -87,6 +93,8 @@ def build_unet(
     config.pop("_class_name", None)
     if cfg.text_map_channels:
         config["text_map_channels"] = cfg.text_map_channels
+        config["text_map_queries"] = cfg.text_map_queries
+        config["text_map_draws"] = cfg.text_map_draws
         unet = TextMapUNet2DConditionModel.from_config(config)
     else:
         unet = UNet2DConditionModel.from_config(config)
@@ -126,16 +134,25 @@ class LatentDiffusion(L.LightningModule):
         self.unet, self.cfg = unet, cfg
         self.scheduler = noise_scheduler(cfg)
         self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        self._map_draws = bool(getattr(unet.config, "text_map_draws", False))
+        if self._map_draws and cfg.prediction_type != "sample":
+            raise ValueError(
+                "unet.text_map_draws adds the map's drawing of the clean latent to the "
+                f"UNet's output: it needs prediction_type 'sample', not {cfg.prediction_type!r}"
+            )
         if cfg.map_loss or cfg.map_pretrain_steps:
             if not isinstance(unet, TextMapUNet2DConditionModel):
                 raise ValueError(
                     "diffusion.map_loss and map_pretrain_steps need a text map "
                     "(unet.text_map_channels)"
                 )
-            # Training only: the exported UNet does not need it.
-            self.map_head = torch.nn.Conv2d(
-                unet.config.text_map_channels, unet.config.in_channels, 1
-            )
+            if not self._map_draws:  # training only: the exported UNet does not need it
+                self.map_head = torch.nn.Conv2d(
+                    unet.config.text_map_channels, unet.config.in_channels, 1
+                )
+            # Frozen from the start, so a resumed run's optimizer gets the same parameters.
+            self._map_frozen = bool(cfg.map_pretrain_steps and not cfg.map_loss)
+            self._map_pair().requires_grad_(not self._map_frozen)
         self._step_at_batch_start = -1
         self.save_hyperparameters(
             {"diffusion": asdict(cfg), "unet": dict(unet.config)}, logger=False
@@ -176,7 +193,7 @@ class LatentDiffusion(L.LightningModule):
 
     def _map_loss(self, z: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The error of the clean latent as the caption's map alone draws it."""
-        drawn = self.map_head(self.unet.text_map(states))
+        drawn = self._map_drawer()(self.unet.text_map(states))
         error = F.mse_loss(drawn.float(), z, reduction="none").mean(1)
         weight = foreground_weights(z, self.cfg.foreground_weight)
         return ((error * weight).sum((1, 2)) / weight.sum((1, 2))).mean()
@@ -189,12 +206,13 @@ class LatentDiffusion(L.LightningModule):
         progress: Callable[[int, float], None] | None = None,
     ) -> float:
         """Trains the text map and its head alone on (caption states, clean latents) for
-        `map_pretrain_steps` steps, calling `progress(step, loss)` every 500; the EMA then
-        starts from the trained map. Returns the last step's map loss."""
-        pair = torch.nn.ModuleDict({"map": self.unet.text_map, "head": self.map_head})
-        steps = self.cfg.map_pretrain_steps
+        `map_pretrain_steps` steps at `map_pretrain_lr`, calling `progress(step, loss)`
+        every 500; the EMA then starts from the trained map, frozen unless `map_loss`.
+        Returns the last step's map loss."""
+        pair = self._map_pair().requires_grad_(True)
+        steps, lr = self.cfg.map_pretrain_steps, self.cfg.map_pretrain_lr or self.cfg.lr
         opt = warmup_cosine_adamw(
-            pair, self.cfg.lr, self.cfg.weight_decay, min(self.cfg.warmup_steps, steps), steps
+            pair, lr, self.cfg.weight_decay, min(self.cfg.warmup_steps, steps), steps
         )
         for step in range(1, steps + 1):
             i = torch.randint(0, len(latents), (batch_size,))
@@ -205,8 +223,15 @@ class LatentDiffusion(L.LightningModule):
             opt["lr_scheduler"]["scheduler"].step()
             if progress and (step % 500 == 0 or step == steps):
                 progress(step, loss.item())
+        pair.requires_grad_(not self._map_frozen)
         self.ema = EMAModel(self.unet.parameters(), decay=self.cfg.ema_decay, use_ema_warmup=True)
         return loss.item()
+
+    def _map_pair(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({"map": self.unet.text_map, "head": self._map_drawer()})
+
+    def _map_drawer(self) -> torch.nn.Module:
+        return self.unet.map_draw if self._map_draws else self.map_head
 
     def on_fit_start(self) -> None:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)

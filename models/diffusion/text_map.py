@@ -38,31 +38,67 @@ def sine_positions(side: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+# How a place asks its question: "mlp", its sine features through a learnt MLP, or
+# "sine", the sine features themselves times a learnt scale (no MLP), so that the places'
+# queries differ from the first step: from some initialisations the MLP's never came
+# apart enough for the map to learn where a caption puts its objects (docs/log/).
+QUERIES = ("mlp", "sine")
+SINE_QUERY_SCALE = 3.0
+
+
 class TextMap(torch.nn.Module):
     """Token states (B, L, text_dim) -> a (B, channels, side, side) map."""
 
-    def __init__(self, side: int, text_dim: int, channels: int, width: int = 64, heads: int = 4):
+    def __init__(
+        self,
+        side: int,
+        text_dim: int,
+        channels: int,
+        width: int = 64,
+        heads: int = 4,
+        queries: str = "mlp",
+    ):
         super().__init__()
+        if queries not in QUERIES:
+            raise ValueError(f"unknown text map queries {queries!r}; expected one of {QUERIES}")
         self.side, self.channels = side, channels
         self.register_buffer("positions", sine_positions(side, width), persistent=False)
-        self.query = torch.nn.Sequential(
-            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, width)
-        )
+        if queries == "mlp":
+            self.query = torch.nn.Sequential(
+                torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, width)
+            )
+        else:
+            self.query_scale = torch.nn.Parameter(torch.tensor(SINE_QUERY_SCALE))
         self.attn = torch.nn.MultiheadAttention(
             width, heads, kdim=text_dim, vdim=text_dim, batch_first=True
         )
         self.out = torch.nn.Linear(width, channels)
 
+    def queries(self, dtype: torch.dtype) -> torch.Tensor:
+        """(side * side, width): what each place asks of the caption."""
+        positions = self.positions.to(dtype)
+        if hasattr(self, "query_scale"):
+            return positions * self.query_scale.to(dtype)
+        return self.query(positions)
+
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        q = self.query(self.positions.to(states.dtype)).expand(len(states), -1, -1)
+        q = self.queries(states.dtype).expand(len(states), -1, -1)
         read, _ = self.attn(q, states, states, need_weights=False)
         return self.out(read).transpose(1, 2).reshape(len(states), -1, self.side, self.side)
 
 
 class TextMapUNet2DConditionModel(UNet2DConditionModel):
-    """`UNet2DConditionModel`'s config plus `text_map_channels` and `text_map_width`."""
+    """`UNet2DConditionModel`'s config plus `text_map_channels`, `text_map_width`,
+    `text_map_queries` and `text_map_draws`."""
 
-    def __init__(self, text_map_channels: int = 16, text_map_width: int = 64, **unet_config):
+    def __init__(
+        self,
+        text_map_channels: int = 16,
+        text_map_width: int = 64,
+        text_map_queries: str = "mlp",
+        text_map_draws: bool = False,
+        **unet_config,
+    ):
         latent_channels = unet_config.pop("in_channels", 4)
         # The parent registers its own arguments, with the map's channels in in_channels.
         super().__init__(in_channels=latent_channels + text_map_channels, **unet_config)
@@ -70,12 +106,23 @@ class TextMapUNet2DConditionModel(UNet2DConditionModel):
             in_channels=latent_channels,
             text_map_channels=text_map_channels,
             text_map_width=text_map_width,
+            text_map_queries=text_map_queries,
+            text_map_draws=text_map_draws,
         )
         side = self.config.sample_size
         side = side if isinstance(side, int) else side[0]
         self.text_map = TextMap(
-            side, self.config.cross_attention_dim, text_map_channels, text_map_width
+            side,
+            self.config.cross_attention_dim,
+            text_map_channels,
+            text_map_width,
+            queries=text_map_queries,
         )
+        # The map's own drawing of the output (a 1x1 convolution), to which the UNet's
+        # output is added: a model that predicts the clean latent starts from where the
+        # caption puts its objects, and the UNet learns what the map cannot draw.
+        if text_map_draws:
+            self.map_draw = torch.nn.Conv2d(text_map_channels, self.config.out_channels, 1)
 
     @staticmethod
     def _get_init_keys(input_class):
@@ -90,7 +137,14 @@ class TextMapUNet2DConditionModel(UNet2DConditionModel):
     def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
         where = self.text_map(encoder_hidden_states.to(sample.dtype))
         inputs = torch.cat([sample, where], 1)
-        return super().forward(inputs, timestep, encoder_hidden_states, *args, **kwargs)
+        out = super().forward(inputs, timestep, encoder_hidden_states, *args, **kwargs)
+        if not self.config.text_map_draws:
+            return out
+        drawn = self.map_draw(where)
+        if isinstance(out, tuple):
+            return (out[0] + drawn, *out[1:])
+        out.sample = out.sample + drawn
+        return out
 
 
 def load_unet(folder) -> UNet2DConditionModel:

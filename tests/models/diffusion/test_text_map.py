@@ -12,9 +12,9 @@ from models.diffusion.text_map import TextMapUNet2DConditionModel, load_unet
 SMALL = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
 
 
-def _unet(channels: int):
+def _unet(channels: int, queries: str = "mlp"):
     torch.manual_seed(0)
-    cfg = UNetConfig(text_map_channels=channels, overrides=SMALL)
+    cfg = UNetConfig(text_map_channels=channels, text_map_queries=queries, overrides=SMALL)
     return build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8))
 
 
@@ -32,8 +32,9 @@ def test_the_text_map_is_an_option_of_the_unet_and_the_latent_keeps_its_channels
     assert not torch.allclose(where[0], unet.text_map(states.flip(0))[0])
 
 
-def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path):
-    unet = _unet(6)
+@pytest.mark.parametrize("queries", ["mlp", "sine"])
+def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path, queries):
+    unet = _unet(6, queries)
     before = unet.text_map.out.weight.detach().clone()
     module = LatentDiffusion(unet, DiffusionConfig())
     with torch.no_grad():
@@ -41,9 +42,11 @@ def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path):
             p.add_(1.0)  # the live weights move; the EMA has not stepped since
     ema = module.ema_unet()
     assert type(ema) is TextMapUNet2DConditionModel
+    assert ema.config.text_map_queries == queries
     torch.testing.assert_close(ema.text_map.out.weight, before)
     ema.save_pretrained(tmp_path / "unet", safe_serialization=True)
     loaded = load_unet(tmp_path / "unet").eval()
+    assert loaded.config.text_map_queries == queries
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
     with torch.no_grad():
@@ -93,7 +96,11 @@ def test_the_map_loss_teaches_the_map_where_each_caption_puts_its_object():
 
 def test_the_map_pretrained_alone_places_each_caption_and_leaves_the_unet_as_it_was():
     states, latents = _two_corners()
-    cfg = DiffusionConfig(map_pretrain_steps=150, foreground_weight=4.0, lr=1e-2, warmup_steps=1)
+    # The diffusion lr would not place them in 150 steps: the map's own lr is used.
+    cfg = DiffusionConfig(
+        map_pretrain_steps=150, map_pretrain_lr=1e-2, foreground_weight=4.0, lr=1e-6,
+        warmup_steps=1,
+    )  # fmt: skip
     module = LatentDiffusion(_unet(6), cfg)
     body = {k: v.clone() for k, v in module.unet.state_dict().items() if "text_map" not in k}
     assert not _each_in_its_corner(module, states)
@@ -105,9 +112,54 @@ def test_the_map_pretrained_alone_places_each_caption_and_leaves_the_unet_as_it_
     torch.testing.assert_close(
         module.ema_unet().text_map.out.weight, module.unet.text_map.out.weight
     )
+    # Then the UNet trains and the map stays as it was trained.
+    optimized = {
+        id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]
+    }
+    assert {id(p) for p in module.unet.conv_in.parameters()} <= optimized
+    assert not optimized & {id(p) for p in module.unet.text_map.parameters()}
+    assert not optimized & {id(p) for p in module.map_head.parameters()}
+
+
+def test_with_the_map_loss_the_pretrained_map_goes_on_training_with_the_unet():
+    cfg = DiffusionConfig(map_pretrain_steps=5, map_loss=1.0)
+    module = LatentDiffusion(_unet(6), cfg)
+    optimized = {
+        id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]
+    }
+    assert {id(p) for p in module.unet.text_map.parameters()} <= optimized
 
 
 def test_the_map_loss_needs_a_map():
     for cfg in (DiffusionConfig(map_loss=1.0), DiffusionConfig(map_pretrain_steps=10)):
         with pytest.raises(ValueError, match="need a text map"):
             LatentDiffusion(_unet(0), cfg)
+
+
+def test_unknown_map_queries_are_refused():
+    with pytest.raises(ValueError, match="unknown text map queries 'grid'"):
+        _unet(6, "grid")
+
+
+def test_a_drawing_map_is_the_output_the_unet_adds_to_and_is_saved_with_it(tmp_path):
+    torch.manual_seed(0)
+    cfg = UNetConfig(text_map_channels=6, text_map_draws=True, overrides=SMALL)
+    unet = build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8)).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+        drawn = unet.map_draw(unet.text_map(states))
+        out = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(out, drawn)  # the UNet adds nothing yet: the map's drawing
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = load_unet(tmp_path / "unet").eval()
+    with torch.no_grad():
+        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(got, out)
+    # What it draws is what the map pretraining trains, and it only fits x0 prediction.
+    module = LatentDiffusion(unet, DiffusionConfig(map_pretrain_steps=5, prediction_type="sample"))
+    assert not hasattr(module, "map_head")
+    with pytest.raises(ValueError, match="needs prediction_type 'sample'"):
+        LatentDiffusion(unet, DiffusionConfig(prediction_type="epsilon"))
