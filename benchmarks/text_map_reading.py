@@ -137,13 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     ap.add_argument("--work", type=Path, help="its training work folder (map_loss runs)")
     ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
     args = ap.parse_args(argv)
     pipe, judge = load_text_to_image(args.model), load_judge(args.judge)
     suite = load_suite(Path("prompts/suite-v1.json"))
     one = [p for p in suite if p.category in ("single_object", "colour")]
     k = args.images_per_prompt
     with torch.inference_mode():
-        images = pipe([p.descriptive for p in one for _ in range(k)], seed=0)
+        prompts = [p.descriptive for p in one for _ in range(k)]
+        images = pipe(prompts, seed=0, guidance_scale=args.guidance)
     wanted = [p.scene.objects[0] for p in one for _ in range(k)]
     res = {"drawn": placement(judge.predict(images), wanted)}
     res["text_map"] = {
