@@ -61,7 +61,7 @@ class TextMap(torch.nn.Module):
         super().__init__()
         if queries not in QUERIES:
             raise ValueError(f"unknown text map queries {queries!r}; expected one of {QUERIES}")
-        self.side, self.channels = side, channels
+        self.side, self.channels, self.kind = side, channels, queries
         self.register_buffer("positions", sine_positions(side, width), persistent=False)
         if queries == "mlp":
             self.query = torch.nn.Sequential(
@@ -77,7 +77,7 @@ class TextMap(torch.nn.Module):
     def queries(self, dtype: torch.dtype) -> torch.Tensor:
         """(side * side, width): what each place asks of the caption."""
         positions = self.positions.to(dtype)
-        if hasattr(self, "query_scale"):
+        if self.kind == "sine":
             return positions * self.query_scale.to(dtype)
         return self.query(positions)
 
