@@ -50,6 +50,7 @@ class UNetConfig:
 # What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
 # latent itself (diffusers calls it "sample").
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FOREGROUND_OF = ("target", "either", "copies")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class DiffusionConfig:
     # > 1: latent positions that hold an object (they differ from the image's background,
     # its per-channel median) and their neighbours weigh this much more in the loss
     foreground_weight: float = 1.0
+    # Where that weight applies: "target", where the clean latent holds an object; "either",
+    # also where the model's x0 prediction draws one. A weight set by the target alone makes
+    # the best prediction of an uncertain place lean towards an object, so the sampler
+    # draws copies wherever one might stand; "either" weighs a drawn copy as much as a
+    # missed object, and its loss is the mean over both. "copies": the same weights, but
+    # the loss is divided by the target's weights only, so a drawn copy adds to the loss
+    # without diluting the weight of the objects that are there. x0 prediction only.
+    foreground_of: str = "target"
     # > 0: the text map is also trained to draw the clean latent from the caption alone
     # (a 1x1 convolution of the map, its foreground-weighted error times this), so that it
     # carries where the caption puts each object; 0: it learns only through the UNet
@@ -134,6 +143,17 @@ class LatentDiffusion(L.LightningModule):
         self.unet, self.cfg = unet, cfg
         self.scheduler = noise_scheduler(cfg)
         self.ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        if cfg.foreground_of not in FOREGROUND_OF:
+            raise ValueError(
+                f"unknown diffusion.foreground_of {cfg.foreground_of!r}; "
+                f"expected one of {FOREGROUND_OF}"
+            )
+        if cfg.foreground_of != "target" and cfg.prediction_type != "sample":
+            raise ValueError(
+                f"diffusion.foreground_of {cfg.foreground_of!r} reads where the model's x0 "
+                "prediction draws objects: it needs prediction_type 'sample', not "
+                f"{cfg.prediction_type!r}"
+            )
         self._map_draws = bool(getattr(unet.config, "text_map_draws", False))
         if self._map_draws and cfg.prediction_type != "sample":
             raise ValueError(
@@ -175,8 +195,12 @@ class LatentDiffusion(L.LightningModule):
             target = z if kind == "sample" else noise
         error = F.mse_loss(pred.float(), target.float(), reduction="none")
         if self.cfg.foreground_weight != 1:
-            weight = foreground_weights(z, self.cfg.foreground_weight)
-            per_sample = (error.mean(1) * weight).sum((1, 2)) / weight.sum((1, 2))
+            weight = norm = foreground_weights(z, self.cfg.foreground_weight)
+            if self.cfg.foreground_of != "target":
+                drawn = foreground_weights(pred.detach().float(), self.cfg.foreground_weight)
+                weight = torch.maximum(weight, drawn)
+                norm = weight if self.cfg.foreground_of == "either" else norm
+            per_sample = (error.mean(1) * weight).sum((1, 2)) / norm.sum((1, 2))
         else:
             per_sample = error.mean((1, 2, 3))
         if self.cfg.snr_gamma:

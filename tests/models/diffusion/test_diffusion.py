@@ -450,3 +450,45 @@ def test_foreground_weights_mark_the_objects_and_their_surroundings():
     torch.testing.assert_close(w[1], torch.ones(8, 8))
     # A background darker or lighter than the objects alike: the median is the background.
     torch.testing.assert_close(foreground_weights(-z, 10.0)[0], expected)
+
+
+def _loss_of_prediction(foreground_of: str, z: torch.Tensor, pred: torch.Tensor) -> float:
+    """The diffusion loss of a fixed x0 prediction of the clean latents `z`."""
+    unet = build_unet(UNetConfig(), text_hidden=16, text_pooled=16, latent_shape=(3, 8, 8))
+    cfg = DiffusionConfig(
+        prediction_type="sample", snr_gamma=None, foreground_weight=10.0,
+        foreground_of=foreground_of,
+    )  # fmt: skip
+    module = LatentDiffusion(unet, cfg)
+    module._unet = lambda *args: pred
+    batch = {"latents": z, "states": torch.zeros(1, 4, 16), "pooled": torch.zeros(1, 16)}
+    return module.diffusion_loss(batch).item()
+
+
+def test_foreground_of_either_and_copies_weigh_a_drawn_copy_like_a_missed_object():
+    z = torch.full((1, 3, 8, 8), -0.5)
+    z[0, :, 1:3, 1:3] = 0.8  # the one object the caption asks for
+    copy = z.clone()
+    copy[0, :, 5:7, 5:7] = 0.8  # the object, and a copy where the image has none
+    missed = torch.full_like(z, -0.5)  # the object left out
+    # A missed object costs the same either way; the copy only costs its weight with "either".
+    assert _loss_of_prediction("either", z, missed) == pytest.approx(
+        _loss_of_prediction("target", z, missed)
+    )
+    target, either = _loss_of_prediction("target", z, copy), _loss_of_prediction("either", z, copy)
+    assert either > 4 * target
+    assert either == pytest.approx(_loss_of_prediction("target", z, missed), rel=0.5)
+    # "copies" divides by the target's weights only: the copy's cost is not diluted by
+    # its own weight, and a missed object still costs what it costs with "target".
+    assert _loss_of_prediction("copies", z, copy) > either
+    assert _loss_of_prediction("copies", z, missed) == pytest.approx(
+        _loss_of_prediction("target", z, missed)
+    )
+
+
+def test_foreground_of_is_checked_against_its_values_and_the_prediction_type():
+    unet = build_unet(UNetConfig(), text_hidden=16, text_pooled=16, latent_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"foreground_of 'either'.*prediction_type 'sample'"):
+        LatentDiffusion(unet, DiffusionConfig(prediction_type="epsilon", foreground_of="either"))
+    with pytest.raises(ValueError, match=r"unknown diffusion\.foreground_of 'blobs'"):
+        LatentDiffusion(unet, DiffusionConfig(prediction_type="sample", foreground_of="blobs"))
