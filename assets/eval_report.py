@@ -135,6 +135,12 @@ def partial_progress_table(metrics: dict) -> str:
     for r in reasons:
         cells = [metrics["forms"][f]["failure_reasons"]["share_primary"][r] for f in forms]
         rows.append(f"| failed: {r} (primary) | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    if all("drawn" in m for m in metrics["forms"].values()):
+        one = [metrics["forms"][f]["drawn"]["one_object_prompts"] for f in forms]
+        names = {"objects_per_image": "objects per image", "asked_shape_share": "asked shape"}
+        for k, name in names.items():
+            cells = ["-" if d[k] is None else f"{d[k]:.3f}" for d in one]
+            rows.append(f"| one-object prompts: {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -32,7 +32,7 @@ from corpus.shards import read_json_sidecars
 from corpus.world import Scene
 from models.diffusion.autoencoder import image_grid
 from models.diffusion.text_to_image import load_text_to_image
-from models.evaluation.report import summarise_diagnoses
+from models.evaluation.report import drawn_objects, summarise_diagnoses
 from models.evaluation.world_judge import load_judge
 
 
@@ -96,6 +96,7 @@ def follow(
         result[form] = {
             "prompt_following": {**cats, "overall": float(np.mean(list(cats.values())))},
             **summarise_diagnoses(diagnoses),
+            "drawn": drawn_objects(owner, scenes),
             "seconds": round(time.time() - t, 1),
         }
         grid = image_grid(images[: 16 * images_per_prompt], nrow=4 * images_per_prompt, scale=3)
@@ -220,6 +221,7 @@ def main() -> None:
         print(form, {k: round(v, 3) for k, v in r["prompt_following"].items()})
         print(form, {k: round(v, 3) for k, v in r["attribute_accuracy"].items()})
         print(form, r["failure_reasons"])
+        print(form, "drawn", r["drawn"])
 
 
 if __name__ == "__main__":

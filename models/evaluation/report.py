@@ -209,6 +209,7 @@ def evaluate_model(
             "clip_truncated_prompts": int(sum(truncated)),
             "hps_v2": hps.get("mean"),
             **summarise_diagnoses(diagnoses),
+            "drawn": drawn_objects(image_prompts, scenes),
             **({"feedback": fb_summary} if fb_summary else {}),
         }
         if form == "upsampled":
@@ -305,6 +306,30 @@ def _against_short(upsampled: list, per_prompt: dict, prompts, n_boot: int) -> d
     }
 
 
+def drawn_objects(prompts: list, scenes: list) -> dict:
+    """What the images hold against what their prompts ask (each image's prompt and
+    judged scene): objects per image and per prompt (the reference scene's), and the
+    share of drawn objects whose shape the prompt asks for; the same over one-object
+    prompts alone. A model that draws several guesses passes "has a star" more often
+    than one that draws one star: shape given the object and the single-object row count
+    the best of the guesses, these count every one."""
+
+    def measure(pairs: list) -> dict:
+        drawn = [o for _, s in pairs for o in s.objects]
+        asked = [{o.shape for o in p.scene.objects} for p, _ in pairs]
+        right = sum(o.shape in a for (_, s), a in zip(pairs, asked, strict=True) for o in s.objects)
+        return {
+            "images": len(pairs),
+            "objects_per_image": len(drawn) / max(len(pairs), 1),
+            "asked_per_image": sum(len(p.scene.objects) for p, _ in pairs) / max(len(pairs), 1),
+            "asked_shape_share": right / len(drawn) if drawn else None,
+        }
+
+    pairs = list(zip(prompts, scenes, strict=True))
+    one = [(p, s) for p, s in pairs if len(p.scene.objects) == 1]
+    return {**measure(pairs), "one_object_prompts": measure(one)}
+
+
 def summarise_diagnoses(diagnoses: list[dict]) -> dict:
     """Partial progress over one form's images (`corpus.prompt_suite.diagnose`).
 
@@ -357,8 +382,8 @@ def fingerprint(cfg: EvalReportConfig, suite_version: str) -> dict:
 def flat_metrics(metrics: dict) -> dict[str, float]:
     """eval/<form>/<category> accuracies, eval/<form>/clip_score, and the partial-progress
     measures eval/<form>/attribute/<kind>, eval/<form>/failure/<reason> (share of failed
-    images with it) and eval/<form>/failure_primary/<reason>, and the feedback models'
-    eval/<form>/feedback/<measure>, for MLflow and DVC."""
+    images with it), eval/<form>/failure_primary/<reason> and eval/<form>/drawn/[one_object/]
+    <measure>, and the feedback models' eval/<form>/feedback/<measure>, for MLflow and DVC."""
     flat = {}
     for form, m in metrics["forms"].items():
         for c, v in m["prompt_following"].items():
@@ -371,6 +396,11 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             flat[f"eval/{form}/failure/{r}"] = v
         for r, v in reasons.get("share_primary", {}).items():
             flat[f"eval/{form}/failure_primary/{r}"] = v
+        drawn = m.get("drawn", {})
+        for scope, d in (("", drawn), ("one_object/", drawn.get("one_object_prompts", {}))):
+            for k in ("objects_per_image", "asked_shape_share"):
+                if d.get(k) is not None:
+                    flat[f"eval/{form}/drawn/{scope}{k}"] = d[k]
         for k, v in m.get("feedback", {}).items():
             for name, x in v.items() if isinstance(v, dict) else [("", v)]:
                 if x is not None:
@@ -419,6 +449,7 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
                 "clip_score": m["clip_score"],
                 "attribute_accuracy": m["attribute_accuracy"],
                 "failure_reasons": m["failure_reasons"],
+                **({"drawn": m["drawn"]} if "drawn" in m else {}),
                 **({"feedback": _defined(m["feedback"])} if "feedback" in m else {}),
             }
             for form, m in metrics["forms"].items()

@@ -78,6 +78,25 @@ def _partial_progress(metrics: dict, forms: list[str]) -> list[str]:
         "and whose first reason, in this order, it is.</p>",
         _table(header, rows),
     ]
+    drawn = [m.get("drawn") for m in ms]
+    if all(drawn):
+        rows = []
+        for scope, label in ((None, "all prompts"), ("one_object_prompts", "one-object prompts")):
+            ds = [d[scope] if scope else d for d in drawn]
+            for k, name in (
+                ("objects_per_image", "objects per image"),
+                ("asked_per_image", "objects asked per image"),
+                ("asked_shape_share", "drawn objects of an asked shape"),
+            ):
+                cells = "".join("<td>-</td>" if d[k] is None else _n(d[k]) for d in ds)
+                rows.append(f"<tr><td>{_e(label)}: {_e(name)}</td>{cells}</tr>")
+        out += [
+            "<h2>What is drawn</h2>",
+            "<p>Every object the judge reads counts here, not the best of several guesses: "
+            'an image with a star, a circle and a square passes the prompt "a star", and '
+            "two of its three objects are of no asked shape.</p>",
+            _table(["measure", *forms], rows),
+        ]
     return out
 
 

@@ -501,11 +501,14 @@ def test_eval_report_metadata_shows_partial_progress_per_form(evaluated):
     assert table.startswith("| | short | descriptive |")
     # Background is judged in the descriptive form only (the short form does not state it).
     assert "| background | - | " in table and "| failed: no_object (primary) |" in table
+    # Every drawn object counts, not the best of several guesses.
+    assert "| one-object prompts: objects per image |" in table
 
 
 def test_eval_report_html_shows_the_grids_and_the_gate_decision(evaluated):
     html = evaluated.html
     assert "grids/colour_binding-descriptive.png" in html and "not promoted" in html
+    assert "<h2>What is drawn</h2>" in html
 
 
 def test_eval_report_writes_its_metrics_and_per_prompt_scores(evaluated):

@@ -27,7 +27,12 @@ from models.evaluation.reference_clip import (
     load_reference_clip,
     train_reference_clip,
 )
-from models.evaluation.report import flat_metrics, summarise_diagnoses, write_dvc_metrics
+from models.evaluation.report import (
+    drawn_objects,
+    flat_metrics,
+    summarise_diagnoses,
+    write_dvc_metrics,
+)
 from models.evaluation.report_html import write_html_report
 from models.evaluation.world_judge import (
     MissingJudgeError,
@@ -203,6 +208,29 @@ def test_attribute_scores_and_failure_breakdown_on_scenes_with_known_errors(tmp_
     assert flat["eval/descriptive/failure/extra_object"] == 0.25
     assert flat["eval/descriptive/failure_primary/wrong_shape"] == 0.5
     assert "eval/descriptive/attribute/count" not in flat  # never judged
+
+
+def test_drawn_objects_count_every_guess_not_the_best_one():
+    star = Prompt("s", "single_object", "a star", "A star.", (Condition("object", "star"),),
+                  Scene((o("star", "red", 1, 1),), "white"))  # fmt: skip
+    guesses = Scene((o("star", "red", 1, 1), o("circle", "red", 0, 0), o("square", "red", 2, 2)),
+                    "white")  # fmt: skip
+    # Both images pass "a star"; the first holds two objects of no asked shape.
+    drawn = drawn_objects([star, star, BINDING], [guesses, star.scene, HAND_MADE[0]])
+    assert drawn["images"] == 3 and drawn["objects_per_image"] == 2.0
+    assert drawn["asked_per_image"] == 4 / 3
+    assert drawn["asked_shape_share"] == 4 / 6
+    one = drawn["one_object_prompts"]
+    assert one == {
+        "images": 2, "objects_per_image": 2.0, "asked_per_image": 1.0, "asked_shape_share": 0.5
+    }  # fmt: skip
+    empty = drawn_objects([star], [Scene((), "white")])
+    assert empty["objects_per_image"] == 0.0 and empty["asked_shape_share"] is None
+    flat = flat_metrics({"forms": {"short": {
+        "prompt_following": {"overall": 1.0}, "clip_score": 0.0, "drawn": drawn
+    }}})  # fmt: skip
+    assert flat["eval/short/drawn/one_object/objects_per_image"] == 2.0
+    assert flat["eval/short/drawn/asked_shape_share"] == 4 / 6
 
 
 def _short_form_report(model: str, **form) -> dict:
