@@ -449,7 +449,7 @@ def write_dvc_metrics(report: Path, metrics_dir: Path, metrics: dict) -> None:
                 "clip_score": m["clip_score"],
                 "attribute_accuracy": m["attribute_accuracy"],
                 "failure_reasons": m["failure_reasons"],
-                **({"drawn": m["drawn"]} if "drawn" in m else {}),
+                **({"drawn": _defined(m["drawn"])} if "drawn" in m else {}),
                 **({"feedback": _defined(m["feedback"])} if "feedback" in m else {}),
             }
             for form, m in metrics["forms"].items()
