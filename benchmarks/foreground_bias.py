@@ -23,14 +23,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from models.diffusion.model import noise_scheduler
+from models.diffusion.model import noise_scheduler, object_positions
 from models.diffusion.text_to_image import load_text_to_image
-
-
-def held(z: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """(B, H, W) positions that differ from the image's per-channel median."""
-    background = z.flatten(2).median(-1).values[..., None, None]
-    return (z - background).abs().amax(1) > threshold
 
 
 @torch.no_grad()
@@ -46,14 +40,14 @@ def foreground_bias(
     captions = pd.read_parquet(sampler / "captions.parquet")["synthetic"].tolist()[:n]
     states, pooled = pipe.text_encoder(captions)
     labels = pooled if pipe.unet.config.class_embed_type == "projection" else None
-    scheduler, truth = noise_scheduler(pipe.diffusion), held(latents)
+    scheduler, truth = noise_scheduler(pipe.diffusion), object_positions(latents)
     torch.manual_seed(seed)
     out = {"true_foreground": truth.float().mean().item()}
     for t in (950, 800, 600, 400, 200):
         ts = torch.full((len(latents),), t)
         noisy = scheduler.add_noise(latents, torch.randn_like(latents), ts)
         pred = pipe.unet(noisy, ts, encoder_hidden_states=states, class_labels=labels).sample
-        drawn = held(pred)
+        drawn = object_positions(pred)
         out[t] = {
             "drawn": drawn.float().mean().item(),
             "background_drawn": drawn[~truth].float().mean().item(),

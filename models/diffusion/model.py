@@ -123,13 +123,19 @@ def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     )
 
 
+def object_positions(z: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(B, H, W) bool: the positions of latents (B, C, H, W) that differ from the image's
+    per-channel median (its background) by more than `threshold`."""
+    background = z.flatten(2).median(-1).values[..., None, None]
+    return (z - background).abs().amax(1) > threshold
+
+
 def foreground_weights(z: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
     """(B, H, W) loss weights of clean latents (B, C, H, W): `weight` where a position or
-    one of its 8 neighbours differs from the image's per-channel median by more than
-    `threshold`, 1 elsewhere. The objects prompts are about cover a fifth of an image or
-    less; the loss of a flat background otherwise outweighs their shapes."""
-    background = z.flatten(2).median(-1).values[..., None, None]
-    held = ((z - background).abs().amax(1, keepdim=True) > threshold).float()
+    one of its 8 neighbours holds an object (`object_positions`), 1 elsewhere. The objects
+    prompts are about cover a fifth of an image or less; the loss of a flat background
+    otherwise outweighs their shapes."""
+    held = object_positions(z, threshold)[:, None].float()
     near = F.max_pool2d(held, 3, stride=1, padding=1)[:, 0]
     return 1 + (weight - 1) * near
 
@@ -199,7 +205,8 @@ class LatentDiffusion(L.LightningModule):
             if self.cfg.foreground_of != "target":
                 drawn = foreground_weights(pred.detach().float(), self.cfg.foreground_weight)
                 weight = torch.maximum(weight, drawn)
-                norm = weight if self.cfg.foreground_of == "either" else norm
+                if self.cfg.foreground_of == "either":
+                    norm = weight
             per_sample = (error.mean(1) * weight).sum((1, 2)) / norm.sum((1, 2))
         else:
             per_sample = error.mean((1, 2, 3))
