@@ -1,5 +1,5 @@
 """UNet layouts side by side: training images/s of candidate layouts, of channels-last
-memory, of torch.compile and of batch 64, each as a ratio to params.yaml's
+memory, of bf16 autocast, of torch.compile and of batch 64, each as a ratio to params.yaml's
 default in the same run.
 
 The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
@@ -34,12 +34,23 @@ _ATTN_AT_4 = {
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 
+# Each place of the 16x16 latent reads the caption itself (generator log, 6 December).
+_ATTN_AT_16 = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+}
+_ATTN_AT_16_UP = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+}
+
 
 @dataclass(frozen=True)
 class Run:
     overrides: dict = field(default_factory=dict)  # on top of params.yaml's
     channels_last: bool = False
     compile: bool = False
+    bf16: bool = False  # autocast; Lightning's bf16-mixed on a CPU
     batch: int | None = None  # None: --batch
 
 
@@ -48,7 +59,13 @@ RUNS = {
     "attention at 4x4 only": Run(overrides=_ATTN_AT_4),
     "widths 32/64/64": Run(overrides={"block_out_channels": [32, 64, 64]}),
     "channels-last memory": Run(channels_last=True),
+    "bf16 autocast": Run(bf16=True),
     "batch 64": Run(batch=64),
+    "cross-attention at 16x16 too": Run(overrides=_ATTN_AT_16),
+    "cross-attention at 16x16, up path only": Run(overrides=_ATTN_AT_16_UP),
+    "cross-attention at 16x16, no self-attention there": Run(
+        overrides={**_ATTN_AT_16, "only_cross_attention": [True, False, False]}
+    ),
 }
 
 
@@ -80,12 +97,15 @@ def _batch(n: int, context: int, channels_last: bool) -> dict:
     }
 
 
-def _images_per_s(module: LatentDiffusion, batch: dict, steps: int, warmup: int) -> float:
+def _images_per_s(
+    module: LatentDiffusion, batch: dict, steps: int, warmup: int, bf16: bool = False
+) -> float:
     opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        loss = module.diffusion_loss(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.diffusion_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,7 +140,9 @@ def main() -> None:
         for name, module in modules.items():
             warmup = args.warmup * (4 if runs[name].compile else 1)
             t0 = time.perf_counter()
-            speeds[name].append(_images_per_s(module, batches[name], args.steps, warmup))
+            speeds[name].append(
+                _images_per_s(module, batches[name], args.steps, warmup, runs[name].bf16)
+            )
             if r == 0:
                 first_round_s[name] = time.perf_counter() - t0
     base = statistics.median(speeds["default (params.yaml)"])
