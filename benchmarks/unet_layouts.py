@@ -34,7 +34,7 @@ _ATTN_AT_4 = {
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 
-# Each place of the 16x16 latent reads the caption itself (generator log, 6 December).
+# Cross-attention at the finest level too: each place of the 16x16 latent reads the caption.
 _ATTN_AT_16 = {
     "down_block_types": ["CrossAttnDownBlock2D"] * 3,
     "up_block_types": ["CrossAttnUpBlock2D"] * 3,
