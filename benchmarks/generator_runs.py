@@ -10,6 +10,10 @@ failure reasons), without the reference CLIP:
     python -m models.diffusion.train --params run.yaml --raw data/raw \
         --sampler data/oracle/mixed_sampler --autoencoder data/autoencoder --out data/exp/run
     python -m benchmarks.generator_runs follow --model data/exp/run --judge data/world_judge
+
+`cells` asks, for the descriptive form, what stands in each cell the prompt fills: its
+object, another object of the prompt (the two swapped), or nothing, and how many objects
+stand in cells the prompt leaves empty.
 """
 
 from __future__ import annotations
@@ -141,6 +145,61 @@ def denoise_once(model: Path, raw: Path, n: int = 64) -> dict[int, float]:
 
 
 @torch.no_grad()
+def cell_contents(model: Path, judge_dir: Path, images_per_prompt: int = 4) -> dict:
+    """Per suite category, for the descriptive form (which gives every object its cell):
+    of the cells the reference scene fills, the share the judge finds filled; of those,
+    the share whose object has the stated shape, colour, both, and the shape or colour of
+    another object of the prompt instead of its own (attributes bound to the wrong
+    place); and objects per image in cells the reference scene leaves empty."""
+    prompts = load_suite(Path("prompts/suite-v1.json"))
+    pipe, judge = load_text_to_image(model), load_judge(judge_dir)
+    texts = [p.text("descriptive") for p in prompts for _ in range(images_per_prompt)]
+    scenes = judge.predict(pipe(texts, seed=0))
+    counts: dict[str, dict[str, int]] = {}
+    for i, scene in enumerate(scenes):
+        prompt = prompts[i // images_per_prompt]
+        c = counts.setdefault(prompt.category, dict.fromkeys(CELL_COUNTS, 0))
+        drawn = {(o.row, o.col): o for o in scene.objects}
+        asked = prompt.scene.objects
+        c["images"] += 1
+        c["outside"] += sum(1 for cell in drawn if cell not in {(o.row, o.col) for o in asked})
+        for o in asked:
+            c["asked"] += 1
+            got = drawn.get((o.row, o.col))
+            if got is None:
+                continue
+            others = [r for r in asked if r is not o]
+            c["filled"] += 1
+            c["shape"] += got.shape == o.shape
+            c["colour"] += got.color == o.color
+            c["both"] += got.shape == o.shape and got.color == o.color
+            c["other_shape"] += got.shape != o.shape and any(got.shape == r.shape for r in others)
+            c["other_colour"] += got.color != o.color and any(got.color == r.color for r in others)
+    out = {}
+    for category, c in counts.items():
+        filled = max(c["filled"], 1)
+        out[category] = {
+            "filled": round(c["filled"] / c["asked"], 3),
+            **{k: round(c[k] / filled, 3) for k in CELL_COUNTS[4:]},
+            "outside_per_image": round(c["outside"] / c["images"], 2),
+        }
+    return out
+
+
+CELL_COUNTS = (
+    "images",
+    "asked",
+    "filled",
+    "outside",
+    "shape",
+    "colour",
+    "both",
+    "other_shape",
+    "other_colour",
+)
+
+
+@torch.no_grad()
 def single_objects(model: Path, judge_dir: Path, images_per_prompt: int = 8) -> dict:
     """The suite's single-object prompts per asked size (the descriptive form names it):
     pass rate, objects the judge finds per image, and the size it reads of the prompted
@@ -188,6 +247,9 @@ def main() -> None:
     s = sub.add_parser("single", help="single-object prompts per asked size")
     s.add_argument("--model", type=Path, required=True)
     s.add_argument("--judge", type=Path, default=Path("data/world_judge"))
+    c = sub.add_parser("cells", help="what stands in each cell of descriptive prompts")
+    c.add_argument("--model", type=Path, required=True)
+    c.add_argument("--judge", type=Path, default=Path("data/world_judge"))
     d = sub.add_parser("denoise", help="error of one-step x0 estimates per noise level")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -201,6 +263,10 @@ def main() -> None:
                 n, read = r["n"], r["drawn"]
                 print(f"{form}, asked {size}: {n} images, passed {r['passed'] / n:.3f}, "
                       f"objects per image {r['objects'] / n:.2f}, sizes read {read}")  # fmt: skip
+        return
+    if args.command == "cells":
+        for category, row in cell_contents(args.model, args.judge).items():
+            print(f"{category:15s}", " ".join(f"{k} {v}" for k, v in row.items()))
         return
     if args.command == "denoise":
         print(json.dumps(denoise_once(args.model, args.raw), indent=1))

@@ -45,6 +45,14 @@ class UNetConfig:
     # true: the map also draws the output, which the UNet's output is added to (x0
     # prediction only); map_loss and map_pretrain_steps train that drawing
     text_map_draws: bool = False
+    # > 0: this many fixed sine features of each latent position concatenated to the
+    # input, so that every layer, the cross-attention's queries too, knows where it is
+    # (convolutions alone learn it only from the borders); needs the text map
+    position_channels: int = 0
+    # > 0: this many bidirectional transformer layers over the text tower's token states,
+    # trained with the UNet, before the map and the cross-attention read them; needs the
+    # text map
+    text_binder_layers: int = 0
 
 
 # What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
@@ -63,6 +71,12 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # one of PREDICTION_TYPES
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
+    # Timesteps are drawn with probability proportional to their min-SNR weight to this
+    # power, and each sample's error is weighed by weight / probability, so the objective
+    # is the same for every power: 0 draws uniformly (every sample weighed by its own
+    # weight), 1 draws in proportion to the weight (every sample weighs the same), so no
+    # step is spent on the noisiest timesteps whose weight is near 0.
+    timestep_power: float = 0.0
     ema_decay: float = 0.999
     # > 1: latent positions that hold an object (they differ from the image's background,
     # its per-channel median) and their neighbours weigh this much more in the loss
@@ -104,7 +118,14 @@ def build_unet(
         config["text_map_channels"] = cfg.text_map_channels
         config["text_map_queries"] = cfg.text_map_queries
         config["text_map_draws"] = cfg.text_map_draws
+        config["position_channels"] = cfg.position_channels
+        config["text_binder_layers"] = cfg.text_binder_layers
         unet = TextMapUNet2DConditionModel.from_config(config)
+    elif cfg.position_channels or cfg.text_binder_layers:
+        raise ValueError(
+            "unet.position_channels and text_binder_layers need the text map "
+            "(unet.text_map_channels > 0)"
+        )
     else:
         unet = UNet2DConditionModel.from_config(config)
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
@@ -191,7 +212,7 @@ class LatentDiffusion(L.LightningModule):
     def diffusion_loss(self, batch: dict) -> torch.Tensor:
         z = batch["latents"].float()
         noise = torch.randn_like(z)
-        t = torch.randint(0, self.cfg.num_train_timesteps, (len(z),), device=z.device)
+        t, share = self._timesteps(len(z), z.device)
         noisy = self.scheduler.add_noise(z, noise, t)
         pred = self._unet(noisy, t, batch["states"].to(z.dtype), batch["pooled"].to(z.dtype))
         kind = self.cfg.prediction_type
@@ -211,19 +232,35 @@ class LatentDiffusion(L.LightningModule):
         else:
             per_sample = error.mean((1, 2, 3))
         if self.cfg.snr_gamma:
-            # min-SNR-gamma weights the x0 error by min(SNR, gamma); an epsilon error is
-            # SNR times an x0 error, a velocity error SNR + 1 times.
-            snr = compute_snr(self.scheduler, t)
-            clamped = snr.clamp(max=self.cfg.snr_gamma)
-            per_snr = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
-            per_sample = per_sample * clamped / per_snr[kind]
+            per_sample = per_sample * self._snr_weights(t) / share
         loss = per_sample.mean()
         if self.cfg.map_loss:
             loss = loss + self.cfg.map_loss * self._map_loss(z, batch["states"].to(z.dtype))
         return loss
 
+    def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        # min-SNR-gamma weights the x0 error by min(SNR, gamma); an epsilon error is
+        # SNR times an x0 error, a velocity error SNR + 1 times.
+        snr = compute_snr(self.scheduler, t)
+        clamped = snr.clamp(max=self.cfg.snr_gamma)
+        per_snr = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+        return clamped / per_snr[self.cfg.prediction_type]
+
+    def _timesteps(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` timesteps, and each one's probability relative to uniform drawing."""
+        steps = self.cfg.num_train_timesteps
+        if not (self.cfg.timestep_power and self.cfg.snr_gamma):
+            return torch.randint(0, steps, (n,), device=device), torch.ones(n, device=device)
+        every = torch.arange(steps, device=device)
+        p = self._snr_weights(every).float() ** self.cfg.timestep_power
+        p = p / p.sum()
+        t = torch.multinomial(p, n, replacement=True)
+        return t, p[t] * steps
+
     def _map_loss(self, z: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The error of the clean latent as the caption's map alone draws it."""
+        if self.unet.text_binder is not None:
+            states = self.unet.text_binder(states)
         drawn = self._map_drawer()(self.unet.text_map(states))
         error = F.mse_loss(drawn.float(), z, reduction="none").mean(1)
         weight = foreground_weights(z, self.cfg.foreground_weight)
@@ -259,7 +296,12 @@ class LatentDiffusion(L.LightningModule):
         return loss.item()
 
     def _map_pair(self) -> torch.nn.ModuleDict:
-        return torch.nn.ModuleDict({"map": self.unet.text_map, "head": self._map_drawer()})
+        # The binder, where there is one, is what the map reads: it trains and freezes
+        # with the map.
+        parts = {"map": self.unet.text_map, "head": self._map_drawer()}
+        if self.unet.text_binder is not None:
+            parts["binder"] = self.unet.text_binder
+        return torch.nn.ModuleDict(parts)
 
     def _map_drawer(self) -> torch.nn.Module:
         return self.unet.map_draw if self._map_draws else self.map_head

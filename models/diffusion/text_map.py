@@ -38,6 +38,21 @@ def sine_positions(side: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+def coordinate_features(side: int, channels: int) -> torch.Tensor:
+    """(channels, side, side) sin and cos of pi k y and pi k x for k = 1 .. channels / 4:
+    the lowest frequencies, so that the first tells the halves apart and the third the
+    thirds of a 3 x 3 layout."""
+    if channels % 4:
+        raise ValueError(f"position_channels must be a multiple of 4, not {channels}")
+    coords = (torch.arange(side) + 0.5) / side
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for k in range(1, channels // 4 + 1):
+        for c in (ys, xs):
+            parts += [(math.pi * k * c).sin(), (math.pi * k * c).cos()]
+    return torch.stack(parts)
+
+
 # How a place asks its question: "mlp", its sine features through a learnt MLP, or
 # "sine", the sine features themselves times a learnt scale (no MLP), so that the places'
 # queries differ from the first step: from some initialisations the MLP's never came
@@ -89,7 +104,7 @@ class TextMap(torch.nn.Module):
 
 class TextMapUNet2DConditionModel(UNet2DConditionModel):
     """`UNet2DConditionModel`'s config plus `text_map_channels`, `text_map_width`,
-    `text_map_queries` and `text_map_draws`."""
+    `text_map_queries`, `text_map_draws`, `position_channels` and `text_binder_layers`."""
 
     def __init__(
         self,
@@ -97,20 +112,47 @@ class TextMapUNet2DConditionModel(UNet2DConditionModel):
         text_map_width: int = 64,
         text_map_queries: str = "mlp",
         text_map_draws: bool = False,
+        position_channels: int = 0,
+        text_binder_layers: int = 0,
         **unet_config,
     ):
         latent_channels = unet_config.pop("in_channels", 4)
         # The parent registers its own arguments, with the map's channels in in_channels.
-        super().__init__(in_channels=latent_channels + text_map_channels, **unet_config)
+        extra = text_map_channels + position_channels
+        super().__init__(in_channels=latent_channels + extra, **unet_config)
         self.register_to_config(
             in_channels=latent_channels,
             text_map_channels=text_map_channels,
             text_map_width=text_map_width,
             text_map_queries=text_map_queries,
             text_map_draws=text_map_draws,
+            position_channels=position_channels,
+            text_binder_layers=text_binder_layers,
         )
         side = self.config.sample_size
         side = side if isinstance(side, int) else side[0]
+        # Where each place is, as fixed features the convolutions and the cross-attention's
+        # queries can read from the first step; without them a place learns where it is
+        # only from the zero padding at the borders.
+        where = coordinate_features(side, position_channels) if position_channels else None
+        self.register_buffer("position_features", where, persistent=False)
+        # A causal text tower's shape word cannot see the place its phrase gives after
+        # it, and the place's words carry the shape only weakly: a place that asks for
+        # its object then gets the other object's as often as its own. Bidirectional
+        # layers, trained with the UNet, let each token gather its phrase; the map and
+        # the cross-attention read their output.
+        dim = self.config.cross_attention_dim
+        self.text_binder = (
+            torch.nn.TransformerEncoder(
+                torch.nn.TransformerEncoderLayer(
+                    dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+                ),
+                text_binder_layers,
+                enable_nested_tensor=False,
+            )
+            if text_binder_layers
+            else None
+        )
         self.text_map = TextMap(
             side,
             self.config.cross_attention_dim,
@@ -135,8 +177,14 @@ class TextMapUNet2DConditionModel(UNet2DConditionModel):
         return keys
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        where = self.text_map(encoder_hidden_states.to(sample.dtype))
-        inputs = torch.cat([sample, where], 1)
+        encoder_hidden_states = encoder_hidden_states.to(sample.dtype)
+        if self.text_binder is not None:
+            encoder_hidden_states = self.text_binder(encoder_hidden_states)
+        where = self.text_map(encoder_hidden_states)
+        parts = [sample, where]
+        if self.position_features is not None:
+            parts.append(self.position_features.to(sample.dtype).expand(len(sample), -1, -1, -1))
+        inputs = torch.cat(parts, 1)
         out = super().forward(inputs, timestep, encoder_hidden_states, *args, **kwargs)
         if not self.config.text_map_draws:
             return out

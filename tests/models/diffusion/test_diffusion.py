@@ -492,3 +492,35 @@ def test_foreground_of_is_checked_against_its_values_and_the_prediction_type():
         LatentDiffusion(unet, DiffusionConfig(prediction_type="epsilon", foreground_of="either"))
     with pytest.raises(ValueError, match=r"unknown diffusion\.foreground_of 'blobs'"):
         LatentDiffusion(unet, DiffusionConfig(prediction_type="sample", foreground_of="blobs"))
+
+
+def _timestep_draws(power: float, n: int = 40000) -> tuple[torch.Tensor, ...]:
+    """(timesteps, their min-SNR weights, each sample's factor weight / share)."""
+    unet = build_unet(
+        UNetConfig(overrides={"block_out_channels": [8, 16, 16], "norm_num_groups": 4}),
+        16,
+        16,
+        (4, 8, 8),
+    )
+    module = LatentDiffusion(unet, DiffusionConfig(prediction_type="sample", timestep_power=power))
+    torch.manual_seed(0)
+    t, share = module._timesteps(n, "cpu")
+    weights = module._snr_weights(t)
+    return t, weights, weights / share
+
+
+def test_timestep_power_moves_the_draws_to_the_weighty_timesteps_and_keeps_the_objective():
+    t0, w0, factor0 = _timestep_draws(0.0)
+    t1, _, factor1 = _timestep_draws(1.0)
+    # Uniform draws weigh each sample by its own min-SNR weight, as before the option.
+    torch.testing.assert_close(factor0, w0)
+    assert 0.08 < (t0 >= 900).float().mean() < 0.12
+    # Drawn in proportion to the weight, every sample weighs the same, and the noisiest
+    # timesteps, whose weight is near 0, are seldom drawn.
+    assert torch.allclose(factor1, factor1[0].expand_as(factor1))
+    assert (t1 >= 900).float().mean() < 0.01
+    # The same objective: a loss that depends on t alone has the same expectation.
+    per_t = torch.linspace(2.0, 0.5, 1000)
+    uniform = (per_t[t0] * factor0).mean()
+    weighted = (per_t[t1] * factor1).mean()
+    assert abs(weighted / uniform - 1) < 0.02

@@ -163,3 +163,71 @@ def test_a_drawing_map_is_the_output_the_unet_adds_to_and_is_saved_with_it(tmp_p
     assert not hasattr(module, "map_head")
     with pytest.raises(ValueError, match="needs prediction_type 'sample'"):
         LatentDiffusion(unet, DiffusionConfig(prediction_type="epsilon"))
+
+
+def test_position_channels_tell_each_place_where_it_is_and_survive_saving(tmp_path):
+    torch.manual_seed(0)
+    cfg = UNetConfig(text_map_channels=6, position_channels=8, overrides=SMALL)
+    unet = build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8)).eval()
+    assert unet.config.in_channels == 4 and unet.conv_in.in_channels == 4 + 6 + 8
+    where = unet.position_features
+    assert where.shape == (8, 8, 8)
+    # Every place of the grid has its own features.
+    places = where.flatten(1).T
+    assert len({tuple(p.round(decimals=4).tolist()) for p in places}) == 64
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = load_unet(tmp_path / "unet").eval()
+    assert loaded.config.position_channels == 8
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(got, expected)
+
+
+def test_position_channels_need_the_text_map_and_a_multiple_of_four():
+    with pytest.raises(
+        ValueError, match="position_channels and text_binder_layers need the text map"
+    ):
+        build_unet(UNetConfig(position_channels=8, overrides=SMALL), 16, 16, (4, 8, 8))
+    with pytest.raises(ValueError, match="multiple of 4, not 6"):
+        build_unet(
+            UNetConfig(text_map_channels=6, position_channels=6, overrides=SMALL), 16, 16, (4, 8, 8)
+        )
+
+
+def test_the_text_binder_lets_a_word_read_the_words_after_it_and_survives_saving(tmp_path):
+    torch.manual_seed(0)
+    cfg = UNetConfig(text_map_channels=6, text_binder_layers=1, overrides=SMALL)
+    unet = build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8)).eval()
+    states = torch.randn(1, 5, 16)
+    later_changed = states.clone()
+    later_changed[0, 4] = torch.randn(16)
+    with torch.no_grad():
+        bound, bound_changed = unet.text_binder(states), unet.text_binder(later_changed)
+    # A causal tower's first token cannot see the last one; after the binder it does.
+    assert not torch.allclose(bound[0, 0], bound_changed[0, 0])
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = load_unet(tmp_path / "unet").eval()
+    assert loaded.config.text_binder_layers == 1
+    x, t, pooled = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(got, expected)
+
+
+def test_map_pretraining_trains_the_binder_with_the_map_then_freezes_both():
+    cfg = UNetConfig(text_map_channels=6, text_binder_layers=1, overrides=SMALL)
+    unet = build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 8, 8))
+    module = LatentDiffusion(
+        unet, DiffusionConfig(prediction_type="sample", map_pretrain_steps=5, foreground_weight=10)
+    )
+    states, latents = _two_corners()
+    before = [p.detach().clone() for p in unet.text_binder.parameters()]
+    module.pretrain_map(latents, states, batch_size=2)
+    after = list(unet.text_binder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert not any(p.requires_grad for p in after)
+    assert all(p.requires_grad for p in unet.conv_in.parameters())
