@@ -32,6 +32,19 @@ def test_the_text_map_is_an_option_of_the_unet_and_the_latent_keeps_its_channels
     assert not torch.allclose(where[0], unet.text_map(states.flip(0))[0])
 
 
+def _saved_and_loaded(unet, folder):
+    """`unet` saved to `folder` and loaded back; asserts the copy draws the same output."""
+    unet.save_pretrained(folder, safe_serialization=True)
+    loaded = load_unet(folder).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
+    torch.testing.assert_close(got, expected)
+    return loaded
+
+
 @pytest.mark.parametrize("queries", ["mlp", "sine"])
 def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path, queries):
     unet = _unet(6, queries)
@@ -44,15 +57,7 @@ def test_the_ema_copy_and_a_saved_unet_keep_the_map(tmp_path, queries):
     assert type(ema) is TextMapUNet2DConditionModel
     assert ema.config.text_map_queries == queries
     torch.testing.assert_close(ema.text_map.out.weight, before)
-    ema.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = load_unet(tmp_path / "unet").eval()
-    assert loaded.config.text_map_queries == queries
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
-    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
-    with torch.no_grad():
-        expected = ema(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-    torch.testing.assert_close(got, expected)
+    assert _saved_and_loaded(ema, tmp_path / "unet").config.text_map_queries == queries
 
 
 def _two_corners() -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,15 +180,7 @@ def test_position_channels_tell_each_place_where_it_is_and_survive_saving(tmp_pa
     # Every place of the grid has its own features.
     places = where.flatten(1).T
     assert len({tuple(p.round(decimals=4).tolist()) for p in places}) == 64
-    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = load_unet(tmp_path / "unet").eval()
-    assert loaded.config.position_channels == 8
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
-    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
-    with torch.no_grad():
-        expected = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-    torch.testing.assert_close(got, expected)
+    assert _saved_and_loaded(unet, tmp_path / "unet").config.position_channels == 8
 
 
 def test_position_channels_need_the_text_map_and_a_multiple_of_four():
@@ -208,14 +205,7 @@ def test_the_text_binder_lets_a_word_read_the_words_after_it_and_survives_saving
         bound, bound_changed = unet.text_binder(states), unet.text_binder(later_changed)
     # A causal tower's first token cannot see the last one; after the binder it does.
     assert not torch.allclose(bound[0, 0], bound_changed[0, 0])
-    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = load_unet(tmp_path / "unet").eval()
-    assert loaded.config.text_binder_layers == 1
-    x, t, pooled = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16)
-    with torch.no_grad():
-        expected = unet(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-        got = loaded(x, t, encoder_hidden_states=states, class_labels=pooled).sample
-    torch.testing.assert_close(got, expected)
+    assert _saved_and_loaded(unet, tmp_path / "unet").config.text_binder_layers == 1
 
 
 def test_map_pretraining_trains_the_binder_with_the_map_then_freezes_both():
