@@ -98,10 +98,18 @@ def attention(pipe, texts: list[str]) -> dict:
     }
 
 
+def _map_states(pipe, texts: list[str]) -> torch.Tensor:
+    """The token states the map reads: the text tower's, through the UNet's binder if it
+    has one (`unet.text_binder_layers`)."""
+    states, _ = pipe.text_encoder(texts)
+    binder = getattr(pipe.unet, "text_binder", None)
+    return states if binder is None else binder(states)
+
+
 @torch.no_grad()
 def corner_tokens(pipe, k: int = 5) -> dict:
     tm, te = pipe.unet.text_map, pipe.text_encoder
-    states, _ = te([CAPTION])
+    states = _map_states(pipe, [CAPTION])
     w = _map_attention(tm, states)
     ids = te.tokenizer(CAPTION, padding="max_length", max_length=te.context_length)["input_ids"]
     words = te.tokenizer.convert_ids_to_tokens(ids[: te.context_length])
@@ -115,7 +123,7 @@ def corner_tokens(pipe, k: int = 5) -> dict:
 
 @torch.no_grad()
 def map_drawing(pipe, work: Path, texts: list[str]) -> torch.Tensor:
-    states, _ = pipe.text_encoder(texts)
+    states = _map_states(pipe, texts)
     if pipe.unet.config.get("text_map_draws"):  # the exported UNet holds the map's head
         z = pipe.unet.map_draw(pipe.unet.text_map(states))
         return to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float())
