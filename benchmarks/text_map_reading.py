@@ -99,11 +99,8 @@ def attention(pipe, texts: list[str]) -> dict:
 
 
 def _map_states(pipe, texts: list[str]) -> torch.Tensor:
-    """The token states the map reads: the text tower's, through the UNet's binder if it
-    has one (`unet.text_binder_layers`)."""
-    states, _ = pipe.text_encoder(texts)
-    binder = getattr(pipe.unet, "text_binder", None)
-    return states if binder is None else binder(states)
+    """The token states the map reads (through the UNet's binder, if it has one)."""
+    return pipe.unet.bound_states(pipe.text_encoder(texts)[0])
 
 
 @torch.no_grad()

@@ -259,9 +259,7 @@ class LatentDiffusion(L.LightningModule):
 
     def _map_loss(self, z: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The error of the clean latent as the caption's map alone draws it."""
-        if self.unet.text_binder is not None:
-            states = self.unet.text_binder(states)
-        drawn = self._map_drawer()(self.unet.text_map(states))
+        drawn = self._map_drawer()(self.unet.text_map(self.unet.bound_states(states)))
         error = F.mse_loss(drawn.float(), z, reduction="none").mean(1)
         weight = foreground_weights(z, self.cfg.foreground_weight)
         return ((error * weight).sum((1, 2)) / weight.sum((1, 2))).mean()

@@ -176,10 +176,13 @@ class TextMapUNet2DConditionModel(UNet2DConditionModel):
             keys.discard("unet_config")
         return keys
 
+    def bound_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The token states the map and the cross-attention read: the text tower's,
+        through the binder where there is one."""
+        return states if self.text_binder is None else self.text_binder(states)
+
     def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        encoder_hidden_states = encoder_hidden_states.to(sample.dtype)
-        if self.text_binder is not None:
-            encoder_hidden_states = self.text_binder(encoder_hidden_states)
+        encoder_hidden_states = self.bound_states(encoder_hidden_states.to(sample.dtype))
         where = self.text_map(encoder_hidden_states)
         parts = [sample, where]
         if self.position_features is not None:
