@@ -59,6 +59,7 @@ class UNetConfig:
 # latent itself (diffusers calls it "sample").
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FOREGROUND_OF = ("target", "either", "copies")
+MAP_PRETRAIN_CAPTIONS = ("blend", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class DiffusionConfig:
     # while the UNet trains, unless map_loss > 0 keeps training it.
     map_pretrain_steps: int = 0
     map_pretrain_lr: float | None = None  # None: lr
+    # Which captions the map pretrains on (MAP_PRETRAIN_CAPTIONS): "blend", those the UNet
+    # will see (alt texts and dropped captions too, which name no place); "synthetic",
+    # the synthetic captions alone, which name every place, so the map also lays out a
+    # short prompt that names none.
+    map_pretrain_captions: str = "blend"
 
 
 def build_unet(
@@ -174,6 +180,11 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(
                 f"unknown diffusion.foreground_of {cfg.foreground_of!r}; "
                 f"expected one of {FOREGROUND_OF}"
+            )
+        if cfg.map_pretrain_captions not in MAP_PRETRAIN_CAPTIONS:
+            raise ValueError(
+                f"unknown diffusion.map_pretrain_captions {cfg.map_pretrain_captions!r}; "
+                f"expected one of {MAP_PRETRAIN_CAPTIONS}"
             )
         if cfg.foreground_of != "target" and cfg.prediction_type != "sample":
             raise ValueError(
@@ -270,11 +281,16 @@ class LatentDiffusion(L.LightningModule):
         states: torch.Tensor,
         batch_size: int,
         progress: Callable[[int, float], None] | None = None,
+        variants: torch.Tensor | None = None,
     ) -> float:
         """Trains the text map and its head alone on (caption states, clean latents) for
         `map_pretrain_steps` steps at `map_pretrain_lr`, calling `progress(step, loss)`
         every 500; the EMA then starts from the trained map, frozen unless `map_loss`.
-        Returns the last step's map loss."""
+
+        `states` is (rows, tokens, width), or (caption variants, rows, tokens, width) with
+        `variants` (epochs, rows) naming the variant each row gets in each epoch: the map
+        then learns from the captions the UNet will see, in the same blend (alt texts and
+        empty captions too, which name no place). Returns the last step's map loss."""
         pair = self._map_pair().requires_grad_(True)
         steps, lr = self.cfg.map_pretrain_steps, self.cfg.map_pretrain_lr or self.cfg.lr
         opt = warmup_cosine_adamw(
@@ -282,7 +298,11 @@ class LatentDiffusion(L.LightningModule):
         )
         for step in range(1, steps + 1):
             i = torch.randint(0, len(latents), (batch_size,))
-            loss = self._map_loss(latents[i].float(), states[i].float())
+            if variants is None:
+                s = states[i]
+            else:
+                s = states[variants[torch.randint(0, len(variants), ())][i], i]
+            loss = self._map_loss(latents[i].float(), s.float())
             loss.backward()
             opt["optimizer"].step()
             opt["optimizer"].zero_grad(set_to_none=True)

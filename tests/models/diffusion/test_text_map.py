@@ -126,6 +126,27 @@ def test_the_map_pretrained_alone_places_each_caption_and_leaves_the_unet_as_it_
     assert not optimized & {id(p) for p in module.map_head.parameters()}
 
 
+def test_the_map_pretrained_on_the_blend_hedges_for_a_caption_that_names_no_place():
+    placed, latents = _two_corners()
+    vague = torch.randn(1, 5, 16).expand(2, -1, -1)  # an alt text: the same for both scenes
+    states = torch.stack([placed, vague])
+    # Each row gets its placed caption in one epoch and the vague one in the other.
+    variants = torch.tensor([[0, 1], [1, 0]])
+    cfg = DiffusionConfig(
+        map_pretrain_steps=200, map_pretrain_lr=1e-2, foreground_weight=1.0, warmup_steps=1
+    )
+    module = LatentDiffusion(_unet(6), cfg)
+    module.pretrain_map(latents, states, batch_size=2, variants=variants)
+    assert _each_in_its_corner(module, placed)
+    with torch.no_grad():
+        drawn = module.map_head(module.unet.text_map(vague[:1])).mean(1)[0]
+    # Half the scenes behind the vague caption have the object in each corner.
+    for corner in (drawn[:3, :3].mean(), drawn[5:, 5:].mean()):
+        assert 0.3 < corner < 0.7
+    with pytest.raises(ValueError, match="map_pretrain_captions 'alt'"):
+        LatentDiffusion(_unet(6), DiffusionConfig(map_pretrain_captions="alt"))
+
+
 def test_with_the_map_loss_the_pretrained_map_goes_on_training_with_the_unet():
     cfg = DiffusionConfig(map_pretrain_steps=5, map_loss=1.0)
     module = LatentDiffusion(_unet(6), cfg)
