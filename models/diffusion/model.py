@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -59,7 +60,6 @@ class UNetConfig:
 # latent itself (diffusers calls it "sample").
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FOREGROUND_OF = ("target", "either", "copies")
-MAP_PRETRAIN_CAPTIONS = ("blend", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,11 @@ class DiffusionConfig:
     # while the UNet trains, unless map_loss > 0 keeps training it.
     map_pretrain_steps: int = 0
     map_pretrain_lr: float | None = None  # None: lr
-    # Which captions the map pretrains on (MAP_PRETRAIN_CAPTIONS): "blend", those the UNet
-    # will see (alt texts and dropped captions too, which name no place); "synthetic",
-    # the synthetic captions alone, which name every place, so the map also lays out a
-    # short prompt that names none.
-    map_pretrain_captions: str = "blend"
+    # Which captions the map pretrains on: "blend", those the UNet will see (alt texts
+    # and dropped captions too, which name no place); "synthetic", the synthetic captions
+    # alone, which name every place, so the map also lays out a short prompt that names
+    # none.
+    map_pretrain_captions: Literal["blend", "synthetic"] = "blend"
 
 
 def build_unet(
@@ -180,11 +180,6 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(
                 f"unknown diffusion.foreground_of {cfg.foreground_of!r}; "
                 f"expected one of {FOREGROUND_OF}"
-            )
-        if cfg.map_pretrain_captions not in MAP_PRETRAIN_CAPTIONS:
-            raise ValueError(
-                f"unknown diffusion.map_pretrain_captions {cfg.map_pretrain_captions!r}; "
-                f"expected one of {MAP_PRETRAIN_CAPTIONS}"
             )
         if cfg.foreground_of != "target" and cfg.prediction_type != "sample":
             raise ValueError(

@@ -739,14 +739,18 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     elif cfg.diffusion.map_pretrain_steps:  # a resumed run's checkpoint holds the trained map
         t = time.perf_counter()
         steps = cfg.diffusion.map_pretrain_steps
-        blend = cfg.diffusion.map_pretrain_captions == "blend"
-        by_epoch = torch.as_tensor(np.stack([variants[e] for e in sorted(variants)]))
+        if cfg.diffusion.map_pretrain_captions == "blend":
+            by_epoch = torch.as_tensor(np.stack([variants[e] for e in sorted(variants)]))
+            captions = {"states": states, "variants": by_epoch}
+        else:  # the synthetic captions are the first variant
+            captions = {"states": states[0]}
         loss = module.pretrain_map(
             latents,
-            states if blend else states[0],
-            cfg.batch_size,
-            lambda step, loss: reporter.info(f"text map alone: step {step}/{steps} {loss:.4f}"),
-            variants=by_epoch if blend else None,
+            batch_size=cfg.batch_size,
+            progress=lambda step, loss: reporter.info(
+                f"text map alone: step {step}/{steps} {loss:.4f}"
+            ),
+            **captions,
         )
         timings["map_pretrain_s"] = time.perf_counter() - t
         reporter.info(f"text map trained alone: map loss {loss:.4f}")

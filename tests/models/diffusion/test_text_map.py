@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from corpus.config import build_config
 from models.diffusion.model import DiffusionConfig, LatentDiffusion, UNetConfig, build_unet
 from models.diffusion.text_map import TextMapUNet2DConditionModel, load_unet
 
@@ -143,8 +144,8 @@ def test_the_map_pretrained_on_the_blend_hedges_for_a_caption_that_names_no_plac
     # Half the scenes behind the vague caption have the object in each corner.
     for corner in (drawn[:3, :3].mean(), drawn[5:, 5:].mean()):
         assert 0.3 < corner < 0.7
-    with pytest.raises(ValueError, match="map_pretrain_captions 'alt'"):
-        LatentDiffusion(_unet(6), DiffusionConfig(map_pretrain_captions="alt"))
+    with pytest.raises(ValueError, match=r"map_pretrain_captions: 'alt' is not one of"):
+        build_config(DiffusionConfig, {"map_pretrain_captions": "alt"}, "diffusion")
 
 
 def test_with_the_map_loss_the_pretrained_map_goes_on_training_with_the_unet():
