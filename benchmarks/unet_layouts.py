@@ -1,6 +1,6 @@
 """UNet layouts side by side: training images/s of candidate layouts, of channels-last
-memory, of bf16 autocast, of torch.compile and of batch 64, each as a ratio to params.yaml's
-default in the same run.
+memory, of the fused AdamW kernel, of bf16 autocast, of torch.compile and of batch 64, each
+as a ratio to params.yaml's default in the same run.
 
 The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
 (16x16x12 for 32 px) with its text map; each candidate changes one thing. Every run
@@ -10,6 +10,7 @@ latents and text states of the right shapes; rounds alternate over the runs so d
 the machine's speed hits all of them; the median round is reported.
 
     python -m benchmarks.unet_layouts [--steps 20] [--rounds 3] [--batch N] [--compile]
+        [--only "default (params.yaml)" "channels-last memory" ...]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Run:
     channels_last: bool = False
     compile: bool = False
     bf16: bool = False  # autocast; Lightning's bf16-mixed on a CPU
+    fused: bool = False  # AdamW's fused kernel; False: torch's default on a CPU (per tensor)
     batch: int | None = None  # None: --batch
 
 
@@ -59,6 +61,8 @@ RUNS = {
     "attention at 4x4 only": Run(overrides=_ATTN_AT_4),
     "widths 32/64/64": Run(overrides={"block_out_channels": [32, 64, 64]}),
     "channels-last memory": Run(channels_last=True),
+    "fused AdamW": Run(fused=True),
+    "channels-last memory, fused AdamW": Run(channels_last=True, fused=True),
     "bf16 autocast": Run(bf16=True),
     "batch 64": Run(batch=64),
     "cross-attention at 16x16 too": Run(overrides=_ATTN_AT_16),
@@ -98,9 +102,14 @@ def _batch(n: int, context: int, channels_last: bool) -> dict:
 
 
 def _images_per_s(
-    module: LatentDiffusion, batch: dict, steps: int, warmup: int, bf16: bool = False
+    module: LatentDiffusion,
+    batch: dict,
+    steps: int,
+    warmup: int,
+    bf16: bool = False,
+    fused: bool = False,
 ) -> float:
-    opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-4, fused=fused or None)
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
@@ -121,11 +130,17 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--compile", action="store_true", help="also the default, compiled")
     ap.add_argument("--out", default="benchmarks/results/unet_layouts.json")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="these runs (and the default)")
     args = ap.parse_args()
     section = load_params(args.params)["diffusion_model"]
     unet_params, context = section["unet"], section["text_encoder"]["context_length"]
     args.batch = args.batch or section["batch_size"]
     runs = dict(RUNS)
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            ap.error(f"unknown runs {unknown}; known: {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k == "default (params.yaml)" or k in args.only}
     if args.compile:
         runs["torch.compile"] = Run(compile=True)
     modules = {name: _module(unet_params, run) for name, run in runs.items()}
@@ -141,7 +156,9 @@ def main() -> None:
             warmup = args.warmup * (4 if runs[name].compile else 1)
             t0 = time.perf_counter()
             speeds[name].append(
-                _images_per_s(module, batches[name], args.steps, warmup, runs[name].bf16)
+                _images_per_s(
+                    module, batches[name], args.steps, warmup, runs[name].bf16, runs[name].fused
+                )
             )
             if r == 0:
                 first_round_s[name] = time.perf_counter() - t0

@@ -94,7 +94,14 @@ class JudgeScorer(nn.Module):
     """score(image, prompt): a frozen judge's reading of the image, a text tower, and
     cross-attention from the prompt's tokens to the judge's 9 cells."""
 
-    def __init__(self, judge: JudgeNet, resolution: int, width: int = 64, context_length: int = 64):
+    def __init__(
+        self,
+        judge: JudgeNet,
+        resolution: int,
+        width: int = 64,
+        context_length: int = 64,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.judge = judge.eval().requires_grad_(False)
         self.resolution, self.width, self.context_length = resolution, width, context_length
@@ -104,7 +111,9 @@ class JudgeScorer(nn.Module):
         self.cell_pos = nn.Parameter(torch.randn(9, width) * 0.02)
         self.tokens = nn.Embedding(vocab, width)
         self.token_pos = nn.Parameter(torch.randn(context_length, width) * 0.02)
-        layer = dict(nhead=4, dim_feedforward=2 * width, batch_first=True, norm_first=True)
+        layer = dict(
+            nhead=4, dim_feedforward=2 * width, dropout=dropout, batch_first=True, norm_first=True
+        )
         self.text = nn.TransformerEncoderLayer(width, **layer)
         self.cross = nn.TransformerDecoderLayer(width, **layer)
         self.alignment = nn.Sequential(

@@ -63,6 +63,9 @@ class PreferenceConfig:
     warmup_steps: int = 50
     width: int = 64
     context_length: int = 64  # tokens of a prompt the text tower reads
+    # In the text and cross-attention layers. Above 0, attention on a CPU takes PyTorch's
+    # unfused path, and dropout was half of a training step (docs/log/).
+    dropout: float = 0.0
     reprompt_pairs: int = 60_000  # 0: the pool's own pairs only
     reprompt_per_category: int = 300  # new prompts per suite category for those pairs
     ablate_terms: bool = True  # also train one model per utility term left out
@@ -142,7 +145,9 @@ def train_scorer(
     with `choice` as the annotators' choices, and on the reprompted pairs if given;
     `reading`: every pool image as `read_cells` gives it."""
     torch.manual_seed(cfg.seed)
-    scorer = JudgeScorer(judge.net, judge.cfg.resolution, cfg.width, cfg.context_length)
+    scorer = JudgeScorer(
+        judge.net, judge.cfg.resolution, cfg.width, cfg.context_length, cfg.dropout
+    )
     pr = pool.pairs
     train = np.flatnonzero((pr["split"] == "train") & ~pr["held_out"])
     # Text k of the table: the pool's prompt k, then the reprompted texts.

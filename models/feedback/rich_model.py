@@ -46,7 +46,14 @@ def word_tokens(tokenizer, text: str, context: int) -> tuple[torch.Tensor, torch
 
 
 class RichFeedbackNet(nn.Module):
-    def __init__(self, clip: nn.Module, width: int = 96, layers: int = 2, heads: int = 4):
+    def __init__(
+        self,
+        clip: nn.Module,
+        width: int = 96,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.clip = clip
         self.clip.visual.output_tokens = True
@@ -57,7 +64,7 @@ class RichFeedbackNet(nn.Module):
         self.img_proj = nn.Linear(vis_width, width)
         self.txt_proj = nn.Linear(txt_width, width)
         self.type_emb = nn.Parameter(torch.zeros(2, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, batch_first=True)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, batch_first=True)
         self.joint = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         grid = self.image_size // clip.visual.patch_size[0]
         ups = []

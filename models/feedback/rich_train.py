@@ -62,6 +62,7 @@ class RichConfig:
     width: int = 96
     layers: int = 2
     heads: int = 4
+    dropout: float = 0.0  # in the joint layers (see preference_model.dropout)
     context: int = 48  # text tokens: the suite's descriptive prompts fit
     max_steps: int = 1500
     batch_size: int = 64
@@ -318,7 +319,7 @@ def train_rich_feedback(
     pool = load_pool(pool_dir)
     ex = build_examples(pool, cfg.seed)
     clip = load_reference_clip(reference_clip)
-    net = RichFeedbackNet(clip.model.train(), cfg.width, cfg.layers, cfg.heads)
+    net = RichFeedbackNet(clip.model.train(), cfg.width, cfg.layers, cfg.heads, cfg.dropout)
     tok = open_clip.get_tokenizer(clip.model_name)
     train = [i for i, s in enumerate(ex["split"]) if s == "train"]
     test = [i for i, s in enumerate(ex["split"]) if s == "test"]

@@ -188,6 +188,23 @@ def test_prefix_dropout_rises_from_the_first_step_to_the_last():
         ExpanderConfig.from_dict({"max_stepz": 3})
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_lm_dropout_key_reaches_the_tiny_gpt2(dropout):
+    """prompt_expander.lm.dropout sets GPT-2's three dropouts (default 0.1, GPT-2's): at 0
+    a training-mode pass repeats; above 0 it drops."""
+    from models.expansion.model import new_expander
+
+    assert ExpanderConfig().lm.dropout == 0.1
+    cfg = ExpanderConfig.from_dict({"lm": {"n_layer": 1, "n_embd": 16, "n_head": 2,
+                                           "vocab_size": 300, "dropout": dropout}})  # fmt: skip
+    model, tok = new_expander(cfg.lm, [CAPTION] * 4, 0)
+    config = model.config
+    assert config.embd_pdrop == config.resid_pdrop == config.attn_pdrop == dropout
+    ids = torch.tensor([tok(CAPTION)["input_ids"]])
+    model.train()
+    assert torch.equal(model(ids).logits, model(ids).logits) == (dropout == 0.0)
+
+
 def _recaptioned(folder: Path, captions: list[str]) -> Path:
     folder.mkdir(parents=True)
     n = len(captions)
