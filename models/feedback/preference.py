@@ -64,7 +64,7 @@ class PreferenceConfig:
     width: int = 64
     context_length: int = 64  # tokens of a prompt the text tower reads
     # In the text and cross-attention layers. Above 0, attention on a CPU takes PyTorch's
-    # unfused path, and dropout was half of a training step (docs/log/).
+    # unfused path and each step draws the masks (docs/log/2026-12-speed.md).
     dropout: float = 0.0
     reprompt_pairs: int = 60_000  # 0: the pool's own pairs only
     reprompt_per_category: int = 300  # new prompts per suite category for those pairs
