@@ -23,13 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.unet_layouts import Run, training_module
 from corpus.params import load_params
-from models.diffusion.model import UNetConfig, build_unet
 from models.evaluation.world_judge import JudgeNet
 from models.feedback.judge_scorer import JudgeScorer, reading_width
-
-TEXT_WIDTH = 64
-LATENT = (12, 16, 16)  # recapflow-tiny-patch on 32 px
 
 
 def _median_ms(fn: Callable[[], None], steps: int, warmup: int = 2) -> float:
@@ -65,15 +62,6 @@ def preference_step(params: dict, dropout: float) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-def unet_parameters(params: dict) -> list[torch.Tensor]:
-    u = params["diffusion_model"]["unet"]
-    torch.manual_seed(0)
-    cfg = UNetConfig(
-        config=u["config"], overrides=u.get("overrides"), text_map_channels=u["text_map_channels"]
-    )
-    return [p.detach() for p in build_unet(cfg, TEXT_WIDTH, TEXT_WIDTH, LATENT).parameters()]
 
 
 def adamw(weights: list[torch.Tensor], kind: str) -> tuple[list[torch.Tensor], torch.optim.AdamW]:
@@ -123,7 +111,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/cpu_kernels.json")
     args = ap.parse_args()
     params = load_params(args.params)
-    weights = unet_parameters(params)
+    unet = training_module(params["diffusion_model"]["unet"], Run()).unet
+    weights = [p.detach() for p in unet.parameters()]
     cases: dict[str, dict[str, Callable[[], Callable[[], None]]]] = {
         "preference scorer step": {
             "dropout 0.1": lambda: preference_step(params, 0.1),

@@ -73,7 +73,7 @@ RUNS = {
 }
 
 
-def _module(unet_params: dict, run: Run) -> LatentDiffusion:
+def training_module(unet_params: dict, run: Run) -> LatentDiffusion:
     torch.manual_seed(0)
     cfg = UNetConfig(
         config=unet_params.get("config", "recapflow-tiny-unet"),
@@ -143,7 +143,7 @@ def main() -> None:
         runs = {k: v for k, v in runs.items() if k == "default (params.yaml)" or k in args.only}
     if args.compile:
         runs["torch.compile"] = Run(compile=True)
-    modules = {name: _module(unet_params, run) for name, run in runs.items()}
+    modules = {name: training_module(unet_params, run) for name, run in runs.items()}
     params = {name: sum(p.numel() for p in m.unet.parameters()) for name, m in modules.items()}
     batches = {
         name: _batch(run.batch or args.batch, context, run.channels_last)

@@ -24,6 +24,7 @@ from models.expansion.model import (
     add_special_tokens,
     expand,
     load_expander,
+    new_expander,
     word_slot,
 )
 from models.expansion.queries import (
@@ -192,8 +193,6 @@ def test_prefix_dropout_rises_from_the_first_step_to_the_last():
 def test_the_lm_dropout_key_reaches_the_tiny_gpt2(dropout):
     """prompt_expander.lm.dropout sets GPT-2's three dropouts (default 0.1, GPT-2's): at 0
     a training-mode pass repeats; above 0 it drops."""
-    from models.expansion.model import new_expander
-
     assert ExpanderConfig().lm.dropout == 0.1
     cfg = ExpanderConfig.from_dict({"lm": {"n_layer": 1, "n_embd": 16, "n_head": 2,
                                            "vocab_size": 300, "dropout": dropout}})  # fmt: skip

@@ -1,6 +1,7 @@
 """The rich-feedback model's shapes, losses and keyword tags."""
 
 import open_clip
+import pytest
 import torch
 
 from models.common.clip import create_clip
@@ -12,6 +13,7 @@ from models.feedback.rich_model import (
     token_tags,
     word_tokens,
 )
+from models.feedback.rich_train import RichConfig
 
 NAME = "recapflow-tiny-reference-clip"
 TEXT = 'a red star left of the word "CAT".'
@@ -57,3 +59,17 @@ def test_the_net_predicts_maps_scores_and_tags_and_learns_a_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first / 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_dropout_key_reaches_the_joint_layers(dropout):
+    """rich_feedback_model.dropout: at the default 0 a training-mode pass repeats; above 0
+    the joint layers drop."""
+    assert RichConfig().dropout == 0.0
+    cfg = RichConfig.from_dict({"dropout": dropout})
+    torch.manual_seed(0)
+    net = RichFeedbackNet(create_clip(NAME), dropout=cfg.dropout).train()
+    ids = word_tokens(open_clip.get_tokenizer(NAME), TEXT, 16)[0][None]
+    images = torch.randn(1, 3, 32, 32)
+    first, second = net(images, ids)["scores"], net(images, ids)["scores"]
+    assert torch.equal(first, second) == (dropout == 0.0)
