@@ -2,7 +2,8 @@
 by a small text tower, joined by cross-attention (ImageReward's kind of model: one score
 from image and text encoded together, not a cosine of two separate towers).
 
-    score(image, prompt) = alignment(prompt tokens attending to the judge's 9 cells)
+    score(image, prompt) = alignment(prompt tokens attending to the 9 cells of the scene
+                                     the judge decodes)
                            + sum over cells of plausibility(cell reading, feature and pixel stats)
 
 Why this and not the reference CLIP's two towers: fine-tuned on the pool's pairs, the
@@ -39,8 +40,10 @@ from models.evaluation.world_judge import (
 )
 
 WEIGHTS, CONFIG = "scorer.safetensors", "scorer.json"
+# What the first READING values of a cell are; a scorer saved with another is refused.
+READING_KIND = "scene"
 GROUPS = (len(SHAPE_CLASSES), len(COLOUR_CLASSES), len(SIZES), len(WORD_CLASSES))
-READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: class probabilities
+READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: the decoded scene, one-hot
 FIRST_LAYERS = 6  # the judge's first two conv blocks, at its full input size
 
 
@@ -54,14 +57,35 @@ def cell_statistics(maps: torch.Tensor) -> torch.Tensor:
     return torch.cat([cells.mean(-1), cells.std(-1), cells.amax(-1)], -1)
 
 
+def scene_reading(probs: torch.Tensor) -> torch.Tensor:
+    """(..., 9, READING) class probabilities -> the scene the judge decodes from them, one-hot
+    per cell as `WorldJudge.predict` decides it: shape; colour and size only where there
+    is an object; the word in one cell at most (the one most sure it holds a word, if
+    above even odds); the background. Alignment reads this and not the probabilities:
+    the labels' conditions are checked on the decoded scene, so two images the judge reads
+    as one scene must get one alignment score, or the alignment head's noise decides
+    pairs that only plausibility tells apart."""
+    groups = probs.split([*GROUPS, len(BACKGROUND_CLASSES)], -1)
+    shape, colour, size, _, background = (
+        F.one_hot(g.argmax(-1), g.shape[-1]).to(probs.dtype) for g in groups
+    )
+    present = 1.0 - shape[..., :1]  # SHAPE_CLASSES[0] is the empty cell
+    p_word = 1.0 - groups[3][..., 0]  # (..., 9): WORD_CLASSES[0] is no word
+    best = F.one_hot(p_word.argmax(-1), 9).to(probs.dtype) * (p_word > 0.5).to(probs.dtype)
+    word = F.one_hot(groups[3][..., 1:].argmax(-1) + 1, GROUPS[3]).to(probs.dtype)
+    word = word * best[..., None]
+    word[..., 0] = 1.0 - best
+    return torch.cat([shape, colour * present, size * present, word, background], -1)
+
+
 @torch.no_grad()
 def read_cells(judge: JudgeNet, resolution: int, images_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, 9, reading_width(judge)): per cell, the judge's class probabilities and logits
-    (the first READING are what alignment sees), then the mean, spread and peak of its
-    last and first feature maps and of its input pixels over the cell. Plausibility is a
-    cell's distance from a clean drawing, which the class reading alone does not carry:
-    the first blocks' edges and the pixels show a blob where the classes say star. The
-    judge's forward is spelt out because it returns no maps."""
+    """(N, 9, reading_width(judge)): per cell, the scene the judge decodes (`scene_reading`:
+    the first READING values, what alignment sees) and the judge's logits, then the mean,
+    spread and peak of its last and first feature maps and of its input pixels over the
+    cell. Plausibility is a cell's distance from a clean drawing, which the class reading
+    alone does not carry: the first blocks' edges and the pixels show a blob where the
+    classes say star. The judge's forward is spelt out because it returns no maps."""
     if judge.training:  # batch statistics would make a cell's reading depend on the batch
         raise ValueError("read_cells needs the judge in eval mode (judge.eval())")
     out, device = [], next(judge.parameters()).device
@@ -80,7 +104,7 @@ def read_cells(judge: JudgeNet, resolution: int, images_uint8: torch.Tensor) -> 
         groups = logits.split([*GROUPS, len(BACKGROUND_CLASSES)], -1)
         probs = torch.cat([g.softmax(-1) for g in groups], -1)
         maps = [cell_statistics(m) for m in (h, first, x)]
-        out.append(torch.cat([probs, logits, *maps], -1))
+        out.append(torch.cat([scene_reading(probs), logits, *maps], -1))
     return torch.cat(out)
 
 
@@ -143,10 +167,20 @@ class JudgeScorer(nn.Module):
 
     def score(self, reading: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scores (B,) of images read by `read` against encoded texts."""
+        return self.alignment_score(reading, text, mask) + self.plausibility_score(reading)
+
+    def alignment_score(
+        self, reading: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The score's first term (B,): the prompt's tokens read against the decoded scene."""
         cells = self.cells(reading[..., :READING]) + self.cell_pos
         t = self.cross(text, cells, tgt_key_padding_mask=~mask)
         pooled = (t * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.alignment(pooled)[:, 0] + self.plausibility(reading).sum((1, 2))
+        return self.alignment(pooled)[:, 0]
+
+    def plausibility_score(self, reading: torch.Tensor) -> torch.Tensor:
+        """The score's second term (B,): per cell, summed; it does not read the prompt."""
+        return self.plausibility(reading).sum((1, 2))
 
     def forward(self, reading: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.score(reading, *self.encode_text(ids))
@@ -177,6 +211,7 @@ def save_scorer(scorer: JudgeScorer, judge_cfg: JudgeConfig, out: Path) -> None:
     cfg = {
         "width": scorer.width,
         "context_length": scorer.context_length,
+        "reading": READING_KIND,
         "judge": {"resolution": judge_cfg.resolution, "width": judge_cfg.width},
     }
     write_text_atomic(out / CONFIG, json.dumps(cfg, indent=2))
@@ -195,11 +230,12 @@ def load_scorer(path: Path) -> JudgeScorer:
     scorer = JudgeScorer(judge, resolution, cfg["width"], cfg["context_length"])
     state = load_file(str(path / WEIGHTS))
     saved, expected = state["plausibility.0.weight"].shape[0], reading_width(judge)
-    if saved != expected:
+    if saved != expected or cfg.get("reading", "probabilities") != READING_KIND:
+        kind = cfg.get("reading", "probabilities")
         raise ValueError(
-            f"the preference scorer in {path} reads {saved} values per cell, this version "
-            f"{expected}: it was saved by another version of recapflow; rebuild it (materialize "
-            "preference_model, or `make run`)"
+            f"the preference scorer in {path} reads {saved} values per cell ({kind}), this "
+            f"version {expected} ({READING_KIND}): it was saved by another version of "
+            "recapflow; rebuild it (materialize preference_model, or `make run`)"
         )
     scorer.load_state_dict(state)
     return scorer.eval()

@@ -169,3 +169,77 @@ def test_the_dropout_key_reaches_the_scorers_layers(dropout):
     ids = scorer.token_ids(["a red star", "two blue circles", "a cat", "a green square"])
     first, second = scorer(reading, ids), scorer(reading, ids)
     assert torch.equal(first, second) == (dropout == 0.0)
+
+
+def test_alignment_reads_the_scene_the_judge_decodes(tmp_path):
+    """Two images the judge decodes as one scene give the alignment head one input, however
+    sure the judge is of it; the input is the scene `WorldJudge.predict` returns (colour and
+    size only where there is an object, one word at most). A scorer saved when alignment
+    read probabilities is refused."""
+    import json
+
+    from models.evaluation.world_judge import (
+        BACKGROUND_CLASSES,
+        CELLS,
+        COLOUR_CLASSES,
+        SHAPE_CLASSES,
+        SIZES,
+        WORD_CLASSES,
+        JudgeConfig,
+        JudgeNet,
+        _decode_scenes,
+    )
+    from models.feedback.judge_scorer import (
+        CONFIG,
+        GROUPS,
+        JudgeScorer,
+        load_scorer,
+        save_scorer,
+        scene_reading,
+    )
+
+    def expected(scene: Scene) -> torch.Tensor:
+        out = torch.zeros(9, sum(GROUPS) + len(BACKGROUND_CLASSES))
+        offsets = np.cumsum([0, *GROUPS])
+        for i, cell in enumerate(CELLS):
+            obj = next((o for o in scene.objects if (o.row, o.col) == cell), None)
+            out[i, SHAPE_CLASSES.index(obj.shape) if obj else 0] = 1
+            if obj:
+                out[i, offsets[1] + COLOUR_CLASSES.index(obj.color)] = 1
+                out[i, offsets[2] + SIZES.index(obj.size)] = 1
+            word = scene.word if cell == (scene.word_row, scene.word_col) else None
+            out[i, offsets[3] + (WORD_CLASSES.index(word) if word else 0)] = 1
+            out[i, offsets[4] + BACKGROUND_CLASSES.index(scene.background)] = 1
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    logits = {
+        "shape": torch.randn(64, 9, GROUPS[0], generator=g) * 3,
+        "colour": torch.randn(64, 9, GROUPS[1], generator=g),
+        "size": torch.randn(64, 9, GROUPS[2], generator=g),
+        "word": torch.randn(64, 9, GROUPS[3], generator=g) * 3,
+        "background": torch.randn(64, len(BACKGROUND_CLASSES), generator=g),
+    }
+    logits["word"][:32, :, 0] += 8  # half the images: no cell sure of a word
+    scenes = _decode_scenes(logits)
+    assert any(s.word for s in scenes) and any(not s.word for s in scenes)
+    assert any(len(s.objects) < 9 for s in scenes)
+    bg = logits["background"][:, None].expand(-1, 9, -1)
+    parts = [logits[k] for k in ("shape", "colour", "size", "word")] + [bg]
+    probs = torch.cat([p.softmax(-1) for p in parts], -1)
+    assert torch.equal(scene_reading(probs), torch.stack([expected(s) for s in scenes]))
+    # A judge twice as sure of every class it reads gives the same input wherever it
+    # decodes the same scene (the word's cell may cross even odds).
+    sure = torch.cat([(2 * p).softmax(-1) for p in parts], -1)
+    sharper = _decode_scenes({k: 2 * v for k, v in logits.items()})
+    same = [s == t for s, t in zip(scenes, sharper, strict=True)]
+    assert 0 < sum(same) < len(same)
+    assert torch.equal(scene_reading(sure)[same], scene_reading(probs)[same])
+
+    scorer = JudgeScorer(JudgeNet(32, 8), 32, width=16, context_length=16)
+    save_scorer(scorer, JudgeConfig(resolution=32, width=8), tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / CONFIG).read_text())
+    del cfg["reading"]  # as scorers saved before alignment read the scene
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"\(probabilities\).*saved by another version"):
+        load_scorer(tmp_path / "old")

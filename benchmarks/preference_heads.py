@@ -1,0 +1,89 @@
+"""Where a preference model loses agreement: its score's two terms apart, by pair set.
+
+The scorer's score is alignment (the prompt read against the decoded scene) plus
+plausibility (per cell, prompt-blind). On the pool's test pairs (generators not held
+out) this prints the exact agreement of the whole score, of each term alone, and the
+ceiling, on the pairs alignment decides and on those only plausibility decides, the
+latter split by whether the judge decodes the two images as one scene. Where the two
+scenes differ but hold the prompt equally, alignment should say nothing: its agreement
+alone should sit at 0.5, and the whole score should do as well as plausibility alone.
+
+    python -m benchmarks.preference_heads --model data/preference_model \
+        [--pool data/feedback_pool] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.feedback import metrics as M
+from models.feedback.pool import Pool, load_pool
+from models.feedback.preference import load_preference_model
+from models.feedback.utility import bayes_ceiling, terms
+
+
+@torch.no_grad()
+def head_scores(model: Path, pool_dir: Path) -> tuple[dict[str, np.ndarray], Pool]:
+    """Per pool image against its prompt: the whole score and each of its two terms."""
+    scorer, pool = load_preference_model(model), load_pool(pool_dir)
+    reading = scorer.read(pool.images)
+    text, mask = scorer.encode_text(scorer.token_ids(pool.texts))
+    alignment = scorer.alignment_score(reading, text, mask).numpy()
+    plausibility = scorer.plausibility_score(reading).numpy()
+    parts = {"score": alignment + plausibility, "alignment": alignment}
+    return {**parts, "plausibility": plausibility}, pool
+
+
+def pair_sets(pool: Pool, split: str) -> dict[str, np.ndarray]:
+    """Masks over the pool's pairs, by what decides them."""
+    pr, cap = pool.pairs, pool.config.utility.error_cap
+    t = [terms(x, cap) for x in pool.labels]
+    align = np.array([x["alignment"] for x in t])
+    comp = np.array([x["composition"] for x in t])
+    scene = [json.dumps(x["scene"], sort_keys=True) for x in pool.labels]
+    a, b = pr["a"], pr["b"]
+    base = (pr["split"] == split) & ~pr["held_out"]
+    plaus_only = base & (align[a] == align[b]) & (comp[a] == comp[b])
+    same = np.array([scene[i] == scene[j] for i, j in zip(a, b, strict=True)])
+    return {
+        "alignment decides": base & (align[a] != align[b]),
+        "plausibility only, one scene": plaus_only & same,
+        "plausibility only, two scenes": plaus_only & ~same,
+        "all": base,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--pool", type=Path, default=Path("data/feedback_pool"))
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    args = ap.parse_args()
+    scores, pool = head_scores(args.model, args.pool)
+    pr = pool.pairs
+    print(
+        f"| {args.split} pairs | n | ceiling | whole score | alignment alone | plausibility alone |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, m in pair_sets(pool, args.split).items():
+        row = [M.pair_agreement(s[pr["a"][m]], s[pr["b"][m]], pr["p"][m]) for s in scores.values()]
+        cells = " | ".join(f"{v:.3f}" for v in row)
+        print(f"| {name} | {int(m.sum())} | {bayes_ceiling(pr['p'][m]):.3f} | {cells} |")
+    # Which prompts the alignment term misreads: the pairs it decides, by suite category.
+    decides = pair_sets(pool, args.split)["alignment decides"]
+    category = np.array([q["prompt"]["category"] for q in pool.prompts])[pr["prompt"]]
+    print("\n| alignment decides, by category | n | whole score | alignment alone |")
+    print("|---|---:|---:|---:|")
+    for c in dict.fromkeys(category[decides]):
+        m = decides & (category == c)
+        row = [M.pair_agreement(s[pr["a"][m]], s[pr["b"][m]], pr["p"][m]) for s in scores.values()]
+        print(f"| {c} | {int(m.sum())} | {row[0]:.3f} | {row[1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
