@@ -68,6 +68,7 @@ class PreferenceConfig:
     dropout: float = 0.0
     reprompt_pairs: int = 60_000  # 0: the pool's own pairs only
     reprompt_per_category: int = 300  # new prompts per suite category for those pairs
+    reprompt_alike_share: float = 0.6  # of those pairs, two images that hold the prompt alike
     ablate_terms: bool = True  # also train one model per utility term left out
     ablation_steps: int = 300
     max_gap: float = 0.03  # the asset check: held-out agreement this close to the ceiling
@@ -310,7 +311,12 @@ def train_preference(
     # The eval suite's prompts stay unseen too: the report scores its images.
     reprompted = (
         reprompted_pairs(
-            pool, cfg.reprompt_pairs, cfg.reprompt_per_category, cfg.seed, load_suite()
+            pool,
+            cfg.reprompt_pairs,
+            cfg.reprompt_per_category,
+            cfg.seed,
+            load_suite(),
+            cfg.reprompt_alike_share,
         )
         if cfg.reprompt_pairs
         else None

@@ -79,7 +79,12 @@ def new_prompts(
 
 
 def reprompted_pairs(
-    pool: Pool, n_pairs: int, per_category: int, seed: int, kept_out: Iterable[Prompt] = ()
+    pool: Pool,
+    n_pairs: int,
+    per_category: int,
+    seed: int,
+    kept_out: Iterable[Prompt] = (),
+    alike_share: float = 0.0,
 ) -> Reprompted:
     """`n_pairs` pairs of training images under new prompts; `kept_out` (besides the pool's
     validation and test prompts): prompts whose conditions no new prompt may ask for."""
@@ -99,6 +104,15 @@ def reprompted_pairs(
     for k in np.flatnonzero(best):
         top = np.flatnonzero(align[q[k]] >= align[q[k]].max())
         a[k] = rng.choice(top)
+    # Pairs that hold the prompt alike (same share of conditions, both or neither whole):
+    # only plausibility tells them apart, so the alignment term learns to say nothing.
+    alike_pairs = np.flatnonzero(rng.random(n_pairs) < alike_share) if alike_share else []
+    for k in alike_pairs:
+        row_a, row_w = align[q[k]], whole[q[k]]
+        alike = np.flatnonzero((row_a == row_a[a[k]]) & (row_w == row_w[a[k]]))
+        alike = alike[alike != a[k]]
+        if len(alike):
+            b[k] = rng.choice(alike)
     same = a == b  # an image against itself teaches nothing
     while same.any():
         b[same] = rng.integers(0, len(images), int(same.sum()))

@@ -64,6 +64,28 @@ def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_ask_a_kept_out
     assert r.alignment[:, 0].mean() > r.alignment[:, 1].mean()
 
 
+def test_alike_reprompted_pairs_hold_the_prompt_equally():
+    """reprompt_alike_share: that share of pairs shows two images holding the new prompt
+    alike (only plausibility can decide them); at 0 the pairs are those drawn before."""
+    pool = _pool(next(p for p in SUITE if p.short == "a triangle"))
+    alike = reprompted_pairs(pool, 300, per_category=3, seed=1, alike_share=1.0)
+    # Each training scene is drawn twice, so every pair can be alike, and is.
+    assert np.array_equal(alike.alignment[:, 0], alike.alignment[:, 1])
+    assert np.array_equal(alike.composition[:, 0], alike.composition[:, 1])
+    assert not (alike.a == alike.b).any()
+    none, default = (
+        reprompted_pairs(pool, 2000, per_category=3, seed=1, alike_share=0.0),
+        reprompted_pairs(pool, 2000, per_category=3, seed=1),
+    )
+    assert np.array_equal(none.b, default.b) and np.array_equal(none.a, default.a)
+    half = reprompted_pairs(pool, 2000, per_category=3, seed=1, alike_share=0.5)
+
+    def unequal(r):
+        return (r.alignment[:, 0] != r.alignment[:, 1]).mean()
+
+    assert 0 < unequal(half) < 0.7 * unequal(none)
+
+
 def test_reprompted_choices_follow_the_utility_the_annotators_hold():
     pool = _pool(next(p for p in SUITE if p.short == "a triangle"))
     r = reprompted_pairs(pool, 300, per_category=3, seed=1)
