@@ -35,8 +35,9 @@ def head_scores(model: Path, pool_dir: Path) -> tuple[dict[str, np.ndarray], Poo
     text, mask = scorer.encode_text(scorer.token_ids(pool.texts))
     alignment = scorer.alignment_score(reading, text, mask).numpy()
     plausibility = scorer.plausibility_score(reading).numpy()
-    parts = {"score": alignment + plausibility, "alignment": alignment}
-    return {**parts, "plausibility": plausibility}, pool
+    scores = {"score": alignment + plausibility, "alignment": alignment}
+    scores["plausibility"] = plausibility
+    return scores, pool
 
 
 def pair_sets(pool: Pool, split: str) -> dict[str, np.ndarray]:
@@ -70,12 +71,13 @@ def main() -> None:
         f"| {args.split} pairs | n | ceiling | whole score | alignment alone | plausibility alone |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    for name, m in pair_sets(pool, args.split).items():
+    sets = pair_sets(pool, args.split)
+    for name, m in sets.items():
         row = [M.pair_agreement(s[pr["a"][m]], s[pr["b"][m]], pr["p"][m]) for s in scores.values()]
         cells = " | ".join(f"{v:.3f}" for v in row)
         print(f"| {name} | {int(m.sum())} | {bayes_ceiling(pr['p'][m]):.3f} | {cells} |")
     # Which prompts the alignment term misreads: the pairs it decides, by suite category.
-    decides = pair_sets(pool, args.split)["alignment decides"]
+    decides = sets["alignment decides"]
     category = np.array([q["prompt"]["category"] for q in pool.prompts])[pr["prompt"]]
     print("\n| alignment decides, by category | n | whole score | alignment alone |")
     print("|---|---:|---:|---:|")

@@ -230,8 +230,8 @@ def load_scorer(path: Path) -> JudgeScorer:
     scorer = JudgeScorer(judge, resolution, cfg["width"], cfg["context_length"])
     state = load_file(str(path / WEIGHTS))
     saved, expected = state["plausibility.0.weight"].shape[0], reading_width(judge)
-    if saved != expected or cfg.get("reading", "probabilities") != READING_KIND:
-        kind = cfg.get("reading", "probabilities")
+    kind = cfg.get("reading", "probabilities")  # scorers saved before `reading` was written
+    if saved != expected or kind != READING_KIND:
         raise ValueError(
             f"the preference scorer in {path} reads {saved} values per cell ({kind}), this "
             f"version {expected} ({READING_KIND}): it was saved by another version of "
