@@ -72,6 +72,7 @@ def _build_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "bayes_ceiling": summary["bayes_ceiling"],
             "held_out_generators": dg.MetadataValue.json(summary["held_out"]),
             "reused_generators": len(summary["reused_generators"]),
+            "relabelled_generators": len(summary["relabelled_generators"]),
             "generators": _pool_table(pool),
             "examples": preview_metadata(grid, "one test prompt drawn by every generator"),
             **run_meta,

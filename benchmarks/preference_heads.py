@@ -4,9 +4,10 @@ The scorer's score is alignment (the prompt read against the decoded scene) plus
 plausibility (per cell, prompt-blind). On the pool's test pairs (generators not held
 out) this prints the exact agreement of the whole score, of each term alone, and the
 ceiling, on the pairs alignment decides and on those only plausibility decides, the
-latter split by whether the judge decodes the two images as one scene. Where the two
-scenes differ but hold the prompt equally, alignment should say nothing: its agreement
-alone should sit at 0.5, and the whole score should do as well as plausibility alone.
+latter split by whether the judge decodes the two images as one scene; then by the suite
+category and by the form (short or descriptive) of the prompt. Where the two scenes
+differ but hold the prompt equally, alignment should say nothing: its agreement alone
+should sit at 0.5, and the whole score should do as well as plausibility alone.
 
     python -m benchmarks.preference_heads --model data/preference_model \
         [--pool data/feedback_pool] [--split test]
@@ -76,15 +77,44 @@ def main() -> None:
         row = [M.pair_agreement(s[pr["a"][m]], s[pr["b"][m]], pr["p"][m]) for s in scores.values()]
         cells = " | ".join(f"{v:.3f}" for v in row)
         print(f"| {name} | {int(m.sum())} | {bayes_ceiling(pr['p'][m]):.3f} | {cells} |")
-    # Which prompts the alignment term misreads: the pairs it decides, by suite category.
-    decides = sets["alignment decides"]
+    # Which prompts the alignment term misreads: on the pairs it decides, and on the
+    # two-scene pairs where it should say nothing (whole score against plausibility alone).
+    decides, quiet = sets["alignment decides"], sets["plausibility only, two scenes"]
     category = np.array([q["prompt"]["category"] for q in pool.prompts])[pr["prompt"]]
-    print("\n| alignment decides, by category | n | whole score | alignment alone |")
-    print("|---|---:|---:|---:|")
-    for c in dict.fromkeys(category[decides]):
-        m = decides & (category == c)
-        row = [M.pair_agreement(s[pr["a"][m]], s[pr["b"][m]], pr["p"][m]) for s in scores.values()]
-        print(f"| {c} | {int(m.sum())} | {row[0]:.3f} | {row[1]:.3f} |")
+    print(
+        "\n| by category | alignment decides: n | whole score | alignment alone "
+        "| two scenes: n | whole score | plausibility alone |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in dict.fromkeys(category[decides | quiet]):
+        cells = []
+        for m, keys in (
+            (decides & (category == c), ("score", "alignment")),
+            (quiet & (category == c), ("score", "plausibility")),
+        ):
+            row = [
+                M.pair_agreement(scores[k][pr["a"][m]], scores[k][pr["b"][m]], pr["p"][m])
+                if m.any()
+                else float("nan")
+                for k in keys
+            ]
+            cells += [str(int(m.sum())), *(f"{v:.3f}" for v in row)]
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    # By the form the prompt was shown in: a descriptive prompt states more than a short one.
+    form = np.array([q["form"] for q in pool.prompts])[pr["prompt"]]
+    print(
+        f"\n| {args.split} pairs, by form | n | ceiling | whole score | alignment alone "
+        "| plausibility alone |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("alignment decides", "plausibility only, two scenes", "all"):
+        for f in dict.fromkeys(form):
+            m = sets[name] & (form == f)
+            row = [
+                M.pair_agreement(x[pr["a"][m]], x[pr["b"][m]], pr["p"][m]) for x in scores.values()
+            ]
+            cells = " | ".join(f"{v:.3f}" for v in row)
+            print(f"| {name}, {f} | {int(m.sum())} | {bayes_ceiling(pr['p'][m]):.3f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from corpus.atomic import write_text_atomic
-from corpus.scene_text import NUMBER_WORDS, descriptive_caption, plural
+from corpus.scene_text import NUMBER_WORDS, descriptive_caption, main_subject_relations, plural
 from corpus.world import BACKGROUNDS, CELL_NAMES, COLORS, SHAPES, SIZES, WORDS, Scene, SceneObject
 
 CATEGORIES = (
@@ -153,6 +154,36 @@ def judge_prompt(prompt: Prompt, scene: Scene) -> dict:
     """{"passed": every condition holds, "conditions": [(description, held), ...]}."""
     held = [(c.describe(), condition_holds(c, scene)) for c in prompt.conditions]
     return {"passed": all(h for _, h in held), "conditions": held}
+
+
+def stated_conditions(prompt: Prompt, form: str) -> tuple[Condition, ...]:
+    """What the prompt's text in `form` claims, as conditions: what a reader of that text
+    checks (the feedback pool's annotators). Short form: the prompt's conditions, all it
+    says. Descriptive form: every object with its colour (identical copies also by their
+    count), each relation its relation sentence states, and the word; its sizes, cells and
+    background are not conditions, as they are not for the suite's rule. The suite's rule
+    judges a descriptive prompt by its category's conditions only, which its text does
+    not tell apart: "a red circle and a blue square, the circle left of the square" is
+    the descriptive form of a two-objects, a colour-binding and a position prompt."""
+    if form not in FORMS:
+        raise ValueError(f"unknown prompt form {form!r}; expected one of {FORMS}")
+    if form == "short":
+        return prompt.conditions
+    scene, conds = prompt.scene, []
+    copies = Counter((o.shape, o.color, o.size) for o in scene.objects)
+    for (shape, colour, _), n in copies.items():
+        if n > 1:
+            conds.append(Condition("count", shape=shape, n=n))
+        conds.append(Condition("object", shape=shape, colour=colour))
+    main = scene.objects[0] if scene.objects else None
+    for j, rels in main_subject_relations(scene).items():
+        b = scene.objects[j]
+        conds += [
+            Condition("relation", main.shape, main.color, None, r, b.shape, b.color) for r in rels
+        ]
+    if scene.word:
+        conds.append(Condition("word", word=scene.word))
+    return tuple(dict.fromkeys(conds))
 
 
 # --- partial progress: attributes and reasons for failing -------------------------------

@@ -156,23 +156,31 @@ def scene_word_cell(scene: Scene) -> str:
     return CELL_NAMES[(scene.word_row, scene.word_col)]
 
 
-def _relation_sentences(scene: Scene) -> list[str]:
-    """Where the other objects lie relative to the main subject ("the red circle is to the
-    left of and above the blue square"). Scenes of identical copies name cells only."""
+def main_subject_relations(scene: Scene) -> dict[int, list[str]]:
+    """Per other object (by index), how the main subject (the first object) stands to it:
+    "left of", "right of", "above", "below", as the descriptive caption's relation
+    sentences say. None for one group or a scene of identical copies."""
     groups = _groups(scene)
     if len(groups) < 2 or len(groups) != len(scene.objects):
-        return []
-    main = scene.objects[0]
+        return {}
     by_other: dict[int, list[str]] = {}
     for i, rel, j in scene.relations():
         if i == 0:
-            by_other.setdefault(j, []).append("to the left of" if rel == "left of" else rel)
+            by_other.setdefault(j, []).append(rel)
         elif j == 0:
-            by_other.setdefault(i, []).append("to the right of" if rel == "left of" else "below")
+            by_other.setdefault(i, []).append("right of" if rel == "left of" else "below")
+    return dict(sorted(by_other.items()))
+
+
+def _relation_sentences(scene: Scene) -> list[str]:
+    """Where the other objects lie relative to the main subject ("the red circle is to the
+    left of and above the blue square"). Scenes of identical copies name cells only."""
+    main, words = scene.objects[0] if scene.objects else None, {"left of", "right of"}
     out = []
-    for j, rels in sorted(by_other.items()):
+    for j, rels in main_subject_relations(scene).items():
         b = scene.objects[j]
-        out.append(f"the {main.color} {main.shape} is {' and '.join(rels)} the {b.color} {b.shape}")
+        said = " and ".join(f"to the {r}" if r in words else r for r in rels)
+        out.append(f"the {main.color} {main.shape} is {said} the {b.color} {b.shape}")
     return out
 
 

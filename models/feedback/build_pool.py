@@ -5,7 +5,8 @@
 
 What the pool is and holds: `models/feedback/pool.py`. A generator's files are written
 atomically and kept on a rerun whose settings and weights are unchanged (its key), so a
-killed build resumes where it stopped.
+killed build resumes where it stopped; where only the labelling changed (the judge's
+weights or `labels.LABELS_RULE`), its kept images are labelled again, not drawn again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from corpus.atomic import write_atomic, write_text_atomic
 from corpus.params import json_digest
 from corpus.prompt_suite import Prompt
-from models.feedback.labels import label_images
+from models.feedback.labels import LABELS_RULE, label_images
 from models.feedback.pool import (
     SPLITS,
     TUPLES,
@@ -96,6 +97,14 @@ def _generator_key(gen: Generator, cfg: PoolConfig, root: Path) -> str:
     return json_digest({"generator": gen.name, "weights": h.hexdigest(), "drawn": drawn}, length=16)
 
 
+def _labels_key(judge_dir: Path) -> str:
+    """What a generator's labels depend on besides its images: the judge and the rule."""
+    h = hashlib.sha256()
+    for f in sorted(Path(judge_dir).rglob("*.safetensors")):
+        h.update(f.read_bytes())
+    return json_digest({"rule": LABELS_RULE, "judge": h.hexdigest()}, length=16)
+
+
 def build_pool(cfg: PoolConfig, judge_dir: Path, out: Path, root: Path = Path(".")) -> dict:
     from models.evaluation.world_judge import load_judge
 
@@ -107,20 +116,27 @@ def build_pool(cfg: PoolConfig, judge_dir: Path, out: Path, root: Path = Path(".
     prompts = [Prompt.from_dict(r["prompt"]) for r in rows]
     texts = [r["text"] for r in rows]
     gens = generators(cfg)
-    reused = []
+    reused, relabelled, labels_key = [], [], _labels_key(judge_dir)
     for gen in tqdm(gens, desc="feedback pool: generators"):
         key = _generator_key(gen, cfg, root)
         labels_path = out / "generators" / f"{gen.slug}.jsonl"
-        if labels_path.is_file() and json.loads(labels_path.open().readline())["key"] == key:
+        images_path = out / "generators" / f"{gen.slug}.safetensors"
+        kept = json.loads(labels_path.open().readline()) if labels_path.is_file() else {}
+        if kept.get("key") == key and kept.get("labels") == labels_key:
             reused.append(gen.name)
             continue
-        images = _draw(gen, texts, cfg, root)
-        labels = label_images(images, prompts * cfg.images_per_generator, judge)
-        write_atomic(
-            out / "generators" / f"{gen.slug}.safetensors",
-            lambda tmp, x=images: save_file({"images": x.contiguous()}, str(tmp)),
-        )
-        lines = [json.dumps({"key": key, "generator": gen.name})]
+        if kept.get("key") == key and images_path.is_file():
+            images = load_file(str(images_path))["images"]
+            relabelled.append(gen.name)
+        else:
+            images = _draw(gen, texts, cfg, root)
+            write_atomic(
+                images_path,
+                lambda tmp, x=images: save_file({"images": x.contiguous()}, str(tmp)),
+            )
+        n = cfg.images_per_generator
+        labels = label_images(images, prompts * n, [r["form"] for r in rows] * n, judge)
+        lines = [json.dumps({"key": key, "labels": labels_key, "generator": gen.name})]
         for i, label in enumerate(labels):
             lines.append(
                 json.dumps({"image": i, "prompt": i % len(rows), "sample": i // len(rows), **label})
@@ -135,6 +151,7 @@ def build_pool(cfg: PoolConfig, judge_dir: Path, out: Path, root: Path = Path(".
             "generators": [g.name for g in gens],
             "held_out": [g.name for g in gens if held_out(g.name, cfg.held_out_generators)],
             "reused_generators": reused,
+            "relabelled_generators": relabelled,
             "prompts": len(rows),
             "prompts_by_split": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
             "images": len(images_index),
@@ -143,7 +160,8 @@ def build_pool(cfg: PoolConfig, judge_dir: Path, out: Path, root: Path = Path(".
     # Which generators were reused says how this build ran, not what the pool holds: kept
     # out of pool.json so that an unchanged pool hashes the same and nothing after it
     # rebuilds.
-    content = {k: v for k, v in summary.items() if k != "reused_generators"}
+    how = ("reused_generators", "relabelled_generators")
+    content = {k: v for k, v in summary.items() if k not in how}
     write_text_atomic(out / "pool.json", json.dumps(content, indent=2))
     return summary
 

@@ -3,7 +3,7 @@ by a small text tower, joined by cross-attention (ImageReward's kind of model: o
 from image and text encoded together, not a cosine of two separate towers).
 
     score(image, prompt) = alignment(prompt tokens attending to the 9 cells of the scene
-                                     the judge decodes)
+                                     the judge decodes: each cell's shape, colour, word)
                            + sum over cells of plausibility(cell reading, feature and pixel stats)
 
 Why this and not the reference CLIP's two towers: fine-tuned on the pool's pairs, the
@@ -41,9 +41,12 @@ from models.evaluation.world_judge import (
 
 WEIGHTS, CONFIG = "scorer.safetensors", "scorer.json"
 # What the first READING values of a cell are; a scorer saved with another is refused.
-READING_KIND = "scene"
+READING_KIND = "scene: shape, colour, word"
 GROUPS = (len(SHAPE_CLASSES), len(COLOUR_CLASSES), len(SIZES), len(WORD_CLASSES))
 READING = sum(GROUPS) + len(BACKGROUND_CLASSES)  # per cell: the decoded scene, one-hot
+# What alignment reads of it: shape, colour and word, what a condition can ask for (no
+# prompt's condition names a size or a background; those only told images apart).
+ASKED = torch.cat([torch.arange(GROUPS[0] + GROUPS[1]), torch.arange(sum(GROUPS[:3]), sum(GROUPS))])
 FIRST_LAYERS = 6  # the judge's first two conv blocks, at its full input size
 
 
@@ -131,7 +134,7 @@ class JudgeScorer(nn.Module):
         self.resolution, self.width, self.context_length = resolution, width, context_length
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         vocab = len(self.tokenizer.encoder)
-        self.cells = nn.Sequential(nn.LayerNorm(READING), nn.Linear(READING, width))
+        self.cells = nn.Sequential(nn.LayerNorm(len(ASKED)), nn.Linear(len(ASKED), width))
         self.cell_pos = nn.Parameter(torch.randn(9, width) * 0.02)
         self.tokens = nn.Embedding(vocab, width)
         self.token_pos = nn.Parameter(torch.randn(context_length, width) * 0.02)
@@ -173,7 +176,7 @@ class JudgeScorer(nn.Module):
         self, reading: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The score's first term (B,): the prompt's tokens read against the decoded scene."""
-        cells = self.cells(reading[..., :READING]) + self.cell_pos
+        cells = self.cells(reading[..., ASKED]) + self.cell_pos
         t = self.cross(text, cells, tgt_key_padding_mask=~mask)
         pooled = (t * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return self.alignment(pooled)[:, 0]

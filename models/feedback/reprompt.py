@@ -4,12 +4,12 @@ they were not drawn for.
 The pool's training prompts are few (`prompts_per_category` per category, less the
 validation and test share), and a scorer that must learn what a prompt asks learns those
 prompts instead. An image's labels hold the scene the judge reads and how clean each cell
-is, so its utility under any other prompt is exact too (that prompt's conditions on the
-same scene, the same plausibility). These pairs add prompts, not images: new prompts of
-the suite's categories, drawn from a seed of their own. None asks for the same conditions
-as a prompt kept out (the pool's validation and test prompts, the eval suite's), so those
-stay unseen. Half of the first images of each pair are among those that follow the
-prompt best, or almost every pair would be two images that both ignore it.
+is, so its utility under any other prompt is exact too (the conditions that prompt's text
+states, on the same scene; the same plausibility). These pairs add prompts, not images:
+new prompts of the suite's categories, drawn from a seed of their own. None asks for the
+same conditions as a prompt kept out (the pool's validation and test prompts, the eval
+suite's), so those stay unseen. Half of the first images of each pair are among those
+that follow the prompt best, or almost every pair would be two images that both ignore it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from corpus.prompt_suite import FORMS, Prompt, build_suite, condition_holds
+from corpus.prompt_suite import FORMS, Prompt, build_suite, condition_holds, stated_conditions
 from corpus.world import Scene
 from models.feedback.pool import Pool, held_out
 from models.feedback.utility import UtilityConfig, annotate, choice_probability, terms
@@ -67,14 +67,15 @@ def kept_out_prompts(pool: Pool) -> list[Prompt]:
 def new_prompts(
     per_category: int, seed: int, kept_out: Iterable[Prompt]
 ) -> list[tuple[Prompt, str]]:
-    """Suite prompts in a random form, none asking for the conditions of a kept-out one."""
+    """Suite prompts, each with a random form, none asking for the conditions of a
+    kept-out one."""
     unseen = {frozenset(p.conditions) for p in kept_out}
     rng = random.Random(seed)
     out = []
     for p in build_suite(per_category, seed=seed):
-        text = p.text(rng.choice(FORMS))
+        form = rng.choice(FORMS)
         if frozenset(p.conditions) not in unseen:
-            out.append((p, text))
+            out.append((p, form))
     return out
 
 
@@ -93,7 +94,10 @@ def reprompted_pairs(
     if not prompts or len(images) < 2:
         raise ValueError("reprompted pairs need new prompts and at least two training images")
     scenes = [Scene.from_dict(pool.labels[i]["scene"]) for i in images]
-    held = [[[condition_holds(c, s) for c in p.conditions] for s in scenes] for p, _ in prompts]
+    held = [
+        [[condition_holds(c, s) for c in stated_conditions(p, form)] for s in scenes]
+        for p, form in prompts
+    ]
     align = np.array([[np.mean(h) for h in row] for row in held])  # (prompts, images)
     whole = np.array([[float(all(h)) for h in row] for row in held])
     rng = np.random.default_rng(seed)
@@ -102,12 +106,15 @@ def reprompted_pairs(
     a = rng.integers(0, len(images), n_pairs)
     best = rng.random(n_pairs) < 0.5
     for k in np.flatnonzero(best):
-        top = np.flatnonzero(align[q[k]] >= align[q[k]].max())
-        a[k] = rng.choice(top)
+        a[k] = rng.choice(np.flatnonzero(align[q[k]] >= align[q[k]].max()))
     # Pairs that hold the prompt alike (same share of conditions, both or neither whole):
     # only plausibility tells them apart, so the alignment term learns to say nothing.
+    # Both images follow the prompt as well as any does, as two images drawn for a prompt
+    # mostly do; two that ignore it would teach nothing about the extras a scene can hold.
     alike_pairs = np.flatnonzero(rng.random(n_pairs) < alike_share) if alike_share else []
     for k in alike_pairs:
+        if not best[k]:
+            a[k] = rng.choice(np.flatnonzero(align[q[k]] >= align[q[k]].max()))
         row_a, row_w = align[q[k]], whole[q[k]]
         alike = np.flatnonzero((row_a == row_a[a[k]]) & (row_w == row_w[a[k]]))
         alike = alike[alike != a[k]]
@@ -118,7 +125,7 @@ def reprompted_pairs(
         b[same] = rng.integers(0, len(images), int(same.sum()))
         same = a == b
     return Reprompted(
-        texts=[t for _, t in prompts],
+        texts=[p.text(form) for p, form in prompts],
         a=images[a],
         b=images[b],
         prompt=q,

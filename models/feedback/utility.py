@@ -5,8 +5,10 @@ pool carries exact labels (`models/feedback/labels.py`), and its utility is
 
     U = w_alignment * A + w_plausibility * P + w_composition * C
 
-- A, alignment: the share of the prompt's conditions that hold in the scene the world
-  judge reads (GenEval's conditions, each counted, not only all of them);
+- A, alignment: the share of the conditions the prompt's text states that hold in the
+  scene the world judge reads (GenEval's kinds of condition, each counted, not only all of
+  them; `corpus.prompt_suite.stated_conditions`: an annotator judges what the prompt
+  says, and a descriptive prompt says more than its category's conditions);
 - P, plausibility: 1 minus the mean, over the 9 grid cells, of how far the cell's pixels
   are from a clean render of what the judge reads there (an object or bare background),
   each cell's error capped at `error_cap` (a cell that far off is wholly implausible);

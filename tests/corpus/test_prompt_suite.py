@@ -15,9 +15,11 @@ from corpus.prompt_suite import (
     Condition,
     Prompt,
     build_suite,
+    condition_holds,
     diagnose,
     judge_prompt,
     load_suite,
+    stated_conditions,
 )
 from corpus.world import Scene, SceneObject
 
@@ -213,3 +215,31 @@ def test_reference_scenes_hold_every_attribute_in_both_forms():
             assert bool(d["attributes"]["background"]) == (form == "descriptive")
     with pytest.raises(ValueError, match="unknown prompt form"):
         diagnose(TWO, TWO.scene, "long")
+
+
+def test_a_descriptive_prompt_is_judged_by_all_its_text_states():
+    """The pool's annotators read the text: a descriptive prompt's colours, counts,
+    relations and word count, whatever its category, and its reference scene holds them."""
+    prompt = binding_prompt()
+    assert stated_conditions(prompt, "short") == prompt.conditions
+    said = stated_conditions(prompt, "descriptive")
+    relations = [c for c in said if c.kind == "relation"]
+    assert set(prompt.conditions) < set(said)
+    assert [(c.relation, c.colour, c.other_colour) for c in relations] == [
+        ("left of", "red", "blue"),
+        ("above", "red", "blue"),
+    ]
+    swapped = Scene((obj("circle", "red", 1, 1), obj("square", "blue", 0, 0)), "white")
+    assert judge_prompt(prompt, swapped)["passed"]  # the suite's rule: colours only
+    assert [condition_holds(c, swapped) for c in said] == [True, True, False, False]
+    # The three categories of two objects read alike in the descriptive form: one claim set.
+    by_category = {}
+    for p in load_suite():
+        for form in FORMS:
+            assert all(condition_holds(c, p.scene) for c in stated_conditions(p, form)), p.id
+        by_category.setdefault(p.category, stated_conditions(p, "descriptive"))
+    assert {c.kind for c in by_category["two_objects"]} == {"object", "relation"}
+    assert {c.kind for c in by_category["counting"]} == {"count", "object"}
+    assert {c.kind for c in by_category["word"]} == {"object", "word"}
+    with pytest.raises(ValueError, match="unknown prompt form"):
+        stated_conditions(prompt, "long")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -594,6 +595,36 @@ def test_a_second_pool_build_draws_nothing_again(feedback):
     assert feedback.again["reused_generators"].value == 4
     # and writes the same pool, so that the models trained on it are not rebuilt
     assert feedback.again["dvc_md5"].value == feedback.pool_md["dvc_md5"].value
+
+
+def test_a_new_labelling_rule_labels_the_kept_images_again_without_drawing(
+    lineage, feedback, tmp_path, monkeypatch
+):
+    from models.feedback import build_pool as build_mod
+    from models.feedback.pool import PoolConfig
+
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(lineage.project_dir / "data" / "feedback_pool", pool_dir)
+    before = {f.name: f.read_bytes() for f in (pool_dir / "generators").iterdir()}
+
+    def draw(*args, **kwargs):
+        raise AssertionError("drew images that were kept")
+
+    monkeypatch.setattr(build_mod, "_draw", draw)
+    monkeypatch.setattr(build_mod, "LABELS_RULE", "a rule of a later version")
+    params = yaml.safe_load((lineage.project_dir / "params.yaml").read_text())
+    cfg = PoolConfig.from_dict(params["feedback_pool"])
+    judge = lineage.project_dir / "data" / "world_judge"
+    summary = build_mod.build_pool(cfg, judge, pool_dir, root=lineage.project_dir)
+    assert summary["reused_generators"] == [] and len(summary["relabelled_generators"]) == 4
+    for name, data in before.items():
+        now = (pool_dir / "generators" / name).read_bytes()
+        if name.endswith(".safetensors"):
+            assert now == data  # the kept images
+        else:  # the same labels under a new key
+            assert now.splitlines()[1:] == data.splitlines()[1:]
+            assert now.splitlines()[0] != data.splitlines()[0]
+    assert summary["bayes_ceiling"] == feedback.summary["bayes_ceiling"]
 
 
 def test_the_preference_model_is_measured_against_the_ceiling_and_clip_score(feedback):

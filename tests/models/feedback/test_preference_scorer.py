@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from corpus.prompt_suite import Prompt, build_suite, condition_holds
+from corpus.prompt_suite import Prompt, build_suite, condition_holds, stated_conditions
 from corpus.world import Scene, SceneObject
 from models.feedback.pool import Pool, PoolConfig
 from models.feedback.reprompt import new_prompts, reprompted_pairs
@@ -46,15 +46,15 @@ def test_reprompted_pairs_hold_images_to_the_new_prompt_and_never_ask_a_kept_out
     test_prompt, suite_prompt = drawn[0], drawn[-1]
     pool = _pool(test_prompt)
     r = reprompted_pairs(pool, 200, per_category=3, seed=5, kept_out=[suite_prompt])
-    prompts = {t: p for p, t in new_prompts(3, 5, [test_prompt, suite_prompt])}
-    asked = {frozenset(prompts[t].conditions) for t in r.texts}
+    prompts = {p.text(f): (p, f) for p, f in new_prompts(3, 5, [test_prompt, suite_prompt])}
+    asked = {frozenset(prompts[t][0].conditions) for t in r.texts}
     assert frozenset(test_prompt.conditions) not in asked
     assert frozenset(suite_prompt.conditions) not in asked
     assert len(r.texts) < len(drawn)
     # Only training images of generators not held out: the first 4 rows; never a = b.
     assert set(r.a) | set(r.b) <= {0, 1, 2, 3} and not (r.a == r.b).any()
     for k in range(len(r.a)):
-        conds = prompts[r.texts[r.prompt[k]]].conditions
+        conds = stated_conditions(*prompts[r.texts[r.prompt[k]]])  # what its text says
         for side, image in enumerate((r.a[k], r.b[k])):
             scene = Scene.from_dict(pool.labels[image]["scene"])
             held = [condition_holds(c, scene) for c in conds]
@@ -127,7 +127,8 @@ def test_a_saved_scorer_loads_back_and_reads_the_prompt(tmp_path):
 
 def test_new_prompts_are_suite_prompts_from_their_own_seed():
     a, b = new_prompts(2, seed=3, kept_out=[]), new_prompts(2, seed=3, kept_out=[])
-    assert [t for _, t in a] == [t for _, t in b]
+    assert [p.text(f) for p, f in a] == [p.text(f) for p, f in b]
+    assert {f for _, f in a} == {"short", "descriptive"}
     assert {p.category for p, _ in a} == {p.category for p in build_suite(1)}
 
 
@@ -216,13 +217,15 @@ def test_alignment_reads_the_scene_the_judge_decodes(tmp_path):
         GROUPS,
         JudgeScorer,
         load_scorer,
+        reading_width,
         save_scorer,
         scene_reading,
     )
 
+    offsets = np.cumsum([0, *GROUPS])
+
     def expected(scene: Scene) -> torch.Tensor:
         out = torch.zeros(9, sum(GROUPS) + len(BACKGROUND_CLASSES))
-        offsets = np.cumsum([0, *GROUPS])
         for i, cell in enumerate(CELLS):
             obj = next((o for o in scene.objects if (o.row, o.col) == cell), None)
             out[i, SHAPE_CLASSES.index(obj.shape) if obj else 0] = 1
@@ -265,3 +268,21 @@ def test_alignment_reads_the_scene_the_judge_decodes(tmp_path):
     (tmp_path / "old" / CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"\(probabilities\).*saved by another version"):
         load_scorer(tmp_path / "old")
+    cfg["reading"] = "scene"  # as scorers whose alignment also read sizes and background
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"\(scene\).*saved by another version"):
+        load_scorer(tmp_path / "old")
+
+    # No condition names a size or a background: the alignment term does not see them.
+    reading = torch.zeros(2, 9, reading_width(scorer.judge))
+    reading[:, :, : sum(GROUPS) + len(BACKGROUND_CLASSES)] = scene_reading(probs[:2])
+    text, mask = scorer.encode_text(scorer.token_ids(["a red star", "a red star"]))
+    other = reading.clone()
+    other[0, :, offsets[2] : offsets[3]] = other[0, :, offsets[2] : offsets[3]].roll(1, -1)
+    other[:, :, offsets[4] :] = other[:, :, offsets[4] :].roll(1, -1)
+    assert torch.equal(
+        scorer.alignment_score(reading, text, mask), scorer.alignment_score(other, text, mask)
+    )
+    other[1, :, offsets[1] : offsets[2]] = other[1, :, offsets[1] : offsets[2]].roll(1, -1)
+    moved = scorer.alignment_score(other, text, mask) != scorer.alignment_score(reading, text, mask)
+    assert moved.tolist() == [False, True]

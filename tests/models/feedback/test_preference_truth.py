@@ -117,7 +117,7 @@ def test_labels_read_conditions_from_the_judged_scene():
     from models.evaluation.world_judge import render_scenes
 
     image = render_scenes([scene], 32)
-    (row,) = label_images(image, [prompt], Judge())
+    (row,) = label_images(image, [prompt], ["short"], Judge())
     assert row["conditions"][0] is True
     assert row["conditions"] == [c == first for c in prompt.conditions]
     assert row["object_cells"] == [4]
