@@ -5,7 +5,8 @@ plausibility (per cell, prompt-blind). On the pool's test pairs (generators not 
 out) this prints the exact agreement of the whole score, of each term alone, and the
 ceiling, on the pairs alignment decides and on those only plausibility decides, the
 latter split by whether the judge decodes the two images as one scene; then by the suite
-category and by the form (short or descriptive) of the prompt. Where the two scenes
+category, by how often each term prefers the image with more objects, and by the form
+(short or descriptive) of the prompt. Where the two scenes
 differ but hold the prompt equally, alignment should say nothing: its agreement alone
 should sit at 0.5, and the whole score should do as well as plausibility alone.
 
@@ -60,6 +61,10 @@ def pair_sets(pool: Pool, split: str) -> dict[str, np.ndarray]:
     }
 
 
+def _share(score: np.ndarray, first: np.ndarray, second: np.ndarray) -> str:
+    return f"{(score[first] > score[second]).mean():.3f}" if len(first) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -100,6 +105,20 @@ def main() -> None:
             ]
             cells += [str(int(m.sum())), *(f"{v:.3f}" for v in row)]
         print(f"| {c} | " + " | ".join(cells) + " |")
+    # What the alignment term reads instead: on two-scene pairs whose images hold
+    # different numbers of objects, how often each term prefers the one with more.
+    n = np.array([len(x["scene"]["objects"]) for x in pool.labels])
+    a, b = pr["a"][quiet], pr["b"][quiet]
+    differ = n[a] != n[b]
+    more, fewer = np.where(n[a] > n[b], a, b)[differ], np.where(n[a] > n[b], b, a)[differ]
+    p_more = np.where(n[a] > n[b], pr["p"][quiet], 1 - pr["p"][quiet])[differ]
+    print(
+        f"\nTwo-scene pairs whose images hold different numbers of objects: {int(differ.sum())}."
+        f" The image with more is preferred by the annotators {p_more.mean():.3f} of the time"
+        f" (mean choice probability), by the whole score {_share(scores['score'], more, fewer)},"
+        f" alignment alone {_share(scores['alignment'], more, fewer)}, plausibility alone"
+        f" {_share(scores['plausibility'], more, fewer)}."
+    )
     # By the form the prompt was shown in: a descriptive prompt states more than a short one.
     form = np.array([q["form"] for q in pool.prompts])[pr["prompt"]]
     print(
