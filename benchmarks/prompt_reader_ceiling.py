@@ -31,7 +31,7 @@ import numpy as np
 from corpus.prompt_suite import Condition, Prompt, condition_holds, stated_conditions
 from corpus.world import Scene
 from models.feedback.pool import load_pool
-from models.feedback.utility import UtilityConfig, choice_probability, terms
+from models.feedback.utility import UtilityConfig, choice_probability, utility
 
 
 def category_readings(p: Prompt, form: str) -> list[tuple[tuple[Condition, ...], float]]:
@@ -62,14 +62,10 @@ def category_readings(p: Prompt, form: str) -> list[tuple[tuple[Condition, ...],
     return [(p.conditions, 1.0)]  # counting and word texts name their category
 
 
-def _utility(conds, scene: Scene, plausibility: float, cfg: UtilityConfig) -> float:
-    held = [condition_holds(c, scene) for c in conds]
-    align = float(np.mean(held)) if held else 1.0
-    return (
-        cfg.w_alignment * align
-        + cfg.w_plausibility * plausibility
-        + cfg.w_composition * float(all(held))
-    )
+def _utility(conds, label: dict, cfg: UtilityConfig) -> float:
+    """U of a labelled image judged by `conds` instead of the label's own conditions."""
+    scene = Scene.from_dict(label["scene"])
+    return utility({**label, "conditions": [condition_holds(c, scene) for c in conds]}, cfg)
 
 
 def ceilings(pool_dir: Path) -> dict[tuple[str, str], dict[str, np.ndarray]]:
@@ -77,8 +73,6 @@ def ceilings(pool_dir: Path) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     agreement. The annotators' noise is the pool's tau under either rule."""
     pool = load_pool(pool_dir)
     cfg = pool.config.utility
-    plaus = np.array([terms(x, cfg.error_cap)["plausibility"] for x in pool.labels])
-    scenes = [Scene.from_dict(x["scene"]) for x in pool.labels]
     prompts = [Prompt.from_dict(q["prompt"]) for q in pool.prompts]
     forms = [q["form"] for q in pool.prompts]
     pr = pool.pairs
@@ -88,7 +82,7 @@ def ceilings(pool_dir: Path) -> dict[tuple[str, str], dict[str, np.ndarray]]:
         p, form = prompts[q], forms[q]
 
         def p_a(conds, ia=ia, ib=ib):
-            u = [_utility(conds, scenes[i], plaus[i], cfg) for i in (ia, ib)]
+            u = [_utility(conds, pool.labels[i], cfg) for i in (ia, ib)]
             return float(choice_probability(u[0], u[1], pool.tau))
 
         rules = {

@@ -104,9 +104,13 @@ def reprompted_pairs(
     q = rng.integers(0, len(prompts), n_pairs)
     b = rng.integers(0, len(images), n_pairs)
     a = rng.integers(0, len(images), n_pairs)
+
+    def follows_best(k: int) -> int:
+        return rng.choice(np.flatnonzero(align[q[k]] >= align[q[k]].max()))
+
     best = rng.random(n_pairs) < 0.5
     for k in np.flatnonzero(best):
-        a[k] = rng.choice(np.flatnonzero(align[q[k]] >= align[q[k]].max()))
+        a[k] = follows_best(k)
     # Pairs that hold the prompt alike (same share of conditions, both or neither whole):
     # only plausibility tells them apart, so the alignment term learns to say nothing.
     # Both images follow the prompt as well as any does, as two images drawn for a prompt
@@ -114,7 +118,7 @@ def reprompted_pairs(
     alike_pairs = np.flatnonzero(rng.random(n_pairs) < alike_share) if alike_share else []
     for k in alike_pairs:
         if not best[k]:
-            a[k] = rng.choice(np.flatnonzero(align[q[k]] >= align[q[k]].max()))
+            a[k] = follows_best(k)
         row_a, row_w = align[q[k]], whole[q[k]]
         alike = np.flatnonzero((row_a == row_a[a[k]]) & (row_w == row_w[a[k]]))
         alike = alike[alike != a[k]]
