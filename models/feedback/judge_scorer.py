@@ -18,6 +18,7 @@ CLIP's token states did not carry a shape word the cross-attention could use.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,36 @@ def scene_reading(probs: torch.Tensor) -> torch.Tensor:
     word = word * best[..., None]
     word[..., 0] = 1.0 - best
     return torch.cat([shape, colour * present, size * present, word, background], -1)
+
+
+def named_shapes(texts: list[str]) -> torch.Tensor:
+    """(len(texts), len(SHAPE_CLASSES)) bool: the shapes each text names (plurals too)."""
+    names = [re.compile(rf"\b{name}(e?s)?\b", re.I) for name in SHAPE_CLASSES[1:]]
+    rows = [[False] + [bool(n.search(t)) for n in names] for t in texts]
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def add_unnamed_object(
+    reading: torch.Tensor, named: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A copy of `reading` (B, 9, W) where, per row, one empty cell without a word holds an
+    object of a shape its prompt does not name (`named`, (B, shapes)), in a random colour.
+    Every condition a prompt can state names its shapes, so such an object changes none:
+    the scene follows the prompt exactly as well. Only the decoded scene's shape and colour
+    change (what alignment reads); rows with no such cell or shape stay as they are."""
+    n_shape, n_colour = GROUPS[0], GROUPS[1]
+    no_word = sum(GROUPS[:3])
+    free = (reading[..., 0] > 0.5) & (reading[..., no_word] > 0.5)  # empty, no word
+    unnamed = ~named
+    unnamed[:, 0] = False
+    rows = torch.nonzero(free.any(1) & unnamed.any(1))[:, 0]
+    cell = (torch.rand(free.shape, generator=generator) * free).argmax(1)[rows]
+    shape = (torch.rand(unnamed.shape, generator=generator) * unnamed).argmax(1)[rows]
+    colour = torch.randint(n_colour, (len(rows),), generator=generator)
+    out = reading.clone()
+    out[rows, cell, :n_shape] = F.one_hot(shape, n_shape).to(out.dtype)
+    out[rows, cell, n_shape : n_shape + n_colour] = F.one_hot(colour, n_colour).to(out.dtype)
+    return out
 
 
 @torch.no_grad()

@@ -39,7 +39,14 @@ from models.common.clip import warmup_cosine_adamw
 from models.evaluation.reference_clip import load_reference_clip
 from models.evaluation.world_judge import JudgeConfig, WorldJudge, load_judge
 from models.feedback import metrics as M
-from models.feedback.judge_scorer import JudgeScorer, load_scorer, read_cells, save_scorer
+from models.feedback.judge_scorer import (
+    JudgeScorer,
+    add_unnamed_object,
+    load_scorer,
+    named_shapes,
+    read_cells,
+    save_scorer,
+)
 from models.feedback.pool import Pool, held_out, load_pool
 from models.feedback.reprompt import Reprompted, reprompted_pairs
 from models.feedback.trainer import fine_tune_trainer
@@ -69,6 +76,10 @@ class PreferenceConfig:
     reprompt_pairs: int = 60_000  # 0: the pool's own pairs only
     reprompt_per_category: int = 300  # new prompts per suite category for those pairs
     reprompt_alike_share: float = 0.6  # of those pairs, two images that hold the prompt alike
+    # Weight of the loss that holds alignment still when an object of a shape the prompt
+    # does not name is added to the scene (`judge_scorer.add_unnamed_object`); 0: off.
+    unnamed_invariance: float = 1.0
+    unnamed_rows: int = 0  # the first rows of each batch it is computed on (0: all)
     ablate_terms: bool = True  # also train one model per utility term left out
     ablation_steps: int = 300
     max_gap: float = 0.03  # the asset check: held-out agreement this close to the ceiling
@@ -85,10 +96,20 @@ class PreferenceModule(L.LightningModule):
         self.scorer, self.cfg = scorer, cfg
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        text = self.scorer.encode_text(batch["ids"])  # once for both images
-        logits = torch.stack([self.scorer.score(batch[k], *text) for k in ("a", "b")], 1)
+        s = self.scorer
+        text = s.encode_text(batch["ids"])  # once for both images
+        align = [s.alignment_score(batch[k], *text) for k in ("a", "b")]
+        plaus = [s.plausibility_score(batch[k]) for k in ("a", "b")]
+        logits = torch.stack([align[0] + plaus[0], align[1] + plaus[1]], 1)
         target = 1 - batch["choice"]  # column 0 is a
         loss = torch.nn.functional.cross_entropy(logits, target)
+        if self.cfg.unnamed_invariance:
+            n = self.cfg.unnamed_rows or len(target)
+            more = add_unnamed_object(batch["a"][:n], batch["named"][:n])
+            moved = s.alignment_score(more, text[0][:n], text[1][:n])
+            drift = torch.nn.functional.mse_loss(moved, align[0][:n])
+            self.log("preference/unnamed_drift", drift)
+            loss = loss + self.cfg.unnamed_invariance * drift
         acc = (logits.argmax(1) == target).float().mean()
         self.log_dict({"preference/loss": loss, "preference/batch_acc": acc}, prog_bar=True)
         return loss
@@ -111,10 +132,12 @@ class _PairBatches(torch.utils.data.IterableDataset):
         text: np.ndarray,
         choice: np.ndarray,
         ids: torch.Tensor,
+        named: torch.Tensor,
         batch_size: int,
         seed: int,
     ):
         self.reading, self.ids, self.batch_size, self.seed = reading, ids, batch_size, seed
+        self.named = named
         self.pairs = torch.as_tensor(np.stack([a, b, text, choice], 1))
 
     def __iter__(self):
@@ -127,6 +150,7 @@ class _PairBatches(torch.utils.data.IterableDataset):
                     "a": self.reading[a],
                     "b": self.reading[b],
                     "ids": self.ids[text],
+                    "named": self.named[text],
                     "choice": choice,
                 }
 
@@ -165,7 +189,8 @@ def train_scorer(
             "are not held out, and reprompt_pairs is 0"
         )
     batch = min(cfg.batch_size, len(a))
-    data = _PairBatches(reading, a, b, text, y, scorer.token_ids(texts), batch, cfg.seed)
+    ids, named = scorer.token_ids(texts), named_shapes(texts)
+    data = _PairBatches(reading, a, b, text, y, ids, named, batch, cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     module = PreferenceModule(scorer, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
     fine_tune_trainer(max_steps, logger).fit(module, loader)

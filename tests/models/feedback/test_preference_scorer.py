@@ -6,6 +6,7 @@ import torch
 
 from corpus.prompt_suite import Prompt, build_suite, condition_holds, stated_conditions
 from corpus.world import Scene, SceneObject
+from models.feedback.judge_scorer import GROUPS
 from models.feedback.pool import Pool, PoolConfig
 from models.feedback.reprompt import new_prompts, reprompted_pairs
 from models.feedback.utility import UtilityConfig
@@ -286,3 +287,109 @@ def test_alignment_reads_the_scene_the_judge_decodes(tmp_path):
     other[1, :, offsets[1] : offsets[2]] = other[1, :, offsets[1] : offsets[2]].roll(1, -1)
     moved = scorer.alignment_score(other, text, mask) != scorer.alignment_score(reading, text, mask)
     assert moved.tolist() == [False, True]
+
+
+def test_an_object_of_a_shape_the_prompt_does_not_name_changes_no_stated_condition():
+    """`unnamed_invariance` rests on this: every condition a prompt's text states names its
+    shapes, so an object of a shape the text does not name changes none of them (in either
+    form); `add_unnamed_object` adds such an object to an empty cell without a word of the
+    decoded scene and changes nothing else."""
+    import random
+
+    from corpus.prompt_suite import FORMS
+    from corpus.world import COLORS, WorldConfig, sample_scene
+    from models.evaluation.world_judge import CELLS, SHAPE_CLASSES
+    from models.feedback.judge_scorer import READING, add_unnamed_object, named_shapes
+
+    rng, checked = random.Random(0), 0
+    for prompt in SUITE:
+        for form in FORMS:
+            stated = stated_conditions(prompt, form)
+            named = named_shapes([prompt.text(form)])[0]
+            shapes = {s for c in stated for s in (c.shape, c.other_shape) if s}
+            assert all(named[SHAPE_CLASSES.index(s)] for s in shapes), prompt.text(form)
+            unnamed = [s for i, s in enumerate(SHAPE_CLASSES) if i and not named[i]]
+            for _ in range(4):
+                scene = sample_scene(rng, WorldConfig())
+                taken = {(o.row, o.col) for o in scene.objects} | {(scene.word_row, scene.word_col)}
+                free = [c for c in CELLS if c not in taken]
+                if not free or not unnamed:
+                    continue
+                extra = SceneObject(
+                    rng.choice(unnamed), rng.choice(tuple(COLORS)), "small", *rng.choice(free)
+                )
+                more = Scene(
+                    (*scene.objects, extra),
+                    scene.background,
+                    scene.word,
+                    scene.word_row,
+                    scene.word_col,
+                )
+                held = [condition_holds(c, scene) for c in stated]
+                assert [condition_holds(c, more) for c in stated] == held, (
+                    prompt.text(form),
+                    extra,
+                )
+                checked += 1
+    assert checked > 200
+
+    no_word = sum(GROUPS[:3])
+    reading = torch.zeros(3, 9, READING)
+    reading[..., 0] = 1.0  # every cell empty
+    reading[..., no_word] = 1.0  # and without a word
+    reading[:, 4, 0], reading[:, 4, SHAPE_CLASSES.index("star")] = 0.0, 1.0  # a star
+    reading[2, :, no_word], reading[2, :, no_word + 1] = 0.0, 1.0  # row 2: a word everywhere
+    named = named_shapes(
+        [
+            "a star",
+            "a star and a circle and a square and a triangle and a "
+            "diamond and a hexagon and a cross",
+            "a star",
+        ]
+    )
+    out = add_unnamed_object(reading, named, torch.Generator().manual_seed(0))
+    changed = (out != reading).any(-1)
+    assert changed[0].sum() == 1 and not changed[0, 4]  # one empty cell, not the star's
+    cell = int(changed[0].nonzero()[0, 0])
+    new_shape = SHAPE_CLASSES[int(out[0, cell, : GROUPS[0]].argmax())]
+    assert new_shape not in ("empty", "star")
+    assert (
+        out[0, cell, : GROUPS[0]].sum() == 1
+        and out[0, cell, GROUPS[0] : sum(GROUPS[:2])].sum() == 1
+    )
+    assert not changed[1].any()  # the prompt names every shape
+    assert not changed[2].any()  # no empty cell without a word
+
+
+def test_the_unnamed_invariance_adds_the_alignment_drift_to_the_loss():
+    """preference_model.unnamed_invariance: the training loss is the pairs' cross-entropy
+    plus that weight times how far the alignment term moves when an unnamed object is
+    added; at 0 it is the cross-entropy alone."""
+    from models.evaluation.world_judge import JudgeNet
+    from models.feedback.judge_scorer import READING, JudgeScorer, named_shapes, reading_width
+    from models.feedback.preference import PreferenceConfig, PreferenceModule
+
+    torch.manual_seed(0)
+    judge = JudgeNet(32, 8)
+    scorer = JudgeScorer(judge, 32, 16, 16)
+    texts = ["a red star", "two blue circles", "a cross left of a star", 'the word "TOY"']
+    reading = torch.zeros(4, 9, reading_width(judge))
+    reading[..., 0] = 1.0  # empty cells
+    reading[..., sum(GROUPS[:3])] = 1.0  # without a word
+    reading[..., READING:] = torch.randn(4, 9, reading_width(judge) - READING)
+    batch = {
+        "a": reading,
+        "b": reading.flip(0),
+        "ids": scorer.token_ids(texts),
+        "named": named_shapes(texts),
+        "choice": torch.tensor([1, 0, 1, 0]),
+    }
+    losses = {}
+    for weight in (0.0, 1.0, 3.0):
+        module = PreferenceModule(scorer, PreferenceConfig(unnamed_invariance=weight))
+        module.log = module.log_dict = lambda *a, **k: None
+        torch.manual_seed(1)  # the same added objects each time
+        losses[weight] = float(module.training_step(batch, 0))
+    drift = losses[1.0] - losses[0.0]
+    assert drift > 0
+    assert losses[3.0] - losses[0.0] == pytest.approx(3 * drift, rel=1e-4)
