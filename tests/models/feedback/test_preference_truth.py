@@ -134,10 +134,14 @@ def test_the_loss_is_the_two_way_softmax_of_hps_v2_and_follows_the_choice():
         def encode_text(self, ids):
             return None, None
 
-        def score(self, reading, text, mask):
+        def alignment_score(self, reading, text, mask):
             return reading
 
-    module = PreferenceModule(Scores(), PreferenceConfig())
+        def plausibility_score(self, reading):
+            return torch.zeros_like(reading)
+
+    # No scene to add an unnamed object to: the pairs' loss alone.
+    module = PreferenceModule(Scores(), PreferenceConfig(unnamed_invariance=0.0))
     module.log_dict = lambda *a, **k: None
     batch = {
         "a": torch.tensor([0.55, 0.45]),
