@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from corpus.atomic import write_atomic, write_text_atomic
+from corpus.scene_text import plural
 from models.evaluation.world_judge import (
     BACKGROUND_CLASSES,
     COLOUR_CLASSES,
@@ -83,9 +84,12 @@ def scene_reading(probs: torch.Tensor) -> torch.Tensor:
 
 
 def named_shapes(texts: list[str]) -> torch.Tensor:
-    """(len(texts), len(SHAPE_CLASSES)) bool: the shapes each text names (plurals too)."""
-    names = [re.compile(rf"\b{name}(e?s)?\b", re.I) for name in SHAPE_CLASSES[1:]]
-    rows = [[False] + [bool(n.search(t)) for n in names] for t in texts]
+    """(len(texts), len(SHAPE_CLASSES)) bool: the shapes each text names, in the singular
+    or in the plural the world's texts write."""
+    rows = []
+    for text in texts:
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        rows.append([False] + [s in words or plural(s) in words for s in SHAPE_CLASSES[1:]])
     return torch.tensor(rows, dtype=torch.bool)
 
 
