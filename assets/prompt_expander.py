@@ -52,6 +52,20 @@ def diversity_table(metrics: dict) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def dpo_table(metrics: dict) -> dg.MetadataValue:
+    """Per DPO round: what the expander's own samples were, and what the round learnt."""
+    lines = [
+        "| round | sampled unfaithful | sampled incoherent | pairs | DPO loss | ranked right |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['round'] + 1} | {r['sampled_unfaithful']:.3f} | {r['sampled_incoherent']:.3f} "
+        f"| {r['pairs']} | {_number(r.get('dpo_loss'))} | {_number(r.get('dpo_ranked'))} |"
+        for r in metrics["dpo"]["rounds"]
+    ]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
 def examples_table(metrics: dict) -> dg.MetadataValue:
     lines = ["| query | expansion |", "|---|---|"]
     for ex in metrics["suite_short"]["examples"]:
@@ -121,6 +135,7 @@ def _build(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "faithfulness": faithfulness_table(metrics),
             "diversity_bits": diversity_table(metrics),
             "suite_expansions": examples_table(metrics),
+            "dpo_rounds": dpo_table(metrics),
             "suite_short_unfaithful": metrics["suite_short"]["unfaithful"],
             "train_seconds": metrics["seconds"]["train"],
             **run_meta,

@@ -29,6 +29,7 @@ from corpus.atomic import replace_dir, write_text_atomic
 from corpus.config import build_config
 from corpus.prompt_suite import load_suite
 from models.common.clip import warmup_cosine_adamw
+from models.expansion.dpo import DPOConfig, dpo_queries, optimise_faithfulness
 from models.expansion.faithfulness import check, coherent, diversity, keep_faithful
 from models.expansion.model import (
     LMConfig,
@@ -60,6 +61,7 @@ class ExpanderConfig:
     top_p: float = 0.95
     suite: str = "prompts/suite-v1.json"
     max_unfaithful: float = 0.02  # the asset check, on the suite's short prompts
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # after fine-tuning (models/expansion/dpo.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +114,13 @@ def _batch(rows, drop: float, pad: int, max_length: int, rng: random.Random):
     y = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
     return x, mask, y
+
+
+def unprefixed_batch(pairs: list[tuple[str, str]], tok, max_length: int):
+    """(query, expansion) pairs as `_batch` gives them, the query without a prefix, as
+    the suite's short prompts are expanded."""
+    rows = tokenize_pairs([Pair(LEVELS[0], q, x) for q, x in pairs], tok)
+    return _batch(rows, 1.0, tok.pad_token_id, max_length, random.Random(0))
 
 
 @dataclass(frozen=True)
@@ -250,13 +259,31 @@ def train_expander(
     )
     t_train = time.time() - t0
     short = [p.short for p in load_suite(Path(cfg.suite))]
+    # No usable caption, nothing learnt to sample from: the asset check says why.
+    queries, left_out = dpo_queries(train, short, cfg.dpo) if train else ([], 0)
+    rounds = optimise_faithfulness(
+        model,
+        tok,
+        queries,
+        cfg.dpo,
+        lambda pairs: unprefixed_batch(pairs, tok, max_length),
+        {"temperature": cfg.temperature, "top_p": cfg.top_p},
+        log=log,
+        progress=progress,
+    ) if queries else []  # fmt: skip
+    t_dpo = time.time() - t0 - t_train
     metrics = {
         "pairs": len(train),
         "skipped_captions": dict(skipped + skipped_eval),
         "trained_steps": steps,
         "final_loss": loss,
+        "dpo": {"queries": len(queries), "left_out_as_in_eval_suite": left_out, "rounds": rounds},
         **measure(model, tok, cfg, held_out, short),
-        "seconds": {"train": round(t_train, 1), "measure": round(time.time() - t0 - t_train, 1)},
+        "seconds": {
+            "train": round(t_train, 1),
+            "dpo": round(t_dpo, 1),
+            "measure": round(time.time() - t0 - t_train - t_dpo, 1),
+        },
         "config": asdict(cfg),
     }
     tmp = out.with_name(out.name + ".tmp")
@@ -276,7 +303,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recaptioned", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    add_config_flags(ap, ExpanderConfig, skip=("lm", "prefix_dropout"))
+    add_config_flags(ap, ExpanderConfig, skip=("lm", "prefix_dropout", "dpo"))
     args = ap.parse_args()
     cfg = config_from_args(ExpanderConfig, args, "prompt_expander")
     metrics = train_expander(cfg, args.recaptioned, args.out)

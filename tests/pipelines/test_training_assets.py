@@ -558,6 +558,8 @@ def test_prompt_expander_reports_its_faithfulness_and_a_check_says_why_it_fails(
     assert expanded.res.success
     assert "| suite_short | 112 |" in expanded.md["faithfulness"].value
     assert "| suite_short |" in expanded.md["diversity_bits"].value
+    # nothing learnt, so no DPO round: the table has its header and no row
+    assert expanded.md["dpo_rounds"].value.count("\n") == 1
     assert 0 <= expanded.md["suite_short_unfaithful"].value <= 1
     assert expanded.md["pairs"].value == 0 and expanded.md["trained_steps"].value == 0
     [check] = expanded.res.get_asset_check_evaluations()
