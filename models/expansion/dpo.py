@@ -73,11 +73,12 @@ def preference_pairs(
     one of its faithful and coherent ones, in turn; and the shares of what was sampled."""
     triples, n, bad, incoherent = [], 0, 0, 0
     for q, xs in zip(queries, sampled, strict=True):
-        good = [x for x in xs if faithful(q, x) and coherent(x)]
-        wrong = [x for x in xs if not faithful(q, x)]
+        kept = [(x, faithful(q, x), coherent(x)) for x in xs]  # each text parsed once per check
+        good = [x for x, f, c in kept if f and c]
+        wrong = [x for x, f, _ in kept if not f]
         triples += [(q, good[j % len(good)], x) for j, x in enumerate(wrong)] if good else []
         n, bad = n + len(xs), bad + len(wrong)
-        incoherent += sum(not coherent(x) for x in xs)
+        incoherent += sum(not c for *_, c in kept)
     shares = {"unfaithful": bad / max(n, 1), "incoherent": incoherent / max(n, 1)}
     return triples, shares
 
