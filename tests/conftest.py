@@ -112,6 +112,7 @@ TINY_STAGE_PARAMS = {
         "width": 16,
         "reprompt_pairs": 32,
         "reprompt_per_category": 2,
+        "alignment_first_steps": 2,
     },
     "rich_feedback_model": {
         "max_steps": 2,

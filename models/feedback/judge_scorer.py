@@ -181,6 +181,9 @@ class JudgeScorer(nn.Module):
         self.alignment = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1)
         )
+        # How loud alignment is against plausibility: what the second phase of
+        # `preference_model.alignment_first_steps` sets, with the rest of alignment frozen.
+        self.alignment_gain = nn.Parameter(torch.ones(()))
         n = reading_width(judge)
         self.plausibility = nn.Sequential(
             nn.LayerNorm(n), nn.Linear(n, width), nn.GELU(), nn.Linear(width, 1)
@@ -199,9 +202,13 @@ class JudgeScorer(nn.Module):
         return self.tokenizer(texts)
 
     def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, context_length) -> token states and their mask."""
+        """Token ids (B, context_length) -> token states and their mask, as long as the
+        batch's longest text (the padding after it is masked anyway and costs time)."""
+        n = max(int((ids != 0).sum(1).max()), 1)
+        ids = ids[:, :n]
         mask = ids != 0
-        return self.text(self.tokens(ids) + self.token_pos, src_key_padding_mask=~mask), mask
+        states = self.tokens(ids) + self.token_pos[:n]
+        return self.text(states, src_key_padding_mask=~mask), mask
 
     def score(self, reading: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scores (B,) of images read by `read` against encoded texts."""
@@ -214,7 +221,7 @@ class JudgeScorer(nn.Module):
         cells = self.cells(reading[..., ASKED]) + self.cell_pos
         t = self.cross(text, cells, tgt_key_padding_mask=~mask)
         pooled = (t * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.alignment(pooled)[:, 0]
+        return self.alignment_gain * self.alignment(pooled)[:, 0]
 
     def plausibility_score(self, reading: torch.Tensor) -> torch.Tensor:
         """The score's second term (B,): per cell, summed; it does not read the prompt."""
@@ -275,5 +282,6 @@ def load_scorer(path: Path) -> JudgeScorer:
             f"version {expected} ({READING_KIND}): it was saved by another version of "
             "recapflow; rebuild it (materialize preference_model, or `make run`)"
         )
+    state.setdefault("alignment_gain", torch.ones(()))  # scorers saved before it: gain 1
     scorer.load_state_dict(state)
     return scorer.eval()

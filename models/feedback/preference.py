@@ -80,6 +80,13 @@ class PreferenceConfig:
     # does not name is added to the scene (`judge_scorer.add_unnamed_object`); 0: off.
     unnamed_invariance: float = 1.0
     unnamed_rows: int = 0  # the first rows of each batch it is computed on (0: all)
+    # Steps the alignment term first trains alone, on the training pairs whose images hold
+    # the prompt differently (0: none). It is then frozen and plausibility trains on every
+    # pair, so the pairs only plausibility decides cannot pull alignment apart.
+    alignment_first_steps: int = 2000
+    # There, the weight of the squared difference of alignment on pairs that hold the
+    # prompt alike (0: those pairs are left out).
+    alignment_ties: float = 1.0
     ablate_terms: bool = True  # also train one model per utility term left out
     ablation_steps: int = 300
     max_gap: float = 0.03  # the asset check: held-out agreement this close to the ceiling
@@ -91,27 +98,45 @@ class PreferenceConfig:
 
 
 class PreferenceModule(L.LightningModule):
-    def __init__(self, scorer: JudgeScorer, cfg: PreferenceConfig):
+    """`trains`: which of the score's terms train, "both", "alignment" (scored alone) or
+    "plausibility" (alignment frozen, its value still in the score)."""
+
+    def __init__(self, scorer: JudgeScorer, cfg: PreferenceConfig, trains: str = "both"):
         super().__init__()
-        self.scorer, self.cfg = scorer, cfg
+        self.scorer, self.cfg, self.trains = scorer, cfg, trains
+        # The first phase's curves apart: its steps count from 0 again in the second.
+        self.name = "preference_alignment_first" if trains == "alignment" else "preference"
+        if trains == "plausibility":  # alignment frozen but for how loud it is
+            for name, p in scorer.named_parameters():
+                p.requires_grad_(name.startswith("plausibility.") or name == "alignment_gain")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         s = self.scorer
         text = s.encode_text(batch["ids"])  # once for both images
         align = [s.alignment_score(batch[k], *text) for k in ("a", "b")]
-        plaus = [s.plausibility_score(batch[k]) for k in ("a", "b")]
-        logits = torch.stack([align[0] + plaus[0], align[1] + plaus[1]], 1)
         target = 1 - batch["choice"]  # column 0 is a
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        if self.cfg.unnamed_invariance:
+        if self.trains == "alignment":
+            logits, tied = torch.stack(align, 1), batch["tied"]
+            loss = logits.new_zeros(())
+            if not tied.all():
+                loss = torch.nn.functional.cross_entropy(logits[~tied], target[~tied])
+            if tied.any():
+                gap = (align[0][tied] - align[1][tied]).square().mean()
+                self.log(f"{self.name}/tie_gap", gap)
+                loss = loss + self.cfg.alignment_ties * gap
+        else:
+            plaus = [s.plausibility_score(batch[k]) for k in ("a", "b")]
+            logits = torch.stack([align[0] + plaus[0], align[1] + plaus[1]], 1)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+        if self.cfg.unnamed_invariance and self.trains != "plausibility":
             n = self.cfg.unnamed_rows or len(target)
             more = add_unnamed_object(batch["a"][:n], batch["named"][:n])
             moved = s.alignment_score(more, text[0][:n], text[1][:n])
             drift = torch.nn.functional.mse_loss(moved, align[0][:n])
-            self.log("preference/unnamed_drift", drift)
+            self.log(f"{self.name}/unnamed_drift", drift)
             loss = loss + self.cfg.unnamed_invariance * drift
         acc = (logits.argmax(1) == target).float().mean()
-        self.log_dict({"preference/loss": loss, "preference/batch_acc": acc}, prog_bar=True)
+        self.log_dict({f"{self.name}/loss": loss, f"{self.name}/batch_acc": acc}, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
@@ -135,23 +160,26 @@ class _PairBatches(torch.utils.data.IterableDataset):
         named: torch.Tensor,
         batch_size: int,
         seed: int,
+        tied: np.ndarray | None = None,
     ):
         self.reading, self.ids, self.batch_size, self.seed = reading, ids, batch_size, seed
         self.named = named
-        self.pairs = torch.as_tensor(np.stack([a, b, text, choice], 1))
+        tied = np.zeros(len(a), dtype=bool) if tied is None else tied
+        self.pairs = torch.as_tensor(np.stack([a, b, text, choice, tied], 1))
 
     def __iter__(self):
         g, n, size = torch.Generator().manual_seed(self.seed), len(self.pairs), self.batch_size
         while True:
             order = torch.randperm(n, generator=g)
             for s in range(0, n - size + 1, size):
-                a, b, text, choice = self.pairs[order[s : s + size]].T
+                a, b, text, choice, tied = self.pairs[order[s : s + size]].T
                 yield {
                     "a": self.reading[a],
                     "b": self.reading[b],
                     "ids": self.ids[text],
                     "named": self.named[text],
                     "choice": choice,
+                    "tied": tied.bool(),
                 }
 
 
@@ -165,36 +193,73 @@ def train_scorer(
     reprompt_choice: np.ndarray | None,
     max_steps: int,
     logger: L.pytorch.loggers.Logger | None = None,
+    u: UtilityConfig | None = None,
+    first_steps: int | None = None,
 ) -> JudgeScorer:
     """A scorer trained on the pool's training pairs (train split, no held-out generator)
     with `choice` as the annotators' choices, and on the reprompted pairs if given;
-    `reading`: every pool image as `read_cells` gives it."""
+    `reading`: every pool image as `read_cells` gives it; `u`: the utility those
+    annotators hold (the pool's by default), which says the pairs alignment decides;
+    `first_steps`: the alignment-first phase's steps (`cfg.alignment_first_steps` by
+    default; then `max_steps` are the second phase's)."""
+    u = u or pool.config.utility
     torch.manual_seed(cfg.seed)
     scorer = JudgeScorer(
-        judge.net, judge.cfg.resolution, cfg.width, cfg.context_length, cfg.dropout
+        judge.net,
+        judge.cfg.resolution,
+        cfg.width,
+        cfg.context_length,
+        cfg.dropout,
     )
     pr = pool.pairs
     train = np.flatnonzero((pr["split"] == "train") & ~pr["held_out"])
     # Text k of the table: the pool's prompt k, then the reprompted texts.
     texts = [p["text"] for p in pool.prompts]
     a, b, text, y = pr["a"][train], pr["b"][train], pr["prompt"][train], choice[train]
+    held = np.array([[t["alignment"], t["composition"]] for t in map(_terms(pool), pool.labels)])
+    held = held @ [u.w_alignment, u.w_composition]
+    asked = np.stack([held[a], held[b]], 1)  # per pair, what alignment's terms add to U
     if reprompted is not None:
         a, b = np.concatenate([a, reprompted.a]), np.concatenate([b, reprompted.b])
         text = np.concatenate([text, reprompted.prompt + len(texts)])
         y = np.concatenate([y, reprompt_choice])
         texts = texts + reprompted.texts
+        more = u.w_alignment * reprompted.alignment + u.w_composition * reprompted.composition
+        asked = np.concatenate([asked, more])
     if len(a) == 0:
         raise ValueError(
             "no training pairs: the pool has no train-split pairs between generators that "
             "are not held out, and reprompt_pairs is 0"
         )
-    batch = min(cfg.batch_size, len(a))
     ids, named = scorer.token_ids(texts), named_shapes(texts)
-    data = _PairBatches(reading, a, b, text, y, ids, named, batch, cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
-    module = PreferenceModule(scorer, PreferenceConfig(**{**asdict(cfg), "max_steps": max_steps}))
-    fine_tune_trainer(max_steps, logger).fit(module, loader)
-    return module.scorer.cpu().eval()
+
+    tied = asked[:, 0] == asked[:, 1]
+
+    def fit(keep: np.ndarray, steps: int, trains: str) -> None:
+        size = min(cfg.batch_size, int(keep.sum()))
+        rows = (a[keep], b[keep], text[keep], y[keep])
+        data = _PairBatches(reading, *rows, ids, named, size, cfg.seed, tied[keep])
+        loader = torch.utils.data.DataLoader(data, batch_size=None)
+        step_cfg = PreferenceConfig(**{**asdict(cfg), "max_steps": steps})
+        fine_tune_trainer(steps, logger).fit(PreferenceModule(scorer, step_cfg, trains), loader)
+
+    everything = np.ones(len(a), dtype=bool)
+    first_steps = cfg.alignment_first_steps if first_steps is None else first_steps
+    if first_steps:
+        if tied.all() and not cfg.alignment_ties:
+            raise ValueError(
+                "alignment_first_steps: no training pair holds its prompt differently, and "
+                "alignment_ties is 0: the alignment term has nothing to learn from"
+            )
+        fit(everything if cfg.alignment_ties else ~tied, first_steps, "alignment")
+        fit(everything, max_steps, "plausibility")
+    else:
+        fit(everything, max_steps, "both")
+    return scorer.cpu().eval()
+
+
+def _terms(pool: Pool):
+    return lambda label: terms(label, pool.config.utility.error_cap)
 
 
 def image_scores(scorer: JudgeScorer, pool: Pool) -> np.ndarray:
@@ -347,11 +412,13 @@ def train_preference(
         else None
     )
 
-    def train(u: UtilityConfig, choice: np.ndarray, steps: int, log=None) -> JudgeScorer:
+    def train(u: UtilityConfig, choice: np.ndarray, steps: int, first: int, log=None):
         more = reprompted.choices(pool, u, cfg.seed + 1) if reprompted else None
-        return train_scorer(pool, judge, reading, cfg, choice, reprompted, more, steps, log)
+        args = (choice, reprompted, more, steps, log, u, first)
+        return train_scorer(pool, judge, reading, cfg, *args)
 
-    scorer = train(pool.config.utility, pool.pairs["choice"], cfg.max_steps, logger)
+    first = cfg.alignment_first_steps
+    scorer = train(pool.config.utility, pool.pairs["choice"], cfg.max_steps, first, logger)
     scores = image_scores(scorer, pool)
     metrics = {
         "preference_model": evaluate_scores(scores, pool, utilities),
@@ -368,7 +435,8 @@ def train_preference(
     if cfg.ablate_terms:
         for term in TERMS:
             choice = ablated_choices(pool, term, cfg.seed)
-            ablated = train(pool.config.utility.without(term), choice, cfg.ablation_steps)
+            steps = cfg.ablation_steps  # for each phase, where alignment trains first
+            ablated = train(pool.config.utility.without(term), choice, steps, first and steps)
             # Judged against the full utility's annotators: what reading `term` adds.
             metrics["ablations"][f"without_{term}"] = evaluate_scores(
                 image_scores(ablated, pool), pool, utilities

@@ -393,3 +393,46 @@ def test_the_unnamed_invariance_adds_the_alignment_drift_to_the_loss():
     drift = losses[1.0] - losses[0.0]
     assert drift > 0
     assert losses[3.0] - losses[0.0] == pytest.approx(3 * drift, rel=1e-4)
+
+
+def test_alignment_first_trains_alignment_alone_then_only_plausibility_moves():
+    """preference_model.alignment_first_steps: the first phase scores a pair by alignment
+    alone (cross-entropy on pairs that hold the prompt differently, the squared gap on
+    pairs that hold it alike, weighted by alignment_ties); the second trains plausibility
+    and how loud alignment is, every other alignment weight frozen where the first left it."""
+    from models.evaluation.world_judge import JudgeNet
+    from models.feedback.judge_scorer import JudgeScorer, named_shapes, reading_width
+    from models.feedback.preference import PreferenceConfig, PreferenceModule
+
+    torch.manual_seed(0)
+    judge = JudgeNet(32, 8)
+    scorer = JudgeScorer(judge, 32, 16, 16)
+    texts = ["a red star", "two blue circles", "a cross left of a star", 'the word "TOY"']
+    reading = torch.randn(4, 9, reading_width(judge))
+    batch = {
+        "a": reading,
+        "b": reading.flip(0),
+        "ids": scorer.token_ids(texts),
+        "named": named_shapes(texts),
+        "choice": torch.tensor([1, 0, 1, 0]),
+        "tied": torch.tensor([False, False, True, True]),
+    }
+    cfg = PreferenceConfig(unnamed_invariance=0.0, alignment_ties=2.0)
+    module = PreferenceModule(scorer, cfg, "alignment")
+    module.log = module.log_dict = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        text = scorer.encode_text(batch["ids"])
+        a, b = (scorer.alignment_score(batch[k], *text) for k in ("a", "b"))
+    ce = torch.nn.functional.cross_entropy(torch.stack([a, b], 1)[:2], torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx((ce + 2.0 * (a[2:] - b[2:]).square().mean()).item())
+
+    before = {k: v.clone() for k, v in scorer.state_dict().items()}
+    module = PreferenceModule(scorer, cfg, "plausibility")
+    module.log = module.log_dict = lambda *a, **k: None
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    module.training_step(batch, 0).backward()
+    opt.step()
+    moved = {k for k, v in scorer.state_dict().items() if not torch.equal(v, before[k])}
+    assert "alignment_gain" in moved
+    assert all(k.startswith("plausibility.") or k == "alignment_gain" for k in moved)
