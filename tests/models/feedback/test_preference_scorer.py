@@ -361,22 +361,16 @@ def test_an_object_of_a_shape_the_prompt_does_not_name_changes_no_stated_conditi
     assert not changed[2].any()  # no empty cell without a word
 
 
-def test_the_unnamed_invariance_adds_the_alignment_drift_to_the_loss():
-    """preference_model.unnamed_invariance: the training loss is the pairs' cross-entropy
-    plus that weight times how far the alignment term moves when an unnamed object is
-    added; at 0 it is the cross-entropy alone."""
+def _tiny_scorer_and_batch():
+    """A scorer over a random judge, and a batch of four pairs of random readings."""
     from models.evaluation.world_judge import JudgeNet
-    from models.feedback.judge_scorer import READING, JudgeScorer, named_shapes, reading_width
-    from models.feedback.preference import PreferenceConfig, PreferenceModule
+    from models.feedback.judge_scorer import JudgeScorer, named_shapes, reading_width
 
     torch.manual_seed(0)
     judge = JudgeNet(32, 8)
     scorer = JudgeScorer(judge, 32, 16, 16)
     texts = ["a red star", "two blue circles", "a cross left of a star", 'the word "TOY"']
-    reading = torch.zeros(4, 9, reading_width(judge))
-    reading[..., 0] = 1.0  # empty cells
-    reading[..., sum(GROUPS[:3])] = 1.0  # without a word
-    reading[..., READING:] = torch.randn(4, 9, reading_width(judge) - READING)
+    reading = torch.randn(4, 9, reading_width(judge))
     batch = {
         "a": reading,
         "b": reading.flip(0),
@@ -384,6 +378,22 @@ def test_the_unnamed_invariance_adds_the_alignment_drift_to_the_loss():
         "named": named_shapes(texts),
         "choice": torch.tensor([1, 0, 1, 0]),
     }
+    return scorer, batch
+
+
+def test_the_unnamed_invariance_adds_the_alignment_drift_to_the_loss():
+    """preference_model.unnamed_invariance: the training loss is the pairs' cross-entropy
+    plus that weight times how far the alignment term moves when an unnamed object is
+    added; at 0 it is the cross-entropy alone."""
+    from models.feedback.judge_scorer import READING
+    from models.feedback.preference import PreferenceConfig, PreferenceModule
+
+    scorer, batch = _tiny_scorer_and_batch()
+    reading = batch["a"]
+    reading[..., :READING] = 0.0
+    reading[..., 0] = 1.0  # empty cells
+    reading[..., sum(GROUPS[:3])] = 1.0  # without a word
+    batch["b"] = reading.flip(0)
     losses = {}
     for weight in (0.0, 1.0, 3.0):
         module = PreferenceModule(scorer, PreferenceConfig(unnamed_invariance=weight))
@@ -400,23 +410,10 @@ def test_alignment_first_trains_alignment_alone_then_only_plausibility_moves():
     alone (cross-entropy on pairs that hold the prompt differently, the squared gap on
     pairs that hold it alike, weighted by alignment_ties); the second trains plausibility
     and how loud alignment is, every other alignment weight frozen where the first left it."""
-    from models.evaluation.world_judge import JudgeNet
-    from models.feedback.judge_scorer import JudgeScorer, named_shapes, reading_width
     from models.feedback.preference import PreferenceConfig, PreferenceModule
 
-    torch.manual_seed(0)
-    judge = JudgeNet(32, 8)
-    scorer = JudgeScorer(judge, 32, 16, 16)
-    texts = ["a red star", "two blue circles", "a cross left of a star", 'the word "TOY"']
-    reading = torch.randn(4, 9, reading_width(judge))
-    batch = {
-        "a": reading,
-        "b": reading.flip(0),
-        "ids": scorer.token_ids(texts),
-        "named": named_shapes(texts),
-        "choice": torch.tensor([1, 0, 1, 0]),
-        "tied": torch.tensor([False, False, True, True]),
-    }
+    scorer, batch = _tiny_scorer_and_batch()
+    batch["tied"] = torch.tensor([False, False, True, True])
     cfg = PreferenceConfig(unnamed_invariance=0.0, alignment_ties=2.0)
     module = PreferenceModule(scorer, cfg, "alignment")
     module.log = module.log_dict = lambda *a, **k: None
