@@ -115,11 +115,12 @@ class PreferenceModule(L.LightningModule):
         text = s.encode_text(batch["ids"])  # once for both images
         align = [s.alignment_score(batch[k], *text) for k in ("a", "b")]
         target = 1 - batch["choice"]  # column 0 is a
+        scored = torch.ones_like(target, dtype=torch.bool)  # the rows the choices train
         if self.trains == "alignment":
             logits, tied = torch.stack(align, 1), batch["tied"]
-            loss = logits.new_zeros(())
-            if not tied.all():
-                loss = torch.nn.functional.cross_entropy(logits[~tied], target[~tied])
+            scored, loss = ~tied, logits.new_zeros(())
+            if scored.any():
+                loss = torch.nn.functional.cross_entropy(logits[scored], target[scored])
             if tied.any():
                 gap = (align[0][tied] - align[1][tied]).square().mean()
                 self.log(f"{self.name}/tie_gap", gap)
@@ -135,7 +136,7 @@ class PreferenceModule(L.LightningModule):
             drift = torch.nn.functional.mse_loss(moved, align[0][:n])
             self.log(f"{self.name}/unnamed_drift", drift)
             loss = loss + self.cfg.unnamed_invariance * drift
-        acc = (logits.argmax(1) == target).float().mean()
+        acc = (logits.argmax(1) == target)[scored].float().mean()
         self.log_dict({f"{self.name}/loss": loss, f"{self.name}/batch_acc": acc}, prog_bar=True)
         return loss
 
@@ -160,11 +161,10 @@ class _PairBatches(torch.utils.data.IterableDataset):
         named: torch.Tensor,
         batch_size: int,
         seed: int,
-        tied: np.ndarray | None = None,
+        tied: np.ndarray,
     ):
         self.reading, self.ids, self.batch_size, self.seed = reading, ids, batch_size, seed
         self.named = named
-        tied = np.zeros(len(a), dtype=bool) if tied is None else tied
         self.pairs = torch.as_tensor(np.stack([a, b, text, choice, tied], 1))
 
     def __iter__(self):
@@ -205,19 +205,17 @@ def train_scorer(
     u = u or pool.config.utility
     torch.manual_seed(cfg.seed)
     scorer = JudgeScorer(
-        judge.net,
-        judge.cfg.resolution,
-        cfg.width,
-        cfg.context_length,
-        cfg.dropout,
+        judge.net, judge.cfg.resolution, cfg.width, cfg.context_length, cfg.dropout
     )
     pr = pool.pairs
     train = np.flatnonzero((pr["split"] == "train") & ~pr["held_out"])
     # Text k of the table: the pool's prompt k, then the reprompted texts.
     texts = [p["text"] for p in pool.prompts]
     a, b, text, y = pr["a"][train], pr["b"][train], pr["prompt"][train], choice[train]
-    held = np.array([[t["alignment"], t["composition"]] for t in map(_terms(pool), pool.labels)])
-    held = held @ [u.w_alignment, u.w_composition]
+    t = [terms(x, u.error_cap) for x in pool.labels]
+    held = np.array(
+        [u.w_alignment * x["alignment"] + u.w_composition * x["composition"] for x in t]
+    )
     asked = np.stack([held[a], held[b]], 1)  # per pair, what alignment's terms add to U
     if reprompted is not None:
         a, b = np.concatenate([a, reprompted.a]), np.concatenate([b, reprompted.b])
@@ -232,7 +230,6 @@ def train_scorer(
             "are not held out, and reprompt_pairs is 0"
         )
     ids, named = scorer.token_ids(texts), named_shapes(texts)
-
     tied = asked[:, 0] == asked[:, 1]
 
     def fit(keep: np.ndarray, steps: int, trains: str) -> None:
@@ -256,10 +253,6 @@ def train_scorer(
     else:
         fit(everything, max_steps, "both")
     return scorer.cpu().eval()
-
-
-def _terms(pool: Pool):
-    return lambda label: terms(label, pool.config.utility.error_cap)
 
 
 def image_scores(scorer: JudgeScorer, pool: Pool) -> np.ndarray:
