@@ -94,12 +94,13 @@ def reprompted_pairs(
     if not prompts or len(images) < 2:
         raise ValueError("reprompted pairs need new prompts and at least two training images")
     scenes = [Scene.from_dict(pool.labels[i]["scene"]) for i in images]
-    held = [
-        [[condition_holds(c, s) for c in stated_conditions(p, form)] for s in scenes]
-        for p, form in prompts
-    ]
-    align = np.array([[np.mean(h) for h in row] for row in held])  # (prompts, images)
-    whole = np.array([[float(all(h)) for h in row] for row in held])
+    # (prompts, images, conditions) would be ragged: per prompt, its conditions' count.
+    held = []
+    for p, form in prompts:
+        conds = stated_conditions(p, form)  # once per prompt, not per image
+        held.append(np.array([[condition_holds(c, s) for c in conds] for s in scenes]))
+    align = np.stack([h.mean(1) for h in held])  # (prompts, images)
+    whole = np.stack([h.all(1) for h in held]).astype(float)
     rng = np.random.default_rng(seed)
     q = rng.integers(0, len(prompts), n_pairs)
     b = rng.integers(0, len(images), n_pairs)
