@@ -11,6 +11,10 @@ failure reasons), without the reference CLIP:
         --sampler data/oracle/mixed_sampler --autoencoder data/autoencoder --out data/exp/run
     python -m benchmarks.generator_runs follow --model data/exp/run --judge data/world_judge
 
+`follow` writes its grids and scores to `--out` (default `data/exp/follow/<model folder's
+name>`), never into the model's folder: `data/diffusion_model` is a DVC output, and a file
+added there stales every step after it.
+
 `cells` asks, for the descriptive form, what stands in each cell the prompt fills: its
 object, another object of the prompt (the two swapped), or nothing, and how many objects
 stand in cells the prompt leaves empty.
@@ -74,9 +78,13 @@ def follow(
     spacing: str | None = None,
     guidance: float | None = None,
     sampling: dict | None = None,
+    out: Path | None = None,
 ) -> dict:
     """All-conditions and attribute scores of the suite's prompts; `sampling` overrides
-    the model's exported sampling settings (`diffusion_model.eval`: clip_sample, ...)."""
+    the model's exported sampling settings (`diffusion_model.eval`: clip_sample, ...);
+    grids and scores go to `out` (default: `data/exp/follow/<model folder's name>`)."""
+    out = out or Path("data/exp/follow") / model.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
     prompts = load_suite(Path("prompts/suite-v1.json"))
     pipe = load_text_to_image(model)
     if spacing:
@@ -104,9 +112,9 @@ def follow(
             "seconds": round(time.time() - t, 1),
         }
         grid = image_grid(images[: 16 * images_per_prompt], nrow=4 * images_per_prompt, scale=3)
-        grid.save(model / f"follow_{form}_{pipe.eval_cfg.get('spacing', 'leading')}.png")
+        grid.save(out / f"follow_{form}_{pipe.eval_cfg.get('spacing', 'leading')}.png")
     name = f"follow_{pipe.eval_cfg.get('spacing', 'leading')}_{guidance or 'default'}{tag}.json"
-    (model / name).write_text(json.dumps(result, indent=1) + "\n")
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -244,6 +252,7 @@ def main() -> None:
     f.add_argument("--clip-sample", type=float, default=None, help="x0 clipped to +-this")
     f.add_argument("--guidance-min-t", type=int, default=None, help="guidance only at t >= it")
     f.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    f.add_argument("--out", type=Path, default=None, help="default: data/exp/follow/<model name>")
     s = sub.add_parser("single", help="single-object prompts per asked size")
     s.add_argument("--model", type=Path, required=True)
     s.add_argument("--judge", type=Path, default=Path("data/world_judge"))
@@ -281,7 +290,13 @@ def main() -> None:
         if v is not None
     }
     result = follow(
-        args.model, args.judge, args.images_per_prompt, args.spacing, args.guidance, sampling
+        args.model,
+        args.judge,
+        args.images_per_prompt,
+        args.spacing,
+        args.guidance,
+        sampling,
+        args.out,
     )
     for form, r in result.items():
         print(form, {k: round(v, 3) for k, v in r["prompt_following"].items()})
