@@ -213,17 +213,18 @@ def train_scorer(
     texts = [p["text"] for p in pool.prompts]
     a, b, text, y = pr["a"][train], pr["b"][train], pr["prompt"][train], choice[train]
     t = [terms(x, u.error_cap) for x in pool.labels]
-    held = np.array(
-        [u.w_alignment * x["alignment"] + u.w_composition * x["composition"] for x in t]
-    )
-    asked = np.stack([held[a], held[b]], 1)  # per pair, what alignment's terms add to U
+    pair = np.stack([a, b], 1)
+    alignment = np.array([x["alignment"] for x in t])[pair]  # (pairs, 2), as composition
+    composition = np.array([x["composition"] for x in t])[pair]
     if reprompted is not None:
         a, b = np.concatenate([a, reprompted.a]), np.concatenate([b, reprompted.b])
         text = np.concatenate([text, reprompted.prompt + len(texts)])
         y = np.concatenate([y, reprompt_choice])
         texts = texts + reprompted.texts
-        more = u.w_alignment * reprompted.alignment + u.w_composition * reprompted.composition
-        asked = np.concatenate([asked, more])
+        alignment = np.concatenate([alignment, reprompted.alignment])
+        composition = np.concatenate([composition, reprompted.composition])
+    # Per pair, what alignment's terms add to U.
+    asked = u.w_alignment * alignment + u.w_composition * composition
     if len(a) == 0:
         raise ValueError(
             "no training pairs: the pool has no train-split pairs between generators that "

@@ -94,13 +94,13 @@ def reprompted_pairs(
     if not prompts or len(images) < 2:
         raise ValueError("reprompted pairs need new prompts and at least two training images")
     scenes = [Scene.from_dict(pool.labels[i]["scene"]) for i in images]
-    # (prompts, images, conditions) would be ragged: per prompt, its conditions' count.
-    held = []
+    align, whole = [], []  # (prompts, images): share of the conditions held; all held
     for p, form in prompts:
         conds = stated_conditions(p, form)  # once per prompt, not per image
-        held.append(np.array([[condition_holds(c, s) for c in conds] for s in scenes]))
-    align = np.stack([h.mean(1) for h in held])  # (prompts, images)
-    whole = np.stack([h.all(1) for h in held]).astype(float)
+        held = np.array([[condition_holds(c, s) for c in conds] for s in scenes])
+        align.append(held.mean(1))
+        whole.append(held.all(1))
+    align, whole = np.stack(align), np.stack(whole).astype(float)
     rng = np.random.default_rng(seed)
     q = rng.integers(0, len(prompts), n_pairs)
     b = rng.integers(0, len(images), n_pairs)
