@@ -170,16 +170,24 @@ class RecapflowPipeline(DiffusionPipeline):
             states = torch.cat([neg_states, states]).to(device, unet.dtype)
             pooled = torch.cat([neg_pooled, pooled]).to(device, unet.dtype)
             class_labels = pooled if projection else None
+            gen = generator[i : i + n] if isinstance(generator, list) else generator
             if latents is None:
-                gen = generator[i : i + n] if isinstance(generator, list) else generator
                 x = randn_tensor((n, c, s, s), generator=gen, device=device, dtype=torch.float32)
             else:
                 x = latents[i : i + n].to(device, torch.float32)
             x = x * sched.init_noise_sigma
+            extra = {}
+            if hasattr(unet, "plan"):  # a layout UNet: one layout per image, every step
+                mask = (self.tokenize(chunk) != self._pad_id()).to(device)
+                plan_gen = gen[0] if isinstance(gen, list) else gen
+                layout = unet.plan(states[n:], mask, plan_gen)
+                extra["layout"] = torch.cat([torch.full_like(layout, -1), layout])
             sched.set_timesteps(steps, device=device)
             for t in self.progress_bar(sched.timesteps):
                 inp = sched.scale_model_input(torch.cat([x, x]), t).to(unet.dtype)
-                eps = unet(inp, t, encoder_hidden_states=states, class_labels=class_labels).sample
+                eps = unet(
+                    inp, t, encoder_hidden_states=states, class_labels=class_labels, **extra
+                ).sample
                 uncond, cond = eps.float().chunk(2)
                 g = scale if t >= self.config.guidance_min_t else 1.0
                 x = sched.step(uncond + g * (cond - uncond), t, x).prev_sample

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -31,6 +32,7 @@ from models import CONFIG_DIR
 from models.common.clip import warmup_cosine_adamw
 from models.common.optimizer_steps import stepped
 from models.diffusion.autoencoder import to_uint8
+from models.diffusion.layout import LayoutUNet2DConditionModel
 from models.diffusion.text_encoder import FrozenTextEncoder
 from models.diffusion.text_map import TextMapUNet2DConditionModel
 
@@ -54,6 +56,12 @@ class UNetConfig:
     # trained with the UNet, before the map and the cross-attention read them; needs the
     # text map
     text_binder_layers: int = 0
+    # true: a layout model inside the UNet samples each image's layout from the caption,
+    # and the UNet draws it (models/diffusion/layout.py); the training images' layouts
+    # come from the world's annotation of the raw dataset (tiny profile only)
+    layout: bool = False
+    layout_width: int = 128
+    layout_layers: int = 3
 
 
 # What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
@@ -105,6 +113,12 @@ class DiffusionConfig:
     # alone, which name every place, so the map also lays out a short prompt that names
     # none.
     map_pretrain_captions: Literal["blend", "synthetic"] = "blend"
+    # With unet.layout: the layout model trains alone first, this many steps of this
+    # batch size, on the captions in the sampler's blend; then it is frozen while the
+    # UNet learns to draw the training images' own layouts
+    layout_steps: int = 3000
+    layout_batch_size: int = 128
+    layout_lr: float = 1e-3
 
 
 def build_unet(
@@ -120,7 +134,24 @@ def build_unet(
     if config.get("class_embed_type") == "projection":
         config["projection_class_embeddings_input_dim"] = text_pooled
     config.pop("_class_name", None)
-    if cfg.text_map_channels:
+    if cfg.layout:
+        if cfg.text_map_channels or cfg.position_channels or cfg.text_binder_layers:
+            raise ValueError(
+                "unet.layout replaces the text map: set unet.text_map_channels, "
+                "position_channels and text_binder_layers to 0"
+            )
+        from corpus.world import BACKGROUNDS, COLORS, SHAPES, SIZES, WORDS
+
+        config["layout_classes"] = {
+            "shape": list(SHAPES),
+            "colour": list(COLORS),
+            "size": list(SIZES),
+            "word": list(WORDS),
+            "background": list(BACKGROUNDS),
+        }
+        config.update(layout_width=cfg.layout_width, layout_layers=cfg.layout_layers)
+        unet = LayoutUNet2DConditionModel.from_config(config)
+    elif cfg.text_map_channels:
         config["text_map_channels"] = cfg.text_map_channels
         config["text_map_queries"] = cfg.text_map_queries
         config["text_map_draws"] = cfg.text_map_draws
@@ -136,6 +167,15 @@ def build_unet(
         unet = UNet2DConditionModel.from_config(config)
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
     return unet
+
+
+def load_unet(folder: Path) -> UNet2DConditionModel:
+    """The UNet saved in `folder` by `save_pretrained`: stock, with a text map or with a
+    layout, by the class its config names."""
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    classes = (TextMapUNet2DConditionModel, LayoutUNet2DConditionModel)
+    cls = next((c for c in classes if c.__name__ == name), UNet2DConditionModel)
+    return cls.from_pretrained(folder)
 
 
 def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -211,16 +251,20 @@ class LatentDiffusion(L.LightningModule):
             {"diffusion": asdict(cfg), "unet": dict(unet.config)}, logger=False
         )
 
-    def _unet(self, latents, t, states, pooled):
+    def _unet(self, latents, t, states, pooled, layout=None):
         class_labels = pooled if self.unet.config.class_embed_type == "projection" else None
-        return self.unet(latents, t, encoder_hidden_states=states, class_labels=class_labels).sample
+        extra = {} if layout is None else {"layout": layout}
+        return self.unet(
+            latents, t, encoder_hidden_states=states, class_labels=class_labels, **extra
+        ).sample
 
     def diffusion_loss(self, batch: dict) -> torch.Tensor:
         z = batch["latents"].float()
         noise = torch.randn_like(z)
         t, share = self._timesteps(len(z), z.device)
         noisy = self.scheduler.add_noise(z, noise, t)
-        pred = self._unet(noisy, t, batch["states"].to(z.dtype), batch["pooled"].to(z.dtype))
+        states, pooled = batch["states"].to(z.dtype), batch["pooled"].to(z.dtype)
+        pred = self._unet(noisy, t, states, pooled, batch.get("layout"))
         kind = self.cfg.prediction_type
         if kind == "v_prediction":
             target = self.scheduler.get_velocity(z, noise, t)
@@ -408,10 +452,16 @@ def generate(
         pooled = torch.cat([empty_pooled.expand(n, -1), pooled]).to(device)
         class_labels = pooled if unet.config.class_embed_type == "projection" else None
         latents = torch.randn((n, c, s, s), generator=gen).to(device) * sched.init_noise_sigma
+        extra = {}
+        if hasattr(unet, "plan"):  # a layout UNet: one layout per image, for every step
+            layout = unet.plan(states[n:], text_encoder.token_mask(chunk).to(device), gen)
+            extra["layout"] = torch.cat([torch.full_like(layout, -1), layout])
         sched.set_timesteps(steps, device=device)
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([latents, latents]), t)
-            eps = unet(inp, t, encoder_hidden_states=states, class_labels=class_labels).sample
+            eps = unet(
+                inp, t, encoder_hidden_states=states, class_labels=class_labels, **extra
+            ).sample
             uncond, cond = eps.chunk(2)
             scale = guidance_scale if t >= guidance_min_t else 1.0
             latents = sched.step(uncond + scale * (cond - uncond), t, latents).prev_sample

@@ -153,6 +153,10 @@ class FrozenTextEncoder(torch.nn.Module):
         ]
         return sum(n > self.context_length for n in lens)
 
+    def token_mask(self, texts: list[str]) -> torch.Tensor:
+        """(B, context_length) bool: the texts' real tokens (EOS included), not padding."""
+        return self.tokenize(texts) != self.tokenizer.pad_token_id
+
     @torch.no_grad()
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states (B, L, hidden), pooled (B, pooled)) for a list of texts."""

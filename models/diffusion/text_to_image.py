@@ -63,10 +63,9 @@ class TextToImagePipeline:
 
 def load_text_to_image(root: Path) -> TextToImagePipeline:
     from corpus.config import build_config
-    from models.diffusion.model import DiffusionConfig
+    from models.diffusion.model import DiffusionConfig, load_unet
     from models.diffusion.patch_autoencoder import load_trained_autoencoder
     from models.diffusion.text_encoder import load_text_encoder
-    from models.diffusion.text_map import load_unet
 
     root = Path(root)
     missing = [

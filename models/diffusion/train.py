@@ -45,11 +45,13 @@ from corpus.caption_mix import read_manifest, read_sampler
 from corpus.config import ConfigError, build_config
 from corpus.params import flatten, json_digest, load_section
 from corpus.prompt_suite import FORMS, judge_prompt, load_suite
+from corpus.shards import read_json_sidecars
 from models.common.data import load_images
 from models.common.optimizer_steps import OptimizerStepCallback
 from models.common.pipes_report import Reporter, open_reporter
 from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.diffusers_pipeline import export_diffusers_pipeline
+from models.diffusion.layout import train_layout_model
 from models.diffusion.masked_text import pretrain_masked_text_encoder
 from models.diffusion.model import (
     PREDICTION_TYPES,
@@ -187,9 +189,17 @@ class MixedLatents(torch.utils.data.Dataset):
     """Indexed by (epoch, [rows]): latents of the rows and the embedding of the caption
     variant each row gets in that epoch's manifest."""
 
-    def __init__(self, latents, states, pooled, variants_by_epoch: dict[int, np.ndarray]):
+    def __init__(
+        self,
+        latents,
+        states,
+        pooled,
+        variants_by_epoch: dict[int, np.ndarray],
+        layouts: torch.Tensor | None = None,
+    ):
         self.latents, self.states, self.pooled = latents, states, pooled
         self.variants = variants_by_epoch
+        self.layouts = layouts  # (rows, SEQ) layout tokens, for a layout UNet
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -198,11 +208,17 @@ class MixedLatents(torch.utils.data.Dataset):
         epoch, rows = item
         rows_t = torch.as_tensor(rows)
         v = torch.as_tensor(self.variants[epoch][rows])
-        return {
+        batch = {
             "latents": self.latents[rows_t],
             "states": self.states[v, rows_t],
             "pooled": self.pooled[v, rows_t],
         }
+        if self.layouts is not None:
+            # A dropped caption drops the layout too: the unconditional branch of guidance
+            layout = self.layouts[rows_t].clone()
+            layout[v == VARIANTS.index("dropped")] = -1
+            batch["layout"] = layout
+        return batch
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -584,6 +600,57 @@ def _text_probes(cfg, text_encoder, tag, logger, reporter) -> dict | None:
     return probes
 
 
+def _layout_tokens(unet, raw: Path, keys: list[str], shards: list[str]) -> torch.Tensor:
+    """(rows, SEQ) layout tokens of the training images, from the scenes the raw dataset
+    records beside each image (the world's annotation, as a detection dataset's boxes)."""
+    scenes: dict[str, dict] = {}
+    for shard in sorted(set(shards)):
+        wanted = {k for k, s in zip(keys, shards, strict=True) if s == shard}
+        found = read_json_sidecars(raw / f"{shard}.tar", wanted)
+        scenes.update({k: m["scene"] for k, m in found.items() if m.get("scene")})
+    missing = [k for k in keys if k not in scenes]
+    if missing:
+        raise ValueError(
+            f"unet.layout needs each training image's scene in the raw dataset's sidecar "
+            f"json; {len(missing)} have none (e.g. {missing[:3]}): set unet.layout: false "
+            "for a dataset without scene annotations"
+        )
+    return torch.tensor([unet.scene_tokens(scenes[k]) for k in keys])
+
+
+def _train_layout(cfg, unet, text_encoder, captions, states, by_epoch, reporter) -> tuple:
+    """The layout model trained alone on the sampler's captions and the rows' layouts,
+    then frozen (the UNet learns to draw the layouts it is given)."""
+    tokens = _layout_tokens(
+        unet, Path(cfg.raw), captions["key"].tolist(), captions["shard"].tolist()
+    )
+    n = len(captions)
+    masks = torch.stack(
+        [
+            text_encoder.token_mask(captions["synthetic"].tolist()),
+            text_encoder.token_mask(captions["alt_text"].tolist()),
+            text_encoder.token_mask([""]).expand(n, -1),
+        ]
+    )
+    d = cfg.diffusion
+    loss = train_layout_model(
+        unet.layout_model,
+        states,
+        masks,
+        by_epoch,
+        tokens,
+        d.layout_steps,
+        d.layout_batch_size,
+        d.layout_lr,
+        cfg.seed,
+        progress=lambda step, loss: reporter.info(
+            f"layout model: step {step}/{d.layout_steps} loss {loss:.4f}"
+        ),
+    )
+    unet.layout_model.requires_grad_(False).eval()
+    return loss, tokens
+
+
 def _precision(cfg: DiffusionTrainConfig) -> str:
     if cfg.precision != "auto":
         return cfg.precision
@@ -712,9 +779,23 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     unet = build_unet(
         cfg.unet, text_encoder.hidden_size, text_encoder.pooled_size, latents.shape[1:]
     )
+    resume = StepCheckpoint.latest(work / "checkpoints")
+    layouts = None
+    if cfg.unet.layout:
+        t = time.perf_counter()
+        by_epoch = torch.as_tensor(np.stack([variants[e] for e in sorted(variants)]))
+        if resume:  # the checkpoint holds the trained layout model
+            unet.layout_model.requires_grad_(False).eval()
+            layouts = _layout_tokens(unet, Path(cfg.raw), keys, captions["shard"].tolist())
+        else:
+            loss, layouts = _train_layout(
+                cfg, unet, text_encoder, captions, states, by_epoch, reporter
+            )
+            reporter.info(f"layout model trained alone: loss {loss:.4f}")
+        timings["layout_s"] = time.perf_counter() - t
     module = CheckpointedDiffusion(unet, cfg.diffusion)
     data = MixedLatentDataModule(
-        MixedLatents(latents, states, pooled, variants),
+        MixedLatents(latents, states, pooled, variants, layouts),
         cfg.batch_size,
         cfg.seed,
         cfg.accumulate_grad_batches,
@@ -732,7 +813,6 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     if ctx.curve_file.exists():
         ctx.curve = json.loads(ctx.curve_file.read_text())
     ckpts = StepCheckpoint(work / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    resume = StepCheckpoint.latest(work / "checkpoints")
     if resume:
         module.weights_dir = resume
         reporter.info(f"resuming from {resume}")

@@ -1,0 +1,96 @@
+"""The layout UNet: scenes to tokens and back, the map it draws from, a layout model that
+learns what a caption lays out, and saving, loading and sampling through diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.diffusion.layout import SEQ, LayoutUNet2DConditionModel, train_layout_model
+from models.diffusion.model import UNetConfig, build_unet, load_unet
+
+SMALL = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
+SCENE = {
+    "background": "black",
+    "objects": [
+        {"shape": "star", "color": "red", "size": "large", "row": 0, "col": 2},
+        {"shape": "circle", "color": "blue", "size": "small", "row": 2, "col": 1},
+    ],
+    "word": "CAT",
+    "word_cell": [1, 1],
+}
+
+
+def _unet(**kw) -> LayoutUNet2DConditionModel:
+    torch.manual_seed(0)
+    cfg = UNetConfig(layout=True, overrides=SMALL, layout_width=32, layout_layers=1, **kw)
+    return build_unet(cfg, text_hidden=16, text_pooled=16, latent_shape=(4, 9, 9))
+
+
+def test_a_scene_round_trips_through_its_tokens():
+    unet = _unet()
+    tokens = unet.scene_tokens(SCENE)
+    assert len(tokens) == SEQ
+    assert unet.tokens_scene(tokens) == SCENE
+    empty = {"background": "white", "objects": [], "word": None, "word_cell": None}
+    assert unet.tokens_scene(unet.scene_tokens(empty)) == empty
+
+
+def test_the_map_puts_each_object_in_its_cell_and_no_layout_is_all_zeros():
+    unet = _unet()
+    assert unet.config.in_channels == 4  # samplers draw the latent's noise
+    tokens = torch.tensor([unet.scene_tokens(SCENE), [-1] * SEQ])
+    m = unet.layout_map(tokens)
+    assert m.shape == (2, unet.layout_channels, 9, 9)
+    assert m[1].abs().sum() == 0
+    classes = unet.config.layout_classes
+    star = 1 + classes["shape"].index("star")
+    red = len(classes["shape"]) + 1 + classes["colour"].index("red")
+    # 9 x 9 latent: cell (0, 2) is rows 0-2, columns 6-8
+    assert m[0, star, 0:3, 6:9].eq(1).all() and m[0, star].sum() == 9
+    assert m[0, red, 0:3, 6:9].eq(1).all() and m[0, red].sum() == 9
+    # every place says its cell's shape (or empty) and the background
+    n_shape = len(classes["shape"]) + 1
+    assert m[0, :n_shape].sum(0).eq(1).all()
+    assert m[0, -len(classes["background"]) :].sum(0).eq(1).all()
+
+
+def test_the_text_map_and_the_layout_are_not_combined():
+    with pytest.raises(ValueError, match="replaces the text map"):
+        _unet(text_map_channels=8)
+
+
+def test_the_layout_model_learns_what_a_caption_lays_out_and_samples_it():
+    """Two captions (token states told apart by their first token), each always with its
+    own layout: after training, sampling a caption gives its layout."""
+    unet = _unet()
+    other = dict(SCENE, background="white", objects=SCENE["objects"][:1], word=None, word_cell=None)
+    layouts = torch.tensor([unet.scene_tokens(SCENE), unet.scene_tokens(other)])
+    states = torch.zeros(1, 2, 4, 16)
+    states[0, 0, 0, 0], states[0, 1, 0, 1] = 3.0, 3.0
+    masks = torch.ones(1, 2, 4, dtype=torch.bool)
+    variants = torch.zeros(1, 2, dtype=torch.long)
+    loss = train_layout_model(
+        unet.layout_model, states, masks, variants, layouts, 300, 16, 1e-2, seed=0
+    )
+    assert loss < 0.05
+    g = torch.Generator().manual_seed(0)
+    drawn = unet.plan(states[0].repeat(2, 1, 1), masks[0].repeat(2, 1), g)
+    assert drawn.tolist() == [layouts[0].tolist(), layouts[1].tolist()] * 2
+
+
+def test_a_saved_layout_unet_loads_back_and_draws_the_same(tmp_path):
+    unet = _unet().eval()
+    unet.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_unet(tmp_path).eval()
+    assert type(loaded) is LayoutUNet2DConditionModel
+    x, t = torch.randn(2, 4, 9, 9), torch.tensor([10, 900])
+    states, pooled = torch.randn(2, 5, 16), torch.randn(2, 16)
+    layout = torch.tensor([unet.scene_tokens(SCENE), [-1] * SEQ])
+    with torch.no_grad():
+        kw = {"encoder_hidden_states": states, "class_labels": pooled, "layout": layout}
+        expected = unet(x, t, **kw).sample
+        got = loaded(x, t, **kw).sample
+        # the layout reaches the output
+        assert not torch.allclose(expected, unet(x, t, **{**kw, "layout": None}).sample)
+    torch.testing.assert_close(got, expected)
