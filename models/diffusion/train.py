@@ -647,7 +647,7 @@ def _train_layout(cfg, unet, text_encoder, captions, states, by_epoch, reporter)
             f"layout model: step {step}/{d.layout_steps} loss {loss:.4f}"
         ),
     )
-    unet.layout_model.requires_grad_(False).eval()
+    unet.layout_model.requires_grad_(False)
     return loss, tokens
 
 
@@ -785,7 +785,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         t = time.perf_counter()
         by_epoch = torch.as_tensor(np.stack([variants[e] for e in sorted(variants)]))
         if resume:  # the checkpoint holds the trained layout model
-            unet.layout_model.requires_grad_(False).eval()
+            unet.layout_model.requires_grad_(False)
             layouts = _layout_tokens(unet, Path(cfg.raw), keys, captions["shard"].tolist())
         else:
             loss, layouts = _train_layout(

@@ -47,6 +47,7 @@ SEED, STEPS, GUIDANCE = 3, 3, 6.0
 CLIP_SAMPLE, GUIDANCE_MIN_T = 1.0, 300
 # What the exported pipeline.py may import: no recapflow package.
 ALLOWED_IMPORTS = {
+    "collections",
     "inspect",
     "json",
     "math",
@@ -60,7 +61,9 @@ ALLOWED_IMPORTS = {
 }
 
 
-def _recapflow_export(root: Path, autoencoder: str, text_map_channels: int = 0) -> None:
+def _recapflow_export(
+    root: Path, autoencoder: str, text_map_channels: int = 0, layout: bool = False
+) -> None:
     """A random tiny model written the way `diffusion_model`'s export step writes it
     (models/diffusion/train.py `_finish`), from recapflow's own builders and configs."""
     torch.manual_seed(0)
@@ -100,7 +103,7 @@ def _recapflow_export(root: Path, autoencoder: str, text_map_channels: int = 0) 
         zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
         latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
     unet = build_unet(
-        UNetConfig(text_map_channels=text_map_channels),
+        UNetConfig(text_map_channels=text_map_channels, layout=layout),
         encoder.hidden_size,
         encoder.pooled_size,
         latent_shape,
@@ -156,18 +159,24 @@ OUTSIDE_RECAPFLOW = textwrap.dedent(
 
 
 # A trained AutoencoderKL (latents), the patch autoencoder (pixels, a component class of
-# recapflow's own that the folder carries), and with it the UNet given a text map (another).
+# recapflow's own that the folder carries), and with it the UNet given a text map (another)
+# or the UNet with its layout model (another, which samples a layout per image).
 @pytest.fixture(
     scope="module",
-    params=[("recapflow-tiny-vae", 0), ("recapflow-tiny-patch", 0), ("recapflow-tiny-patch", 8)],
-    ids=["vae", "patch", "patch-text-map"],
+    params=[
+        ("recapflow-tiny-vae", 0, False),
+        ("recapflow-tiny-patch", 0, False),
+        ("recapflow-tiny-patch", 8, False),
+        ("recapflow-tiny-patch", 0, True),
+    ],
+    ids=["vae", "patch", "patch-text-map", "patch-layout"],
 )
 def exported(request, tmp_path_factory) -> dict:
     """recapflow's export of a random tiny model, then the diffusers export into the same
     folder (as the `diffusion_model` asset does), and what `generate` draws from it."""
     root = tmp_path_factory.mktemp("diffusers_export") / "diffusion_model"
-    autoencoder, text_map_channels = request.param
-    _recapflow_export(root, autoencoder, text_map_channels)
+    autoencoder, text_map_channels, layout = request.param
+    _recapflow_export(root, autoencoder, text_map_channels, layout)
     model = load_text_to_image(root)
     export_diffusers_pipeline(
         root,
@@ -200,6 +209,7 @@ def exported(request, tmp_path_factory) -> dict:
         "expected": images.permute(0, 2, 3, 1).numpy(),
         "patch": autoencoder == "recapflow-tiny-patch",
         "text_map": bool(text_map_channels),
+        "layout": layout,
     }
 
 
@@ -212,6 +222,9 @@ def test_export_is_a_diffusers_folder(exported):
     if exported["text_map"]:
         assert index["unet"] == ["text_map", "TextMapUNet2DConditionModel"]
         assert _imports(root / "unet" / "text_map.py") <= ALLOWED_IMPORTS
+    elif exported["layout"]:
+        assert index["unet"] == ["layout", "LayoutUNet2DConditionModel"]
+        assert _imports(root / "unet" / "layout.py") <= ALLOWED_IMPORTS
     else:
         assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     if exported["patch"]:

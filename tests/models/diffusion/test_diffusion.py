@@ -32,6 +32,7 @@ from models.diffusion.autoencoder import (
     load_autoencoder,
     train_autoencoder,
 )
+from models.diffusion.layout import LayoutUNet2DConditionModel
 from models.diffusion.model import (
     PREDICTION_TYPES,
     DiffusionConfig,
@@ -41,6 +42,7 @@ from models.diffusion.model import (
     sampling_scheduler,
 )
 from models.diffusion.text_encoder import MissingTextEncoderError, load_text_encoder
+from models.diffusion.text_to_image import load_text_to_image
 from models.diffusion.train import DiffusionTrainConfig, parallelism, train_diffusion
 from models.evaluation.colour_following import colour_prompts, score_colours
 
@@ -524,3 +526,42 @@ def test_timestep_power_moves_the_draws_to_the_weighty_timesteps_and_keeps_the_o
     uniform = (per_t[t0] * factor0).mean()
     weighted = (per_t[t1] * factor1).mean()
     assert abs(weighted / uniform - 1) < 0.02
+
+
+def test_a_layout_unet_trains_its_layout_model_then_draws_and_samples_layouts(
+    tiny_training_inputs, tmp_path
+):
+    """unet.layout (the default of params.yaml): the layout model trains alone first on
+    the raw dataset's scenes, the UNet after it, and the export samples a layout per image
+    through recapflow's loader."""
+    cfg = tiny_config(
+        tiny_training_inputs,
+        tmp_path,
+        unet={"overrides": TINY_UNET, "layout": True, "layout_width": 16, "layout_layers": 1},
+        diffusion={"max_steps": 4, "warmup_steps": 1, "layout_steps": 3, "layout_batch_size": 8},
+    )
+    metrics = train_diffusion(DiffusionTrainConfig.from_dict(cfg))
+    assert metrics["steps"] == 4 and metrics["seconds"]["layout_s"] > 0
+    model = load_text_to_image(tmp_path / "model")
+    assert isinstance(model.unet, LayoutUNet2DConditionModel)
+    images = model(["a red circle", "two blue stars"], seed=0, steps=2)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, model(["a red circle", "two blue stars"], seed=0, steps=2))
+
+
+def test_a_layout_unet_needs_the_scenes_of_its_training_images(tiny_training_inputs, tmp_path):
+    from models.diffusion.train import _layout_tokens
+
+    unet = build_unet(
+        UNetConfig(layout=True, overrides=TINY_UNET, layout_width=16, layout_layers=1),
+        16,
+        16,
+        (12, 16, 16),
+    )
+    index = pd.read_parquet(tiny_training_inputs["raw"] / "index.parquet")
+    keys, shards = index["key"].tolist()[:3], index["shard"].tolist()[:3]
+    assert _layout_tokens(unet, tiny_training_inputs["raw"], keys, shards).shape == (3, 11)
+    with pytest.raises(ValueError, match=r"1 have none \(e\.g\. \['no-such-key'\]\)"):
+        _layout_tokens(
+            unet, tiny_training_inputs["raw"], [*keys, "no-such-key"], [*shards, shards[0]]
+        )
