@@ -264,7 +264,8 @@ class LatentDiffusion(L.LightningModule):
         t, share = self._timesteps(len(z), z.device)
         noisy = self.scheduler.add_noise(z, noise, t)
         states, pooled = batch["states"].to(z.dtype), batch["pooled"].to(z.dtype)
-        pred = self._unet(noisy, t, states, pooled, batch.get("layout"))
+        extra = {"layout": batch["layout"]} if "layout" in batch else {}
+        pred = self._unet(noisy, t, states, pooled, **extra)
         kind = self.cfg.prediction_type
         if kind == "v_prediction":
             target = self.scheduler.get_velocity(z, noise, t)
