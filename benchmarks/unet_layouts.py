@@ -3,7 +3,7 @@ memory, of the fused AdamW kernel, of bf16 autocast, of torch.compile and of bat
 as a ratio to params.yaml's default in the same run.
 
 The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
-(16x16x12 for 32 px) with its text map; each candidate changes one thing. Every run
+(16x16x12 for 32 px) with its layout map (or text map); each candidate changes one thing. Every run
 trains `--steps` plain optimizer steps (after `--warmup`; compiled runs warm up four
 times as long, compilation included, and the compile time is reported) on random
 latents and text states of the right shapes; rounds alternate over the runs so drift in
@@ -45,6 +45,13 @@ _ATTN_AT_16_UP = {
     "up_block_types": ["CrossAttnUpBlock2D"] * 3,
 }
 
+# With unet.layout the map tells each place what stands there: convolutions alone.
+_NO_ATTN = {
+    "down_block_types": ["DownBlock2D"] * 3,
+    "up_block_types": ["UpBlock2D"] * 3,
+    "mid_block_type": "UNetMidBlock2D",
+}
+
 
 @dataclass(frozen=True)
 class Run:
@@ -70,6 +77,7 @@ RUNS = {
     "cross-attention at 16x16, no self-attention there": Run(
         overrides={**_ATTN_AT_16, "only_cross_attention": [True, False, False]}
     ),
+    "no attention (convolutions only)": Run(overrides=_NO_ATTN),
 }
 
 
@@ -79,6 +87,7 @@ def training_module(unet_params: dict, run: Run) -> LatentDiffusion:
         config=unet_params.get("config", "recapflow-tiny-unet"),
         overrides={**(unet_params.get("overrides") or {}), **run.overrides},
         text_map_channels=unet_params.get("text_map_channels", 0),
+        layout=unet_params.get("layout", False),
     )
     unet = build_unet(cfg, TEXT_WIDTH, TEXT_WIDTH, LATENT)
     if run.channels_last:
