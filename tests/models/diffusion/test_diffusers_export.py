@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 from tokenizers import processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from corpus.params import load_section
 from models import CONFIG_DIR
 from models.common.tokenizer import train_bpe_tokenizer
 from models.diffusion.autoencoder import AutoencoderConfig, build_autoencoder, to_model_range
@@ -45,6 +46,8 @@ SEED, STEPS, GUIDANCE = 3, 3, 6.0
 # only at t >= 300 (the pipeline's config): of the 3 leading steps 666, 333, 0, the last
 # runs unguided.
 CLIP_SAMPLE, GUIDANCE_MIN_T = 1.0, 300
+PARAMS = Path(__file__).parents[3] / "params.yaml"
+
 # What the exported pipeline.py may import: no recapflow package.
 ALLOWED_IMPORTS = {
     "collections",
@@ -102,8 +105,10 @@ def _recapflow_export(
     with torch.no_grad():
         zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
         latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
+    # The layout UNet as params.yaml ships it: convolutions only, no cross-attention.
+    overrides = load_section(PARAMS, "diffusion_model")["unet"]["overrides"] if layout else None
     unet = build_unet(
-        UNetConfig(text_map_channels=text_map_channels, layout=layout),
+        UNetConfig(text_map_channels=text_map_channels, layout=layout, overrides=overrides),
         encoder.hidden_size,
         encoder.pooled_size,
         latent_shape,
