@@ -45,6 +45,12 @@ _ATTN_AT_16_UP = {
     "up_block_types": ["CrossAttnUpBlock2D"] * 3,
 }
 
+# The layout before the layout map (params.yaml until commit 9112d9b).
+_ATTN_FROM_8 = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
 # With unet.layout the map tells each place what stands there: convolutions alone.
 _NO_ATTN = {
     "down_block_types": ["DownBlock2D"] * 3,
@@ -78,6 +84,7 @@ RUNS = {
         overrides={**_ATTN_AT_16, "only_cross_attention": [True, False, False]}
     ),
     "no attention (convolutions only)": Run(overrides=_NO_ATTN),
+    "cross-attention from 8x8 on": Run(overrides=_ATTN_FROM_8),
 }
 
 
