@@ -5,7 +5,7 @@ layout model samples bounds what the images can pass: here each prompt's sampled
 are judged as scenes, by the eval report's rule, without drawing them. Trained on the
 `make run`'s sampler, text tower and raw scenes, as `diffusion_model` trains it:
 
-    python -m benchmarks.layout_model --width 64 --layers 2 --steps 3000 --lr 0.003
+    python -m benchmarks.layout_model --width 128 --layers 3 --steps 3000 --batch 128
 
 prints the training time and all conditions per form and category (4 layouts per prompt).
 """
@@ -31,11 +31,11 @@ from models.diffusion.train import VARIANTS, _layout_tokens, _load_captions
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--sampler", type=Path, default=Path("data/mixed_sampler"))

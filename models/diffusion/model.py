@@ -60,8 +60,8 @@ class UNetConfig:
     # and the UNet draws it (models/diffusion/layout.py); the training images' layouts
     # come from the world's annotation of the raw dataset (tiny profile only)
     layout: bool = False
-    layout_width: int = 64
-    layout_layers: int = 2
+    layout_width: int = 128
+    layout_layers: int = 3
 
 
 # What the UNet predicts: the noise, the velocity (Salimans & Ho 2022) or the clean
@@ -118,7 +118,7 @@ class DiffusionConfig:
     # UNet learns to draw the training images' own layouts
     layout_steps: int = 3000
     layout_batch_size: int = 128
-    layout_lr: float = 3e-3
+    layout_lr: float = 1e-3
 
 
 def build_unet(

@@ -105,7 +105,7 @@ def _recapflow_export(
     with torch.no_grad():
         zeros = to_model_range(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
         latent_shape = tuple(vae.encode(zeros).latent_dist.mode().shape[1:])
-    # The layout UNet as params.yaml ships it: convolutions only, no cross-attention.
+    # The layout UNet as params.yaml ships it.
     overrides = load_section(PARAMS, "diffusion_model")["unet"]["overrides"] if layout else None
     unet = build_unet(
         UNetConfig(text_map_channels=text_map_channels, layout=layout, overrides=overrides),
