@@ -3,7 +3,7 @@ memory, of the fused AdamW kernel, of bf16 autocast, of torch.compile and of bat
 as a ratio to params.yaml's default in the same run.
 
 The default is params.yaml's `diffusion_model.unet` on the patch autoencoder's latents
-(16x16x12 for 32 px) with its layout map (or text map); each candidate changes one thing. Every run
+(16x16x12 for 32 px) with its layout map; each candidate changes one thing. Every run
 trains `--steps` plain optimizer steps (after `--warmup`; compiled runs warm up four
 times as long, compilation included, and the compile time is reported) on random
 latents and text states of the right shapes; rounds alternate over the runs so drift in
@@ -45,13 +45,7 @@ _ATTN_AT_16_UP = {
     "up_block_types": ["CrossAttnUpBlock2D"] * 3,
 }
 
-# The layout before the layout map (params.yaml until commit 9112d9b).
-_ATTN_FROM_8 = {
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-}
-# With unet.layout the map tells each place what stands there: convolutions alone.
+# No attention at all: with unet.layout the map says what stands at each place.
 _NO_ATTN = {
     "down_block_types": ["DownBlock2D"] * 3,
     "up_block_types": ["UpBlock2D"] * 3,
@@ -84,7 +78,6 @@ RUNS = {
         overrides={**_ATTN_AT_16, "only_cross_attention": [True, False, False]}
     ),
     "no attention (convolutions only)": Run(overrides=_NO_ATTN),
-    "cross-attention from 8x8 on": Run(overrides=_ATTN_FROM_8),
 }
 
 
