@@ -79,6 +79,32 @@ def test_the_layout_model_learns_what_a_caption_lays_out_and_samples_it():
     assert drawn.tolist() == [layouts[0].tolist(), layouts[1].tolist()] * 2
 
 
+def test_the_layout_loss_is_the_mean_cross_entropy_of_each_positions_logits():
+    """The loss scores each position with the vocabulary it draws from (background, cell,
+    word), as the per-position logits that sampling reads do."""
+    model = _unet().layout_model
+    torch.manual_seed(1)
+    states, mask = torch.randn(6, 5, 16), torch.ones(6, 5, dtype=torch.bool)
+    v = model.vocab
+    tokens = torch.cat(
+        [
+            torch.randint(0, v[0], (6, 1)),
+            torch.randint(0, v[1], (6, 9)),
+            torch.randint(0, v[2], (6, 1)),
+        ],
+        1,
+    )
+    logits = model(states, mask, tokens)
+    assert [lg.shape[1] for lg in logits] == [model.vocab[0], *[model.vocab[1]] * 9, model.vocab[2]]
+    each = torch.stack(
+        [torch.nn.functional.cross_entropy(lg, tokens[:, i]) for i, lg in enumerate(logits)]
+    )
+    assert torch.allclose(model.loss(states, mask, tokens), each.mean(), atol=1e-6)
+    # A prefix (what sampling feeds) gives the same logits as the full sequence there.
+    prefix = model(states, mask, tokens[:, :4])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefix, logits[:4], strict=False))
+
+
 def test_a_saved_layout_unet_loads_back_and_draws_the_same(tmp_path):
     unet = _unet().eval()
     unet.save_pretrained(tmp_path, safe_serialization=True)
