@@ -56,7 +56,7 @@ RUN_CONCURRENCY ?= 1
 # (assets/reuse.py); REBUILD=all, or a comma list of assets, builds them anyway.
 REBUILD ?=
 RUN_STARTED := $(shell date +%s)
-LAST_STEPS := mixed_sampler,autoencoder,diffusion_model,world_judge,reference_clip,prompt_expander,feedback_pool,preference_model,rich_feedback_model,eval_report
+LAST_STEPS := mixed_sampler,autoencoder,text_encoder,diffusion_model,world_judge,reference_clip,prompt_expander,feedback_pool,preference_model,rich_feedback_model,eval_report
 
 # A command runs only when one of its assets needs it (pipelines/stale.py: changed since
 # dvc.lock, never materialized, or asked for by REBUILD); a failed check stops the run.

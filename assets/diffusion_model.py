@@ -17,6 +17,7 @@ from PIL import Image
 
 from assets.metadata import flatten, preview_metadata
 from assets.reuse import build_or_reuse
+from assets.text_encoder import probe_metadata
 from models.diffusion.train import DiffusionTrainConfig
 from models.registry.model_registry import register_text_to_image
 
@@ -50,22 +51,6 @@ def curve_table(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def probe_metadata(probes: dict | None) -> dict:
-    """The text encoder's linear probes as one table: kinds by read-out place."""
-    if not probes:
-        return {}
-    places = {"pooled": probes["pooled"], **probes["tokens"]}
-    kinds = list(dict.fromkeys(k for acc in places.values() for k in acc))
-    lines = ["| kind | " + " | ".join(places) + " |", "|---|" + "---:|" * len(places)]
-    lines += [
-        f"| {k} | "
-        + " | ".join(f"{acc[k]:.3f}" if acc.get(k) is not None else "" for acc in places.values())
-        + " |"
-        for k in kinds
-    ]
-    return {"text_encoder_probes": dg.MetadataValue.md("\n".join(lines))}
-
-
 def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
     """The `models.diffusion.train` config of a run: params.yaml's section, the
     lineage's inputs, MLflow, then `settings` (the ablation's per-variant changes).
@@ -76,6 +61,7 @@ def training_config(project, mlflow_res, sampler, out, **settings) -> dict:
         "sampler": str(sampler),
         "autoencoder": str(project.data_path("autoencoder")),
         "captioner": str(project.data_path("captioner")),
+        "text_encoder_dir": str(project.data_path("text_encoder")),
         "out": str(out),
         "mlflow_tracking_uri": mlflow_res.tracking_uri,
         "mlflow_experiment": mlflow_res.experiment,
@@ -92,7 +78,7 @@ def checked_training_config(config: dict) -> dict:
 
 @dg.asset(
     name=STAGE,
-    deps=["mixed_sampler", "autoencoder", "captioner"],
+    deps=["mixed_sampler", "autoencoder", "captioner", "text_encoder"],
     group_name="training",
     kinds={"pytorch", "mlflow", "dvc"},
     pool="gpu",
@@ -122,6 +108,7 @@ def _build_diffusion_model(context: dg.AssetExecutionContext, config: dict) -> d
         "mixed_sampler": dvc.out_hashes("mixed_sampler")["data/mixed_sampler"],
         "autoencoder": dvc.out_hashes("autoencoder")["data/autoencoder"],
         "captioner": dvc.out_hashes("captioner")["data/captioner"],
+        "text_encoder": dvc.out_hashes("text_encoder")["data/text_encoder"],
     }
     invocation = launcher.run(
         context, "models.diffusion.train", extras={"config": config}, cwd=str(project.path)

@@ -196,7 +196,9 @@ def _run_settings(
         work=str(root / "work"),
         seed=run["seed"],
     )
+    # The shared encoder, not the lineage's text_encoder asset (trained on one blend).
     train["text_encoder"] = {**train.get("text_encoder", {}), "pretrained": encoder["pretrained"]}
+    train["text_encoder_dir"] = None
     if cfg["max_steps"]:
         train["diffusion"] = {**train.get("diffusion", {}), "max_steps": cfg["max_steps"]}
     train["eval"] = {

@@ -17,6 +17,7 @@ from assets import mixed_sampler as sampler_mod
 from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
+from assets import text_encoder as text_encoder_mod
 from pipelines.ablation import caption_ablation
 from pipelines.landing import landing_shards, retrain_on_new_data
 from pipelines.resources.dvc import DvcResource
@@ -53,6 +54,7 @@ ASSET_MODULES = [
     recaptioned_mod,
     sampler_mod,
     autoencoder_mod,
+    text_encoder_mod,
     diffusion_mod,
     evaluators_mod,
     eval_mod,

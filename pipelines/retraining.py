@@ -26,7 +26,13 @@ from corpus.atomic import write_text_atomic
 from corpus.params import load_params
 from pipelines.resources.project import default_project_dir
 
-RETRAIN_SELECTION = ["recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"]
+RETRAIN_SELECTION = [
+    "recaptioned_dataset",
+    "mixed_sampler",
+    "text_encoder",
+    "diffusion_model",
+    "eval_report",
+]
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 
 

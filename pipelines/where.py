@@ -42,6 +42,7 @@ LINEAGE = (
     "reference_clip",
     "autoencoder",
     "mixed_sampler",
+    "text_encoder",
     "diffusion_model",
     "prompt_expander",
     "feedback_pool",

@@ -66,6 +66,7 @@ TINY_STAGE_PARAMS = {
         "scene_images": 64,
     },
     "diffusion_model": {
+        "seed": 0,
         "batch_size": 16,
         "checkpoint_every": 4,
         "text_encoder": {"context_length": 32, "pretrain": {"max_steps": 2, "batch_size": 16}},

@@ -52,6 +52,7 @@ _PHRASE = re.compile(
     + r")\b"
 )
 SEED = 4_000_049  # disjoint from the corpus and every evaluator's seed (docs/evaluation.md)
+TEXT_PROBES = 4000  # captions of fresh scenes the probes fit and test on
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def linear_probe(
     return float((pred == y_test).mean())
 
 
-def probe_text_encoder(encoder: FrozenTextEncoder, n: int = 4000, train: float = 0.75) -> dict:
+def probe_text_encoder(
+    encoder: FrozenTextEncoder, n: int = TEXT_PROBES, train: float = 0.75
+) -> dict:
     """Held-out accuracies: {"pooled": {kind: acc}, "tokens": {"noun" | "phrase_end":
     {kind: acc}}}, with the numbers of captions, objects and objects past the context."""
     data = probe_data(n)

@@ -3,9 +3,10 @@
     python -m models.diffusion.train --config run.json          # a full config (Pipes)
     python -m models.diffusion.train --params params.yaml        # the `diffusion_model`
         --raw data/raw --sampler data/mixed_sampler --autoencoder data/autoencoder
-        --out data/diffusion_model
+        --text-encoder data/text_encoder --out data/diffusion_model
 
-Steps: pretrain the tiny text encoder (or load a pretrained one) -> encode every caption
+Steps: load the text encoder (the text_encoder asset's, `--text-encoder`; without one it
+is built in the work folder: models/diffusion/text_tower.py) -> encode every caption
 variant once and every image to latents once (cached) -> train the UNet with Lightning,
 checkpointing every N steps (weights in safetensors; optimizer, scheduler, loop, RNG
 and sampler position in a state file read with `weights_only=True`) -> export a
@@ -52,7 +53,6 @@ from models.common.pipes_report import Reporter, open_reporter
 from models.diffusion.autoencoder import image_grid, to_model_range
 from models.diffusion.diffusers_pipeline import export_diffusers_pipeline
 from models.diffusion.layout import train_layout_model
-from models.diffusion.masked_text import pretrain_masked_text_encoder
 from models.diffusion.model import (
     PREDICTION_TYPES,
     DiffusionConfig,
@@ -63,21 +63,20 @@ from models.diffusion.model import (
     sampling_scheduler,
 )
 from models.diffusion.patch_autoencoder import PatchAutoencoder, load_trained_autoencoder
-from models.diffusion.text_encoder import (
-    FrozenTextEncoder,
-    TextEncoderConfig,
-    load_text_encoder,
-    pretrain_text_encoder,
+from models.diffusion.text_encoder import FrozenTextEncoder, TextEncoderConfig
+from models.diffusion.text_probes import TEXT_PROBES
+from models.diffusion.text_tower import (
+    build_text_encoder,
+    load_built_text_encoder,
+    probe_metrics,
+    text_encoder_tag,
 )
-from models.diffusion.text_partner import captioner_partner
-from models.diffusion.text_probes import probe_text_encoder
 from models.evaluation.colour_following import colour_prompts, score_colours
 
 VARIANTS = ("synthetic", "alt_text", "dropped")  # index in the text cache
-# Part of every cache key and resume digest of the work folder: bump it when a code change
-# alters what the same configuration trains, so a rerun neither loads a text encoder nor
-# resumes checkpoints of the old code. 2: text encoder pooled at EOS
-# (models/diffusion/text_encoder.py).
+# Part of the resume digest of the work folder: bump it when a code change alters what the
+# same configuration trains, so a rerun does not resume checkpoints of the old code. 2:
+# text encoder pooled at EOS (models/diffusion/text_encoder.py).
 RECIPE = 2
 
 
@@ -99,7 +98,7 @@ class TrainEvalConfig:
     grid_prompts: int = 16
     # Captions of fresh scenes for the text encoder's linear probes
     # (models/diffusion/text_probes.py), run once per encoder; 0 skips them.
-    text_probes: int = 4000
+    text_probes: int = TEXT_PROBES
     # A reference CLIP folder (the reference_clip asset): each point of the curve then
     # also has the CLIP score of its samples against their prompts (the report's Fig. 4/5).
     reference_clip: str | None = None
@@ -137,6 +136,9 @@ class DiffusionTrainConfig:
     # Ignored on a GPU; `devices` and `strategy` then apply.
     cpu_processes: int = 1
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # The text_encoder asset's folder (models/diffusion/text_tower.py), built for these
+    # text_encoder settings and this sampler's captions; None: built in the work folder.
+    text_encoder_dir: str | None = None
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
@@ -532,72 +534,30 @@ def _latents(cfg, vae, keys, images: Callable[[], torch.Tensor], work: Path) -> 
     return latents
 
 
-def text_encoder_tag(
-    tcfg: TextEncoderConfig, texts: list[str], seed: int, captioner: str | None = None
-) -> str:
-    """What the tiny text encoder's pretraining depends on: its settings, the training
-    recipe and, when it learns from the corpus (contrastive), the captions themselves
-    (a new captioner's captions retrain it) and its partner's weights."""
-    captions_md5 = partner_md5 = None
-    if tcfg.objective == "contrastive":
-        captions_md5 = hashlib.md5("\n".join(texts).encode()).hexdigest()
-        if tcfg.pretrain.partner.startswith("captioner") and captioner:
-            files = sorted(Path(captioner, "concepts").glob("*.safetensors"))
-            partner_md5 = [hashlib.md5(f.read_bytes()).hexdigest() for f in files]
-    return _digest([asdict(tcfg), captions_md5, partner_md5, seed, RECIPE])
-
-
-def _partner(cfg: DiffusionTrainConfig) -> Callable[[int], torch.nn.Module] | None:
-    pretrain = cfg.text_encoder.pretrain
-    if pretrain.partner == "cnn":
-        return None
-    return captioner_partner(
-        pretrain.partner, Path(cfg.captioner) / "concepts", pretrain.image_width
-    )
-
-
-def _text_encoder(cfg, reporter, texts, tag, logger, images) -> FrozenTextEncoder:
-    tcfg = cfg.text_encoder
-    if tcfg.pretrained:
-        return load_text_encoder(
-            tcfg.pretrained, tcfg.context_length, tcfg.subfolder, tcfg.tokenizer_subfolder
+def _text_encoder(cfg, texts, tag, images, logger, reporter) -> tuple[FrozenTextEncoder, dict]:
+    """The text_encoder asset's encoder (`text_encoder_dir`), or, without one, an encoder
+    built in the work folder the same way (kept there for the next run); its probes are
+    logged to MLflow as text_probe/<where>/<kind>."""
+    folder = Path(cfg.text_encoder_dir) if cfg.text_encoder_dir else cfg.work_dir / "text_encoder"
+    if not cfg.text_encoder_dir:
+        build_text_encoder(
+            cfg.text_encoder,
+            folder,
+            texts,
+            images,
+            seed=cfg.seed,
+            captioner=cfg.captioner,
+            probes=cfg.eval.text_probes,
+            logger=logger,
+            info=reporter.info,
         )
-    folder = cfg.work_dir / "text_encoder"
-    done = folder / "done.json"
-    if not (done.exists() and json.loads(done.read_text()).get("tag") == tag):
-        if tcfg.objective == "masked":
-            reporter.info("pretraining the text encoder on the world's text (masked tokens)")
-            metrics = pretrain_masked_text_encoder(tcfg, folder, logger, cfg.seed)
-        else:
-            reporter.info("pretraining the text encoder contrastively on the corpus")
-            metrics = pretrain_text_encoder(
-                tcfg, images(), texts, folder, logger, cfg.seed, image_tower=_partner(cfg)
-            )
-        write_text_atomic(done, json.dumps({"tag": tag, "metrics": metrics}))
-        reporter.info(f"text encoder: {metrics}")
-    return load_text_encoder(folder, tcfg.context_length)
-
-
-def _text_probes(cfg, text_encoder, tag, logger, reporter) -> dict | None:
-    """The encoder's linear probes, computed once per encoder (kept in the work folder)
-    and logged to MLflow as text_probe/<where>/<kind>."""
-    n = cfg.eval.text_probes
-    if not n:
-        return None
-    cache = cfg.work_dir / "text_probes.json"
-    key = _digest([tag, cfg.text_encoder.pretrained, n])
-    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())["probes"]
-    probes = probe_text_encoder(text_encoder, n)
-    write_text_atomic(cache, json.dumps({"key": key, "probes": probes}))
-    flat = {f"text_probe/pooled/{k}": v for k, v in probes["pooled"].items()}
-    for where, acc in probes["tokens"].items():
-        flat.update({f"text_probe/{where}/{k}": v for k, v in acc.items()})
-    flat = {k: v for k, v in flat.items() if v is not None}  # None: nothing to probe
-    reporter.info("text encoder probes: " + ", ".join(f"{k} {v:.3f}" for k, v in flat.items()))
-    if logger:
-        logger.log_metrics(flat)
-    return probes
+    encoder, record = load_built_text_encoder(folder, cfg.text_encoder, tag)
+    flat = probe_metrics(record.get("probes"))
+    if flat:
+        reporter.info("text encoder probes: " + ", ".join(f"{k} {v:.3f}" for k, v in flat.items()))
+        if logger:
+            logger.log_metrics(flat)
+    return encoder, record
 
 
 def _layout_tokens(unet, raw: Path, keys: list[str], shards: list[str]) -> torch.Tensor:
@@ -689,7 +649,15 @@ def _mlflow_logger(cfg: DiffusionTrainConfig, work: Path) -> MLFlowLogger | None
 WORKER_CONFIG_ENV = "RECAPFLOW_DIFFUSION_CONFIG"
 
 # Settings that do not change what is trained: a rerun with other values still resumes.
-_RESUME_NEUTRAL = ("out", "work", "eval", "num_threads", "checkpoint_every", "keep_checkpoints")
+_RESUME_NEUTRAL = (
+    "out",
+    "work",
+    "text_encoder_dir",
+    "eval",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def discard_stale_run(
@@ -750,11 +718,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
     )
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    text_encoder = _text_encoder(cfg, reporter, texts, encoder_tag, logger, images)
+    text_encoder, encoder = _text_encoder(cfg, texts, encoder_tag, images, logger, reporter)
     timings["text_encoder_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    probes = _text_probes(cfg, text_encoder, encoder_tag, logger, reporter)
-    timings["text_probes_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     latents = _latents(cfg, vae, keys, images, work)
@@ -801,7 +766,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, reporter: Reporter | None = None)
         cfg.accumulate_grad_batches,
     )
     ctx = TrainContext(cfg, vae, text_encoder, logger, style, work / "curve.json")
-    ctx.text_probes = probes
+    ctx.text_probes = encoder.get("probes")
     if cfg.eval.reference_clip:
         from models.evaluation.reference_clip import load_reference_clip
 
@@ -947,6 +912,7 @@ def load_config(args: argparse.Namespace) -> DiffusionTrainConfig:
                     ("sampler", args.sampler),
                     ("autoencoder", args.autoencoder),
                     ("captioner", args.captioner),
+                    ("text_encoder_dir", args.text_encoder),
                     ("out", args.out),
                 )
                 if v
@@ -964,6 +930,7 @@ def main() -> None:
     ap.add_argument("--sampler", type=Path)
     ap.add_argument("--autoencoder", type=Path)
     ap.add_argument("--captioner", type=Path, help="needed by text_encoder.pretrain.partner")
+    ap.add_argument("--text-encoder", type=Path, help="the text_encoder asset's folder")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))):

@@ -27,6 +27,7 @@ STAGES = {
     "recaptioned_dataset",
     "mixed_sampler",
     "autoencoder",
+    "text_encoder",
     "diffusion_model",
     "world_judge",
     "reference_clip",
@@ -38,6 +39,7 @@ STAGES = {
 }
 DOWNSTREAM_OF_SAMPLER = {
     "mixed_sampler",
+    "text_encoder",
     "diffusion_model",
     "eval_report",
     "feedback_pool",

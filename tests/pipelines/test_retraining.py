@@ -26,7 +26,13 @@ def test_schedule_takes_its_cron_from_params_and_targets_blend_to_gate(tmp_path)
 
     job = defs.resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert keys == {"recaptioned_dataset", "mixed_sampler", "diffusion_model", "eval_report"}
+    assert keys == {
+        "recaptioned_dataset",
+        "mixed_sampler",
+        "text_encoder",
+        "diffusion_model",
+        "eval_report",
+    }
     # A schedule context needs a persistent instance, and must be closed: it enters the
     # instance it opens from the ref, which sets Dagster's current defs-state storage for
     # everything that follows in this process (a dangling one breaks later tests).

@@ -36,6 +36,7 @@ from assets import mixed_sampler as sampler_mod
 from assets import prompt_expander as expander_mod
 from assets import raw_alt_text_dataset as raw_mod
 from assets import recaptioned_dataset as recaptioned_mod
+from assets import text_encoder as text_encoder_mod
 from assets.reuse import REBUILD_TAG
 from models.expansion.model import expand, load_expander
 from models.feedback.pool import load_pool
@@ -57,6 +58,7 @@ ASSETS = [
     autoencoder_mod.autoencoder,
     autoencoder_mod.autoencoder_keeps_colours,
     autoencoder_mod.autoencoder_keeps_scenes,
+    text_encoder_mod.text_encoder,
     diffusion_mod.diffusion_model,
     evaluators_mod.world_judge,
     evaluators_mod.world_judge_accurate,
@@ -209,15 +211,18 @@ def blend_refusals(lineage, upstream):
 
 @pytest.fixture(scope="module")
 def trained(lineage, blend_refusals):
-    """mixed_sampler, world_judge (the autoencoder's scene check reads it), autoencoder and
-    diffusion_model (the training process via Pipes)."""
-    res = _materialize(lineage, ["mixed_sampler", "world_judge", "autoencoder", "diffusion_model"])
+    """mixed_sampler, world_judge (the autoencoder's scene check reads it), autoencoder,
+    text_encoder and diffusion_model (the training process via Pipes)."""
+    res = _materialize(
+        lineage, ["mixed_sampler", "world_judge", "autoencoder", "text_encoder", "diffusion_model"]
+    )
     md = res.asset_materializations_for_node("diffusion_model")[0].metadata
     run_id = md["mlflow_run_id"].value
     client = lineage.client
     return SimpleNamespace(
         res=res,
         sampler=res.asset_materializations_for_node("mixed_sampler")[0].metadata,
+        encoder=res.asset_materializations_for_node("text_encoder")[0].metadata,
         checks={c.check_name: c for c in res.get_asset_check_evaluations()},
         md=md,
         run_id=run_id,
@@ -357,20 +362,26 @@ def ablation(lineage, promoted):
     )
 
 
-STEPS = ["world_judge", "reference_clip", "autoencoder", "mixed_sampler", "diffusion_model",
-         "eval_report"]  # fmt: skip
+STEPS = ["world_judge", "reference_clip", "autoencoder", "mixed_sampler", "text_encoder",
+         "diffusion_model", "eval_report"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def reuse(lineage, ablation):
     """Every step after the recaptions, three times: to settle what the stages before left
-    changed; again with nothing changed; then with mixed_sampler.synthetic_ratio edited
-    in params.yaml. Last in the module: it changes the blend."""
+    changed; again with nothing changed (then what a UNet-only edit of params.yaml would
+    rebuild, asked only); then with mixed_sampler.synthetic_ratio edited in params.yaml.
+    Last in the module: it changes the blend."""
     _materialize(lineage, STEPS)
     same = _materialize(lineage, STEPS)
     stale_when_same = stale.reasons(STEPS, lineage.instance, lineage.resources["dvc"])
     params_file = lineage.project_dir / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
+    before = params_file.read_text()
+    params = yaml.safe_load(before)
+    params["diffusion_model"]["diffusion"]["lr"] = 0.0005  # the UNet's, not the encoder's
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    stale_when_unet = stale.reasons(STEPS, lineage.instance, lineage.resources["dvc"])
+    params = yaml.safe_load(before)
     params["mixed_sampler"]["synthetic_ratio"] = 0.5
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     stale_when_edited = stale.reasons(STEPS, lineage.instance, lineage.resources["dvc"])
@@ -383,6 +394,7 @@ def reuse(lineage, ablation):
         same=metadata(same),
         edited=metadata(edited),
         stale_when_same=stale_when_same,
+        stale_when_unet=stale_when_unet,
         stale_when_edited=stale_when_edited,
     )
 
@@ -443,6 +455,14 @@ def test_autoencoder_scene_check_shows_the_judge_on_renders_and_reconstructions(
     assert "reconstructions lose" in check.description and "shape" in check.description
     table = check.metadata["scene_kept"].value
     assert "| shape |" in table and "reconstructed" in table
+
+
+def test_the_text_encoder_is_a_step_of_its_own_with_its_probes_and_the_training_reads_it(
+    trained,
+):
+    assert "| shape |" in trained.encoder["text_encoder_probes"].value
+    assert trained.md["data_versions"].data["text_encoder"] == trained.encoder["dvc_md5"].value
+    assert trained.md["text_encoder_probes"].value == trained.encoder["text_encoder_probes"].value
 
 
 def test_training_process_reports_steps_and_colour_following_through_pipes(trained):
@@ -734,8 +754,13 @@ def test_make_run_launches_no_step_when_nothing_changed_and_the_sampler_when_its
 
 def test_editing_the_synthetic_ratio_rebuilds_only_the_sampler_and_what_follows(reuse):
     rebuilt = {n for n, md in reuse.edited.items() if not md["reused"].value}
-    assert rebuilt == {"mixed_sampler", "diffusion_model", "eval_report"}
+    # The text encoder learns from the blend's captions: a new blend, a new encoder.
+    assert rebuilt == {"mixed_sampler", "text_encoder", "diffusion_model", "eval_report"}
     assert reuse.edited["mixed_sampler"]["dvc_md5"] != reuse.same["mixed_sampler"]["dvc_md5"]
+
+
+def test_a_change_to_the_unets_training_leaves_the_text_encoder_current(reuse):
+    assert set(reuse.stale_when_unet) == {"diffusion_model"}
 
 
 def test_the_rebuild_tag_builds_an_unchanged_step_again(retrained):

@@ -25,6 +25,7 @@ from corpus.caption_mix import MixConfig, build_mixed_sampler
 from corpus.config import ConfigError
 from corpus.palette import colour_kept, dominant_object_colour
 from corpus.world import Scene, SceneObject, render
+from models.common.data import load_images
 from models.common.tokenizer import train_bpe_tokenizer
 from models.diffusion.autoencoder import (
     AutoencoderConfig,
@@ -43,6 +44,7 @@ from models.diffusion.model import (
 )
 from models.diffusion.text_encoder import MissingTextEncoderError, load_text_encoder
 from models.diffusion.text_to_image import load_text_to_image
+from models.diffusion.text_tower import build_text_encoder, sampler_captions
 from models.diffusion.train import DiffusionTrainConfig, parallelism, train_diffusion
 from models.evaluation.colour_following import colour_prompts, score_colours
 
@@ -370,8 +372,45 @@ def test_a_changed_configuration_starts_over_instead_of_resuming(tmp_path):
     assert not discard_stale_run(cfg, {"config": {"synthetic_ratio": 0.8}}, "encoder-b")
 
 
+def test_a_text_encoder_built_as_its_own_step_is_loaded_and_not_trained_again(
+    tiny_training_inputs, tmp_path
+):
+    """The text_encoder asset's folder (`text_encoder_dir`): the training loads it, trains
+    no encoder of its own and exports that one; a folder built from other captions is
+    refused by name."""
+    inputs = tiny_training_inputs
+    cfg = tiny_config(inputs, tmp_path, diffusion={"max_steps": 2, "warmup_steps": 1})
+    tcfg = DiffusionTrainConfig.from_dict(cfg).text_encoder
+    keys, shards, texts = sampler_captions(inputs["sampler"])
+    decoded = []
+
+    def images():
+        decoded.append(1)
+        return load_images(inputs["raw"], keys, shards, 32)
+
+    record = build_text_encoder(tcfg, tmp_path / "encoder", texts, images, probes=80)
+    assert decoded == [1] and set(record["probes"]["pooled"]) >= {"shape", "colour"}
+    # Built again with nothing changed: kept as it is, nothing decoded or trained.
+    assert build_text_encoder(tcfg, tmp_path / "encoder", texts, images, probes=80) == record
+    assert decoded == [1]
+
+    metrics = train_diffusion(
+        DiffusionTrainConfig.from_dict({**cfg, "text_encoder_dir": str(tmp_path / "encoder")})
+    )
+    assert metrics["steps"] == 2 and metrics["text_probes"] == record["probes"]
+    assert not (tmp_path / "work" / "text_encoder").exists()
+    exported = load_text_encoder(tmp_path / "model" / "text_encoder", 32)(["a red circle"])
+    built = load_text_encoder(tmp_path / "encoder", 32)(["a red circle"])
+    assert torch.equal(exported[1], built[1])
+
+    build_text_encoder(tcfg, tmp_path / "other", [f"{t} again" for t in texts], images, probes=0)
+    other = {**cfg, "text_encoder_dir": str(tmp_path / "other"), "work": str(tmp_path / "w2")}
+    with pytest.raises(ValueError, match=r"other\b.*built from other settings or captions"):
+        train_diffusion(DiffusionTrainConfig.from_dict(other))
+
+
 def test_new_captions_retrain_the_text_encoder_and_the_same_ones_reuse_it():
-    from models.diffusion.train import text_encoder_tag
+    from models.diffusion.text_tower import text_encoder_tag
 
     tcfg = DiffusionTrainConfig().text_encoder
     captions = ["a red circle in the top left", "a blue square"]

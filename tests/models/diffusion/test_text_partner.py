@@ -25,8 +25,10 @@ from models.diffusion.text_partner import (
     LockedConceptTower,
     MissingConceptTowerError,
     SummedTowers,
+    captioner_partner,
 )
-from models.diffusion.train import DiffusionTrainConfig, _partner, text_encoder_tag
+from models.diffusion.text_tower import text_encoder_tag
+from models.diffusion.train import DiffusionTrainConfig
 
 CLIP = "recapflow-tiny-cell-clip"
 
@@ -95,21 +97,15 @@ def test_the_captioners_concept_tower_stays_locked_while_the_text_tower_learns(t
 def test_the_summed_partner_trains_its_cnn_beside_the_locked_concept_tower(tmp_path):
     captioner = tmp_path / "captioner"
     _concepts(captioner / "concepts")
-    cfg = DiffusionTrainConfig.from_dict(
-        {
-            "captioner": str(captioner),
-            "text_encoder": {"pretrain": {"partner": "captioner+cnn", "image_width": 8}},
-        }
-    )
     built, cnn_before = [], {}
 
     def partner(dim):
-        built.append(_partner(cfg)(dim))
+        built.append(captioner_partner("captioner+cnn", captioner / "concepts", 8)(dim))
         cnn_before.update({k: v.clone() for k, v in built[0].towers[1].state_dict().items()})
         return built[0]
 
     images, texts = _pairs()
-    reference = _partner(cfg)(8)
+    reference = captioner_partner("captioner+cnn", captioner / "concepts", 8)(8)
     pretrain_text_encoder(
         _cfg(partner="captioner+cnn", image_width=8),
         images,
