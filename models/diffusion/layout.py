@@ -40,14 +40,9 @@ SEQ = 1 + CELLS + 1  # background, the cells row-major, the word
 KINDS = ("shape", "colour", "size", "word", "background")
 
 
-def _spans(n: int) -> list[tuple[int, int, int]]:
-    """(kind, start, stop) of the runs of positions < n that draw from one vocabulary:
-    one embedding or head call per run, not per position."""
-    return [
-        (k, a, min(b, n))
-        for k, a, b in ((0, 0, 1), (1, 1, 1 + CELLS), (2, 1 + CELLS, SEQ))
-        if a < n
-    ]
+def _kind(position: int) -> int:
+    """Which vocabulary a sequence position draws from: 0 background, 1 cell, 2 word."""
+    return 0 if position == 0 else (1 if position <= CELLS else 2)
 
 
 class LayoutModel(nn.Module):
@@ -74,35 +69,25 @@ class LayoutModel(nn.Module):
         """Logits of each position given the tokens before it (teacher forcing): one
         tensor per position of `tokens` (B, n <= SEQ). `mask` (B, L): the caption's real
         tokens (True) among its padded states (B, L, text_width)."""
-        return [lg for _, block in self._blocks(states, mask, tokens) for lg in block.unbind(1)]
-
-    def _blocks(
-        self, states: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor
-    ) -> list[tuple[int, torch.Tensor]]:
-        """(first position, (B, positions, vocab) logits) per run of `_spans`."""
         n = tokens.shape[1]
         keep = int(mask.sum(1).max().clamp(min=1))  # the padding after the longest is masked
         states, mask = states[:, :keep], mask[:, :keep].clone()
         mask[:, 0] = True  # an empty caption still has its first state to attend to
-        prev = [self.start.expand(len(states), 1, -1)]
-        prev += [self.embed[k](tokens[:, a:b]) for k, a, b in _spans(n - 1)]
-        x = torch.cat(prev, 1) + self.pos[:n]
+        prev = [self.start.expand(len(states), -1)]
+        prev += [self.embed[_kind(i)](tokens[:, i]) for i in range(n - 1)]
+        x = torch.stack(prev, 1) + self.pos[:n]
         causal = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
         memory = self.memory(states.to(x.dtype))
         h = self.decoder(
             x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~mask
         )
         h = self.norm(h)
-        return [(a, self.heads[k](h[:, a:b])) for k, a, b in _spans(n)]
+        return [self.heads[_kind(i)](h[:, i]) for i in range(n)]
 
     def loss(self, states: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the SEQ positions."""
-        total = 0.0
-        for a, block in self._blocks(states, mask, tokens):
-            n = block.shape[1]
-            target = tokens[:, a : a + n].reshape(-1)
-            total = total + F.cross_entropy(block.flatten(0, 1), target, reduction="sum")
-        return total / (len(tokens) * SEQ)
+        logits = self(states, mask, tokens)
+        return sum(F.cross_entropy(lg, tokens[:, i]) for i, lg in enumerate(logits)) / SEQ
 
     @torch.no_grad()
     def sample(
