@@ -6,44 +6,78 @@ are judged as scenes, by the eval report's rule, without drawing them. Trained o
 `make run`'s sampler, text tower and raw scenes, as `diffusion_model` trains it:
 
     python -m benchmarks.layout_model --width 128 --layers 3 --steps 3000 --batch 128
+    python -m benchmarks.layout_model --width 64 --layers 2 --lr 0.003 --short-share 0.3
+    python -m benchmarks.layout_model --model data/diffusion_model   # a trained one
 
-prints the training time and all conditions per form and category (4 layouts per prompt).
+prints the training time and all conditions per form and category (`--images-per-prompt`
+layouts per prompt), and how often the alt texts of the training rows that name a shape
+name only shapes their scene has. `--short-share P` gives that share of the rows whose
+caption is synthetic in an epoch their short synthetic caption instead (from
+`--recaptioned`): what the layout model learns of short captions when it sees some.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from corpus.caption_mix import read_manifest, read_sampler
 from corpus.prompt_suite import CATEGORIES, FORMS, judge_prompt, load_suite
-from corpus.world import Scene
+from corpus.world import SHAPES, Scene
 from models.diffusion.layout import train_layout_model
 from models.diffusion.model import UNetConfig, build_unet
 from models.diffusion.text_encoder import load_text_encoder
+from models.diffusion.text_to_image import load_text_to_image
 from models.diffusion.train import VARIANTS, _layout_tokens, _load_captions
 
+_SHAPE = re.compile(r"\b(" + "|".join(SHAPES) + r")(?:e?s)?\b")
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images-per-prompt", type=int, default=4)
-    ap.add_argument("--sampler", type=Path, default=Path("data/mixed_sampler"))
-    ap.add_argument("--raw", type=Path, default=Path("data/raw"))
-    ap.add_argument("--text-encoder", type=Path, default=Path("data/diffusion_model/text_encoder"))
-    ap.add_argument("--out", type=Path, default=None, help="write the scores here (json)")
-    a = ap.parse_args()
 
+def alt_text_shapes(alt_texts: list[str], scenes: list[dict]) -> dict:
+    """Of the alt texts that name a shape, the share whose every named shape is in the
+    scene."""
+    named = [
+        (set(_SHAPE.findall((a or "").lower())), sc)
+        for a, sc in zip(alt_texts, scenes, strict=True)
+    ]
+    named = [(n, sc) for n, sc in named if n]
+    right = sum(n <= {o["shape"] for o in sc["objects"]} for n, sc in named)
+    return {"rows": len(alt_texts), "naming_a_shape": len(named), "right": right / len(named)}
+
+
+def judge_layouts(unet, enc, k: int, temperature: float = 1.0) -> dict:
+    """All conditions per form and category of `k` layouts per suite prompt, and the
+    objects per layout."""
+    prompts, result = load_suite(), {}
+    for form in FORMS:
+        texts = [p.text(form) for p in prompts for _ in range(k)]
+        s, _ = enc(texts)
+        g = torch.Generator().manual_seed(0)
+        drawn = unet.plan(s, enc.token_mask(texts), g, temperature)
+        scenes = [Scene.from_dict(unet.tokens_scene(t)) for t in drawn.tolist()]
+        passed = (
+            np.array([judge_prompt(prompts[i // k], sc)["passed"] for i, sc in enumerate(scenes)])
+            .reshape(len(prompts), k)
+            .mean(1)
+        )
+        cats = {c: float(passed[[p.category == c for p in prompts]].mean()) for c in CATEGORIES}
+        result[form] = {
+            **cats,
+            "overall": float(np.mean(list(cats.values()))),
+            "objects": float(np.mean([len(sc.objects) for sc in scenes])),
+        }
+    return result
+
+
+def _train(a: argparse.Namespace) -> tuple:
     captions = _load_captions(a.sampler)
     epochs = read_sampler(a.sampler)["config"]["epochs"]
     index = {v: i for i, v in enumerate(VARIANTS)}
@@ -52,12 +86,18 @@ def main() -> None:
     )
     enc = load_text_encoder(a.text_encoder, 96)
     n = len(captions)
-    states = [enc.encode_all(captions[c].tolist())[0] for c in ("synthetic", "alt_text")]
-    states = torch.stack([*states, enc.encode_all([""])[0].expand(n, -1, -1)])
-    masks = torch.stack(
-        [enc.token_mask(captions[c].tolist()) for c in ("synthetic", "alt_text")]
-        + [enc.token_mask([""]).expand(n, -1)]
-    )
+    texts = [captions["synthetic"].tolist(), captions["alt_text"].tolist(), [""] * n]
+    if a.short_share:
+        files = sorted(glob.glob(str(a.recaptioned / "*.parquet")))
+        short = pd.concat(pd.read_parquet(f, columns=["key", "short_caption"]) for f in files)
+        texts.append(short.set_index("key").loc[captions["key"], "short_caption"].tolist())
+        g = torch.Generator().manual_seed(a.seed)
+        swap = (variants == index["synthetic"]) & (
+            torch.rand(variants.shape, generator=g) < a.short_share
+        )
+        variants[swap] = len(VARIANTS)
+    states = torch.stack([enc.encode_all(t)[0] for t in texts])
+    masks = torch.stack([enc.token_mask(t) for t in texts])
     cfg = UNetConfig(layout=True, layout_width=a.width, layout_layers=a.layers)
     unet = build_unet(cfg, enc.hidden_size, enc.pooled_size, (12, 16, 16))
     tokens = _layout_tokens(unet, a.raw, captions["key"].tolist(), captions["shard"].tolist())
@@ -66,31 +106,49 @@ def main() -> None:
     loss = train_layout_model(
         unet.layout_model, states, masks, variants, tokens, a.steps, a.batch, a.lr, a.seed
     )
-    seconds = time.perf_counter() - t0
-
-    prompts = load_suite()
-    k = a.images_per_prompt
-    result = {
+    trained = {
         "width": a.width,
         "layers": a.layers,
         "steps": a.steps,
         "batch": a.batch,
-        "seconds": round(seconds, 1),
+        "lr": a.lr,
+        "short_share": a.short_share,
+        "seconds": round(time.perf_counter() - t0, 1),
         "loss": round(loss, 4),
     }
-    for form in FORMS:
-        texts = [p.text(form) for p in prompts for _ in range(k)]
-        s, _ = enc(texts)
-        g = torch.Generator().manual_seed(0)
-        drawn = unet.plan(s, enc.token_mask(texts), g)
-        scenes = [Scene.from_dict(unet.tokens_scene(t)) for t in drawn.tolist()]
-        passed = (
-            np.array([judge_prompt(prompts[i // k], sc)["passed"] for i, sc in enumerate(scenes)])
-            .reshape(len(prompts), k)
-            .mean(1)
-        )
-        cats = {c: float(passed[[p.category == c for p in prompts]].mean()) for c in CATEGORIES}
-        result[form] = {**cats, "overall": float(np.mean(list(cats.values())))}
+    return unet, enc, trained
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="judge this model's layout model")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--short-share", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--sampler", type=Path, default=Path("data/mixed_sampler"))
+    ap.add_argument("--recaptioned", type=Path, default=Path("data/recaptioned"))
+    ap.add_argument("--raw", type=Path, default=Path("data/raw"))
+    ap.add_argument("--text-encoder", type=Path, default=Path("data/text_encoder"))
+    ap.add_argument("--out", type=Path, default=None, help="write the scores here (json)")
+    a = ap.parse_args()
+
+    if a.model:
+        model = load_text_to_image(a.model)
+        unet, enc, result = model.unet, model.text_encoder, {"model": str(a.model)}
+    else:
+        unet, enc, result = _train(a)
+    captions = _load_captions(a.sampler)
+    tokens = _layout_tokens(unet, a.raw, captions["key"].tolist(), captions["shard"].tolist())
+    scenes = [unet.tokens_scene(t) for t in tokens.tolist()]
+    result["alt_text_shapes"] = alt_text_shapes(captions["alt_text"].tolist(), scenes)
+    result["temperature"] = a.temperature
+    result.update(judge_layouts(unet, enc, a.images_per_prompt, a.temperature))
     print(json.dumps(result))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
