@@ -77,8 +77,7 @@ def judge_layouts(unet, enc, k: int, temperature: float = 1.0) -> dict:
     return result
 
 
-def _train(a: argparse.Namespace) -> tuple:
-    captions = _load_captions(a.sampler)
+def _train(a: argparse.Namespace, captions: pd.DataFrame) -> tuple:
     epochs = read_sampler(a.sampler)["config"]["epochs"]
     index = {v: i for i, v in enumerate(VARIANTS)}
     variants = torch.as_tensor(
@@ -116,7 +115,7 @@ def _train(a: argparse.Namespace) -> tuple:
         "seconds": round(time.perf_counter() - t0, 1),
         "loss": round(loss, 4),
     }
-    return unet, enc, trained
+    return unet, enc, trained, tokens
 
 
 def main() -> None:
@@ -138,13 +137,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the scores here (json)")
     a = ap.parse_args()
 
+    captions = _load_captions(a.sampler)
     if a.model:
         model = load_text_to_image(a.model)
         unet, enc, result = model.unet, model.text_encoder, {"model": str(a.model)}
+        keys, shards = captions["key"].tolist(), captions["shard"].tolist()
+        tokens = _layout_tokens(unet, a.raw, keys, shards)
     else:
-        unet, enc, result = _train(a)
-    captions = _load_captions(a.sampler)
-    tokens = _layout_tokens(unet, a.raw, captions["key"].tolist(), captions["shard"].tolist())
+        unet, enc, result, tokens = _train(a, captions)
     scenes = [unet.tokens_scene(t) for t in tokens.tolist()]
     result["alt_text_shapes"] = alt_text_shapes(captions["alt_text"].tolist(), scenes)
     result["temperature"] = a.temperature
