@@ -137,8 +137,8 @@ def build_text_encoder(
     t = time.perf_counter()
     record["probes"] = probe_text_encoder(encoder, probes) if probes else None
     record["probed"] = probes
-    record["seconds"] = {"probes_s": time.perf_counter() - t, "total_s": 0.0}
-    record["seconds"]["total_s"] = time.perf_counter() - t0
+    now = time.perf_counter()
+    record["seconds"] = {"probes_s": now - t, "total_s": now - t0}
     (tmp / METRICS).write_text(json.dumps(record, indent=2) + "\n")
     replace_dir(tmp, out)
     info(f"text encoder built in {record['seconds']['total_s']:.0f} s: {pretraining}")

@@ -538,8 +538,10 @@ def _text_encoder(cfg, texts, tag, images, logger, reporter) -> tuple[FrozenText
     """The text_encoder asset's encoder (`text_encoder_dir`), or, without one, an encoder
     built in the work folder the same way (kept there for the next run); its probes are
     logged to MLflow as text_probe/<where>/<kind>."""
-    folder = Path(cfg.text_encoder_dir) if cfg.text_encoder_dir else cfg.work_dir / "text_encoder"
-    if not cfg.text_encoder_dir:
+    if cfg.text_encoder_dir:
+        folder = Path(cfg.text_encoder_dir)
+    else:
+        folder = cfg.work_dir / "text_encoder"
         build_text_encoder(
             cfg.text_encoder,
             folder,
