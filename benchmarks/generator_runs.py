@@ -251,6 +251,7 @@ def main() -> None:
     f.add_argument("--guidance", type=float, default=None, help="default: the model's")
     f.add_argument("--clip-sample", type=float, default=None, help="x0 clipped to +-this")
     f.add_argument("--guidance-min-t", type=int, default=None, help="guidance only at t >= it")
+    f.add_argument("--layout-guidance", type=float, default=None, help="the layout model's")
     f.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     f.add_argument("--out", type=Path, default=None, help="default: data/exp/follow/<model name>")
     s = sub.add_parser("single", help="single-object prompts per asked size")
@@ -285,6 +286,7 @@ def main() -> None:
         for k, v in (
             ("clip_sample", args.clip_sample),
             ("guidance_min_t", args.guidance_min_t),
+            ("layout_guidance", args.layout_guidance),
             ("steps", args.steps),
         )
         if v is not None

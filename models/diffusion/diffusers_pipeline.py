@@ -52,7 +52,9 @@ class RecapflowPipeline(DiffusionPipeline):
     `context_length` is the token length the text encoder was trained with;
     `num_inference_steps` and `guidance_scale` are the defaults `__call__` samples with
     (recapflow writes the settings its evaluation used); guidance applies at the steps
-    whose t >= `guidance_min_t`, the conditional prediction alone below it."""
+    whose t >= `guidance_min_t`, the conditional prediction alone below it. A layout
+    UNet's layout model samples with guidance `layout_guidance_scale` against the same
+    unconditional caption (1: none)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
@@ -67,6 +69,7 @@ class RecapflowPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = 3.0,
         guidance_min_t: int = 0,
+        layout_guidance_scale: float = 1.0,
     ):
         super().__init__()
         self.register_modules(
@@ -77,6 +80,7 @@ class RecapflowPipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             guidance_min_t=guidance_min_t,
+            layout_guidance_scale=layout_guidance_scale,
         )
 
     # -- the prompt -------------------------------------------------------------------
@@ -121,6 +125,7 @@ class RecapflowPipeline(DiffusionPipeline):
         prompt: str | list[str],
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        layout_guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -138,6 +143,9 @@ class RecapflowPipeline(DiffusionPipeline):
         "latent". Guidance always runs both branches, as recapflow's sampler does."""
         steps = num_inference_steps or self.config.num_inference_steps
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        layout_scale = layout_guidance_scale
+        if layout_scale is None:
+            layout_scale = self.config.layout_guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if isinstance(negative_prompt, str):
@@ -179,8 +187,10 @@ class RecapflowPipeline(DiffusionPipeline):
             extra = {}
             if hasattr(unet, "plan"):  # a layout UNet: one layout per image, every step
                 mask = (self.tokenize(chunk) != self._pad_id()).to(device)
+                negs = [""] * n if negative_prompt is None else negatives[i : i + batch_size]
+                empty = (states[:n], (self.tokenize(negs) != self._pad_id()).to(device))
                 plan_gen = gen[0] if isinstance(gen, list) else gen
-                layout = unet.plan(states[n:], mask, plan_gen)
+                layout = unet.plan(states[n:], mask, plan_gen, guidance=layout_scale, empty=empty)
                 extra["layout"] = torch.cat([torch.full_like(layout, -1), layout])
             sched.set_timesteps(steps, device=device)
             for t in self.progress_bar(sched.timesteps):
@@ -265,6 +275,7 @@ def export_diffusers_pipeline(
     num_inference_steps: int = 20,
     guidance_scale: float = 3.0,
     guidance_min_t: int = 0,
+    layout_guidance_scale: float = 1.0,
 ) -> RecapflowPipeline:
     """Write a diffusers pipeline folder: model_index.json, recapflow_pipeline.py,
     unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (the scheduler to sample with,
@@ -286,6 +297,7 @@ def export_diffusers_pipeline(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         guidance_min_t=guidance_min_t,
+        layout_guidance_scale=layout_guidance_scale,
     )
     if (Path(folder) / "scheduler").exists():
         shutil.rmtree(Path(folder) / "scheduler")  # no stale keys of another scheduler

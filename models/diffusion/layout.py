@@ -96,15 +96,48 @@ class LayoutModel(nn.Module):
         mask: torch.Tensor,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        guidance: float = 1.0,
+        empty: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, SEQ) tokens drawn one position at a time; `generator` lives on the CPU."""
-        tokens = torch.zeros(len(states), 0, dtype=torch.long, device=states.device)
+        """(B, SEQ) tokens drawn one position at a time; `generator` lives on the CPU.
+        `guidance` != 1 needs `empty`, the (states, mask) of the unconditional caption
+        (the empty one, or a negative prompt), one row per caption or one for all."""
+        if guidance != 1.0 and empty is None:
+            raise ValueError("layout guidance needs the empty caption's states and mask")
+        b = len(states)
+        if guidance != 1.0:  # both branches in one batch: the caption's rows, then empty's
+            e_states, e_mask = (x.expand(b, *x.shape[1:]) for x in empty)
+            states, mask = torch.cat([states, e_states]), torch.cat([mask, e_mask])
+        tokens = torch.zeros(b, 0, dtype=torch.long, device=states.device)
         for i in range(SEQ):
             pad = F.pad(tokens, (0, 1))
-            probs = (self(states, mask, pad)[i].float() / temperature).softmax(-1)
+            pad = pad if guidance == 1.0 else pad.repeat(2, 1)
+            logits = self(states, mask, pad)[i].float()
+            if guidance != 1.0:
+                cond, uncond = logits.chunk(2)
+                logits = guided_logits(cond, uncond, guidance, keep_first=i > 0)
+            probs = (logits / temperature).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
             tokens = torch.cat([tokens, nxt], 1)
         return tokens
+
+
+def guided_logits(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: float, keep_first: bool
+) -> torch.Tensor:
+    """Classifier-free guidance of one position's logits (B, V), as for image tokens
+    (Make-A-Scene, Parti): uncond + scale * (cond - uncond). With `keep_first` (a cell's
+    or the word's position, whose token 0 is "nothing here") token 0 keeps its
+    conditional probability and guidance reshapes only what stands: guiding the choice
+    between something and nothing too pushes every cell away from the empty caption's
+    prior towards "something", adding objects a short caption never asked for and
+    breaking the counts a descriptive one gives."""
+    guided = uncond + scale * (cond - uncond)
+    if not keep_first:
+        return guided
+    nothing = cond.log_softmax(-1)[:, :1]
+    something = torch.log1p(-nothing.exp().clamp(max=1 - 1e-6))
+    return torch.cat([nothing, guided[:, 1:].log_softmax(-1) + something], 1)
 
 
 class LayoutUNet2DConditionModel(UNet2DConditionModel):
@@ -231,10 +264,13 @@ class LayoutUNet2DConditionModel(UNet2DConditionModel):
         mask: torch.Tensor,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        guidance: float = 1.0,
+        empty: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, SEQ) layout tokens sampled for captions' token states (B, L, D), `mask`
-        (B, L) marking their real tokens."""
-        return self.layout_model.sample(states, mask, generator, temperature)
+        (B, L) marking their real tokens; `guidance` against `empty` (the unconditional
+        caption's states and mask): `LayoutModel.sample`."""
+        return self.layout_model.sample(states, mask, generator, temperature, guidance, empty)
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, layout=None, **kwargs):
         if layout is None:

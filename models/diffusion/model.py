@@ -435,9 +435,11 @@ def generate(
     spacing: str = "leading",
     clip_sample: float | None = None,
     guidance_min_t: int = 0,
+    layout_guidance: float = 1.0,
 ) -> torch.Tensor:
     """uint8 images (N, 3, H, W) for the prompts, with classifier-free guidance at the
-    steps whose t >= `guidance_min_t` (the conditional prediction alone below it); the
+    steps whose t >= `guidance_min_t` (the conditional prediction alone below it) and,
+    for a layout UNet, `layout_guidance` on its layout model (`LayoutModel.sample`); the
     same seed gives the same images."""
     device = next(unet.parameters()).device
     sched = sampling_scheduler(sampler, train_cfg, spacing, clip_sample)
@@ -455,7 +457,9 @@ def generate(
         latents = torch.randn((n, c, s, s), generator=gen).to(device) * sched.init_noise_sigma
         extra = {}
         if hasattr(unet, "plan"):  # a layout UNet: one layout per image, for every step
-            layout = unet.plan(states[n:], text_encoder.token_mask(chunk).to(device), gen)
+            empty = (empty_states.to(device), text_encoder.token_mask([""]).to(device))
+            mask = text_encoder.token_mask(chunk).to(device)
+            layout = unet.plan(states[n:], mask, gen, guidance=layout_guidance, empty=empty)
             extra["layout"] = torch.cat([torch.full_like(layout, -1), layout])
         sched.set_timesteps(steps, device=device)
         for t in sched.timesteps:

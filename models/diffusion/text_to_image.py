@@ -58,6 +58,7 @@ class TextToImagePipeline:
             spacing=self.eval_cfg.get("spacing", "leading"),
             clip_sample=self.eval_cfg.get("clip_sample"),
             guidance_min_t=self.eval_cfg.get("guidance_min_t", 0),
+            layout_guidance=self.eval_cfg.get("layout_guidance", 1.0),
         )
 
 

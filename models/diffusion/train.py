@@ -95,6 +95,9 @@ class TrainEvalConfig:
     # Guidance only at steps with t >= this (Kynkaanniemi et al. 2024, guidance in a
     # limited interval); below it the conditional prediction alone.
     guidance_min_t: int = 0
+    # A layout UNet's layout model sampled with this guidance against the empty caption
+    # (models/diffusion/layout.py, `guided_logits`); 1: none.
+    layout_guidance: float = 1.0
     grid_prompts: int = 16
     # Captions of fresh scenes for the text encoder's linear probes
     # (models/diffusion/text_probes.py), run once per encoder; 0 skips them.
@@ -435,6 +438,7 @@ class TrainContext:
             spacing=e.spacing,
             clip_sample=e.clip_sample,
             guidance_min_t=e.guidance_min_t,
+            layout_guidance=e.layout_guidance,
         )
 
     def _all_conditions(self, module: LatentDiffusion) -> dict[str, float]:
@@ -861,6 +865,7 @@ def _finish(cfg, ctx, module, trainer, sampler, timings, t_start, reporter, trun
         num_inference_steps=cfg.eval.steps,
         guidance_scale=cfg.eval.guidance_scale,
         guidance_min_t=cfg.eval.guidance_min_t,
+        layout_guidance_scale=cfg.eval.layout_guidance,
     )
     final["grid"].save(tmp / "validation_grid.png")
     score = final["score"]

@@ -46,6 +46,7 @@ SEED, STEPS, GUIDANCE = 3, 3, 6.0
 # only at t >= 300 (the pipeline's config): of the 3 leading steps 666, 333, 0, the last
 # runs unguided.
 CLIP_SAMPLE, GUIDANCE_MIN_T = 1.0, 300
+LAYOUT_GUIDANCE = 3.0  # the layout model's, against the empty caption (the pipeline's config)
 PARAMS = Path(__file__).parents[3] / "params.yaml"
 
 # What the exported pipeline.py may import: no recapflow package.
@@ -192,6 +193,7 @@ def exported(request, tmp_path_factory) -> dict:
         num_inference_steps=model.eval_cfg["steps"],
         guidance_scale=model.eval_cfg["guidance_scale"],
         guidance_min_t=GUIDANCE_MIN_T,
+        layout_guidance_scale=LAYOUT_GUIDANCE,
     )
     # recapflow still reads the folder (the tokenizer files stay in text_encoder/).
     again = load_text_to_image(root)
@@ -206,6 +208,7 @@ def exported(request, tmp_path_factory) -> dict:
         guidance_scale=GUIDANCE,
         clip_sample=CLIP_SAMPLE,
         guidance_min_t=GUIDANCE_MIN_T,
+        layout_guidance=LAYOUT_GUIDANCE,
     )
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert len(images.unique()) > 20  # not saturated: equal images below mean something
@@ -242,6 +245,7 @@ def test_export_is_a_diffusers_folder(exported):
     assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert index["context_length"] == CONTEXT
+    assert index["layout_guidance_scale"] == LAYOUT_GUIDANCE
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (root / name).is_dir(), name
     weights = [p.name for p in root.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"}]
@@ -298,7 +302,7 @@ def test_the_pipeline_samples_the_images_generate_samples(exported):
     assert not np.array_equal(negative.images[0], out[0])
 
 
-def test_guidance_applies_only_at_steps_from_guidance_min_t(exported):
+def test_guidance_applies_from_guidance_min_t_and_to_the_layout(exported):
     m = load_text_to_image(exported["root"])
 
     def sample(**kw) -> torch.Tensor:
@@ -308,6 +312,9 @@ def test_guidance_applies_only_at_steps_from_guidance_min_t(exported):
     unguided = sample(guidance_scale=1.0)
     assert torch.equal(sample(guidance_scale=GUIDANCE, guidance_min_t=1000), unguided)
     assert not torch.equal(sample(guidance_scale=GUIDANCE, guidance_min_t=GUIDANCE_MIN_T), unguided)
+    if exported["layout"]:  # the layout model's guidance reaches the image
+        guided = sample(guidance_scale=GUIDANCE, layout_guidance=LAYOUT_GUIDANCE)
+        assert not torch.equal(guided, sample(guidance_scale=GUIDANCE))
 
 
 @pytest.mark.slow  # a fresh interpreter

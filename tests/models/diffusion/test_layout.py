@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.diffusion.layout import SEQ, LayoutUNet2DConditionModel, train_layout_model
+from models.diffusion.layout import (
+    SEQ,
+    LayoutUNet2DConditionModel,
+    guided_logits,
+    train_layout_model,
+)
 from models.diffusion.model import UNetConfig, build_unet, load_unet
 
 SMALL = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
@@ -103,6 +108,56 @@ def test_the_layout_loss_is_the_mean_cross_entropy_of_each_positions_logits():
     # A prefix (what sampling feeds) gives the same logits as the full sequence there.
     prefix = model(states, mask, tokens[:, :4])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(prefix, logits[:4], strict=False))
+
+
+def test_layout_guidance_sharpens_what_stands_and_keeps_whether_anything_does():
+    """A cell's token 0 is "empty": guidance keeps its conditional probability and
+    reshapes only the objects; the background position (no "nothing" token) is guided
+    whole. Scale 1 is the conditional distribution."""
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(5, 8), torch.randn(5, 8)
+    for keep in (True, False):
+        same = guided_logits(cond, uncond, 1.0, keep_first=keep).softmax(-1)
+        torch.testing.assert_close(same, cond.softmax(-1))
+    p = guided_logits(cond, uncond, 3.0, keep_first=True).softmax(-1)
+    torch.testing.assert_close(p[:, 0], cond.softmax(-1)[:, 0])
+    whole = (uncond + 3.0 * (cond - uncond)).softmax(-1)
+    share = p[:, 1:] / p[:, 1:].sum(1, keepdim=True)
+    torch.testing.assert_close(share, whole[:, 1:] / whole[:, 1:].sum(1, keepdim=True))
+    whole_guided = guided_logits(cond, uncond, 3.0, keep_first=False).softmax(-1)
+    torch.testing.assert_close(whole_guided, whole)
+
+
+def test_layout_guidance_draws_the_captions_object_and_leaves_a_cell_empty_as_often():
+    """One cell. The named caption: a star 3 of 5 times, a circle 1, nothing 1; the empty
+    caption: star, circle, nothing, nothing. Sampled plainly, the named caption gives the
+    circle about one time in five; guided against the empty caption, almost never, while
+    the cell stays empty as often as without guidance (the empty caption's "nothing" is
+    likelier, and guiding it too would fill the cell more)."""
+    unet = _unet()
+    star = dict(SCENE, objects=SCENE["objects"][:1], word=None, word_cell=None)
+    circle = dict(star, objects=[dict(SCENE["objects"][0], shape="circle")])
+    nothing = dict(star, objects=[])
+    rows = [star] * 3 + [circle, nothing] + [star, circle, nothing, nothing]
+    layouts = torch.tensor([unet.scene_tokens(r) for r in rows])
+    states = torch.zeros(1, len(rows), 4, 16)
+    states[0, :5, 0, 0] = 3.0  # the named caption; the other rows: the empty one
+    masks = torch.ones(1, len(rows), 4, dtype=torch.bool)
+    variants = torch.zeros(1, len(rows), dtype=torch.long)
+    train_layout_model(unet.layout_model, states, masks, variants, layouts, 400, 32, 1e-2, 0)
+    n, cell = 400, 1 + 0 * 3 + 2
+    named, mask = states[0, :1].expand(n, -1, -1), masks[0, :1].expand(n, -1)
+    empty = (states[0, 5:6], masks[0, 5:6])
+    plain = unet.plan(named, mask, torch.Generator().manual_seed(0))[:, cell]
+    guided = unet.plan(named, mask, torch.Generator().manual_seed(1), guidance=4.0, empty=empty)
+    guided = guided[:, cell]
+    is_circle = unet.scene_tokens(circle)[cell]
+    assert 0.1 < (plain == is_circle).float().mean() < 0.3
+    assert (guided == is_circle).float().mean() < 0.05
+    assert 0.1 < (plain == 0).float().mean() < 0.3
+    assert abs((guided == 0).float().mean() - (plain == 0).float().mean()) < 0.07
+    with pytest.raises(ValueError, match="empty caption"):
+        unet.plan(named, mask, guidance=4.0)
 
 
 def test_a_saved_layout_unet_loads_back_and_draws_the_same(tmp_path):
