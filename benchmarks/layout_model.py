@@ -11,7 +11,8 @@ are judged as scenes, by the eval report's rule, without drawing them. Trained o
     python -m benchmarks.layout_model --model data/diffusion_model --guidance 3
 
 prints the training time and all conditions per form and category (`--images-per-prompt`
-layouts per prompt, sampled with `--guidance` against the empty caption), and how often
+layouts per prompt, sampled with `--guidance` against the empty caption, which with
+`--guide-nothing` also guides whether a cell is filled), and how often
 the alt texts of the training rows that name a shape name only shapes their scene has.
 `--short-share P` gives that share of the rows whose caption is synthetic in an epoch
 their short synthetic caption instead (from `--recaptioned`): what the layout model
@@ -55,7 +56,9 @@ def alt_text_shapes(alt_texts: list[str], scenes: list[dict]) -> dict:
     return {"rows": len(alt_texts), "naming_a_shape": len(named), "right": right / len(named)}
 
 
-def judge_layouts(unet, enc, k: int, temperature: float = 1.0, guidance: float = 1.0) -> dict:
+def judge_layouts(
+    unet, enc, k: int, temperature: float = 1.0, guidance: float = 1.0, keep_nothing: bool = True
+) -> dict:
     """All conditions per form and category of `k` layouts per suite prompt, and the
     objects per layout; `guidance` against the empty caption (`LayoutModel.sample`)."""
     prompts, result = load_suite(), {}
@@ -64,7 +67,8 @@ def judge_layouts(unet, enc, k: int, temperature: float = 1.0, guidance: float =
         texts = [p.text(form) for p in prompts for _ in range(k)]
         s, _ = enc(texts)
         g = torch.Generator().manual_seed(0)
-        drawn = unet.plan(s, enc.token_mask(texts), g, temperature, guidance, empty)
+        mask = enc.token_mask(texts)
+        drawn = unet.layout_model.sample(s, mask, g, temperature, guidance, empty, keep_nothing)
         scenes = [Scene.from_dict(unet.tokens_scene(t)) for t in drawn.tolist()]
         passed = (
             np.array([judge_prompt(prompts[i // k], sc)["passed"] for i, sc in enumerate(scenes)])
@@ -133,6 +137,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--guidance", type=float, default=1.0, help="against the empty caption")
+    ap.add_argument(
+        "--guide-nothing", action="store_true", help="guide whether a cell is filled too"
+    )
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--sampler", type=Path, default=Path("data/mixed_sampler"))
     ap.add_argument("--recaptioned", type=Path, default=Path("data/recaptioned"))
@@ -152,7 +159,9 @@ def main() -> None:
     scenes = [unet.tokens_scene(t) for t in tokens.tolist()]
     result["alt_text_shapes"] = alt_text_shapes(captions["alt_text"].tolist(), scenes)
     result["temperature"], result["guidance"] = a.temperature, a.guidance
-    result.update(judge_layouts(unet, enc, a.images_per_prompt, a.temperature, a.guidance))
+    result["guide_nothing"] = a.guide_nothing
+    k, keep = a.images_per_prompt, not a.guide_nothing
+    result.update(judge_layouts(unet, enc, k, a.temperature, a.guidance, keep))
     print(json.dumps(result))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,10 +98,13 @@ class LayoutModel(nn.Module):
         temperature: float = 1.0,
         guidance: float = 1.0,
         empty: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep_nothing: bool = True,
     ) -> torch.Tensor:
         """(B, SEQ) tokens drawn one position at a time; `generator` lives on the CPU.
         `guidance` != 1 needs `empty`, the (states, mask) of the unconditional caption
-        (the empty one, or a negative prompt), one row per caption or one for all."""
+        (the empty one, or a negative prompt), one row per caption or one for all;
+        `keep_nothing`: see `guided_logits` (False guides whether a cell is filled too,
+        which benchmarks/layout_model.py measures against)."""
         if guidance != 1.0 and empty is None:
             raise ValueError("layout guidance needs the empty caption's states and mask")
         b = len(states)
@@ -115,7 +118,7 @@ class LayoutModel(nn.Module):
             logits = self(states, mask, pad)[i].float()
             if guidance != 1.0:
                 cond, uncond = logits.chunk(2)
-                logits = guided_logits(cond, uncond, guidance, keep_first=i > 0)
+                logits = guided_logits(cond, uncond, guidance, keep_nothing and i > 0)
             probs = (logits / temperature).softmax(-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(tokens.device)
             tokens = torch.cat([tokens, nxt], 1)

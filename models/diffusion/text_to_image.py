@@ -12,6 +12,16 @@ from pathlib import Path
 
 import torch
 
+# What a folder's train_config.json `eval` holds that changes the images drawn for a
+# prompt, seed, step count and guidance scale (a cache of drawn images keys on these).
+SAMPLING_KEYS = ("sampler", "spacing", "clip_sample", "guidance_min_t", "layout_guidance")
+
+
+def sampling_settings(root: Path) -> dict:
+    """The SAMPLING_KEYS of the exported model at `root` (None where its config has none)."""
+    cfg = json.loads((Path(root) / "train_config.json").read_text())["eval"]
+    return {k: cfg.get(k) for k in SAMPLING_KEYS}
+
 
 class MissingModelError(FileNotFoundError):
     """The text-to-image folder is not a complete export."""

@@ -81,7 +81,10 @@ def _draw(gen: Generator, texts: list[str], cfg: PoolConfig, root: Path) -> torc
 
 
 def _generator_key(gen: Generator, cfg: PoolConfig, root: Path) -> str:
-    """What a generator's files depend on: its settings and the bytes of its weights."""
+    """What a generator's files depend on: its settings, the bytes of its weights and the
+    settings its model samples with (train_config.json's, e.g. `layout_guidance`)."""
+    from models.diffusion.text_to_image import sampling_settings
+
     h = hashlib.sha256()
     files = sorted((root / gen.source.path).rglob("*.safetensors"))
     if gen.weights == "raw" and gen.source.checkpoints:
@@ -94,7 +97,9 @@ def _generator_key(gen: Generator, cfg: PoolConfig, root: Path) -> str:
         k: getattr(cfg, k)
         for k in ("images_per_generator", "prompts_per_category", "sampling_steps", "seed")
     }
-    return json_digest({"generator": gen.name, "weights": h.hexdigest(), "drawn": drawn}, length=16)
+    sampling = sampling_settings(root / gen.source.path)
+    key = {"generator": gen.name, "weights": h.hexdigest(), "drawn": drawn, "sampling": sampling}
+    return json_digest(key, length=16)
 
 
 def _labels_key(judge_dir: Path) -> str:

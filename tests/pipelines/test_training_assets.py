@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from assets import autoencoder as autoencoder_mod
 from assets import captioner as captioner_mod
@@ -647,6 +648,36 @@ def test_a_new_labelling_rule_labels_the_kept_images_again_without_drawing(
             assert now.splitlines()[1:] == data.splitlines()[1:]
             assert now.splitlines()[0] != data.splitlines()[0]
     assert summary["bayes_ceiling"] == feedback.summary["bayes_ceiling"]
+
+
+def test_a_model_that_samples_otherwise_is_drawn_again(lineage, feedback, tmp_path, monkeypatch):
+    """The same weights with another sampling setting (train_config.json's `eval`) draw
+    other images: the kept ones are not reused."""
+    from models.feedback import build_pool as build_mod
+    from models.feedback.pool import PoolConfig
+
+    project = lineage.project_dir
+    root = tmp_path / "root"
+    shutil.copytree(project / "data" / "diffusion_model", root / "data" / "diffusion_model")
+    (root / "data" / "work").symlink_to(project / "data" / "work")  # the raw checkpoints
+    config = root / "data" / "diffusion_model" / "train_config.json"
+    train_config = json.loads(config.read_text())
+    train_config["eval"]["layout_guidance"] = 2.0
+    config.write_text(json.dumps(train_config))
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(project / "data" / "feedback_pool", pool_dir)
+    drawn = []
+
+    def draw(gen, texts, cfg, root):
+        drawn.append(gen.name)
+        return load_file(str(pool_dir / "generators" / f"{gen.slug}.safetensors"))["images"]
+
+    monkeypatch.setattr(build_mod, "_draw", draw)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    cfg = PoolConfig.from_dict(params["feedback_pool"])
+    summary = build_mod.build_pool(cfg, project / "data" / "world_judge", pool_dir, root=root)
+    assert drawn == feedback.summary["generators"]
+    assert summary["reused_generators"] == [] and summary["relabelled_generators"] == []
 
 
 def test_the_preference_model_is_measured_against_the_ceiling_and_clip_score(feedback):
